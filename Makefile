@@ -1,0 +1,42 @@
+# Two commands do all the setup on a fresh machine: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The environment is rebuilt when pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+DEMO_OUT ?= demo-output
+
+.PHONY: env test lint typecheck unit demo format clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[api,worker,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: env
+	$(BIN)/mypy
+
+unit: env
+	$(BIN)/pytest
+
+# ruff, mypy, then the whole suite; pytest's exit code 5 (no tests ran) fails like any other.
+test: lint typecheck unit
+
+demo: env
+	$(BIN)/saliency-audit run --model examples/digits_cnn/model.onnx \
+		--images examples/digits_cnn/images --out $(DEMO_OUT)
+	@echo "report: $(DEMO_OUT)/report.json"
+
+format: env
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache tests/.cache

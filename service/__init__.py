@@ -1,0 +1,1 @@
+"""The HTTP face and shared state of saliency-audit. Never imports torch."""

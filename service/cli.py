@@ -1,0 +1,196 @@
+"""``saliency-audit``: the command line.
+
+This module is imported by the API process too, so it never imports torch at module level:
+commands that compute import the engine inside their handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saliency-audit",
+        description="Audit whether saliency methods depend on what an image classifier learned.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="compute saliency maps for a model and an image folder locally; write report.json",
+        description=(
+            "Compute every requested saliency method (plus the control_sobel and "
+            "control_random controls) on the images, check an ONNX model's converted graph "
+            "against ONNX Runtime, and write DIR/report.json and DIR/maps.npz."
+        ),
+    )
+    run.add_argument("--model", required=True, type=Path, help="ONNX file, or weights with --arch")
+    run.add_argument(
+        "--arch",
+        default=None,
+        help="torchvision architecture name (e.g. resnet18); --model is then a .safetensors "
+        "file or a state dict saved with torch.save",
+    )
+    run.add_argument("--images", required=True, type=Path, help="folder of images")
+    run.add_argument(
+        "--methods",
+        type=_csv,
+        default=None,
+        help="comma-separated method names (default: all; see `saliency-audit methods`)",
+    )
+    run.add_argument("--layer", default=None, help="module name for CAM methods (default: last conv)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    run.add_argument(
+        "--input-spec",
+        type=Path,
+        default=None,
+        help="JSON file overriding input spec fields (height, width, layout, mean, std, "
+        "value_range, class_names, channels)",
+    )
+    run.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="JSON file of method parameters (ig_steps, noise_samples, noise_level, "
+        "lrp_composite, ...)",
+    )
+    run.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    sub.add_parser("methods", help="list the saliency methods and their references")
+    return parser
+
+
+def _read_json(path: Path | None, what: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {what} {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {what} {path} must hold a JSON object")
+    return value
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers.engine.errors import EngineError
+
+    try:
+        return _run(args)
+    except EngineError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from workers.engine.images import load_image_folder, preprocess
+    from workers.engine.methods import METHODS
+    from workers.engine.models.loader import load_model
+    from workers.engine.runner import run_audit
+    from workers.engine.spec import AuditSpec, MethodParams
+
+    try:
+        model_bytes = args.model.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read model {args.model}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    params = MethodParams(**_read_json(args.params, "method parameters"))
+    methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
+    spec = AuditSpec(
+        methods=tuple(methods),
+        layer=args.layer,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        params=params,
+    )
+    model = load_model(
+        model_bytes,
+        architecture=args.arch,
+        input_spec_overrides=_read_json(args.input_spec, "input spec"),
+    )
+    decoded = load_image_folder(args.images, model.input_spec.channels)
+    images = preprocess(decoded, model.input_spec)
+
+    last = [0.0]
+
+    def progress(fraction: float, step: str) -> None:
+        now = time.monotonic()
+        if not args.quiet and (now - last[0] > 1.0 or fraction >= 1.0):
+            print(f"[{fraction * 100:5.1f}%] {step}", file=sys.stderr, flush=True)
+            last[0] = now
+
+    result = run_audit(
+        model, images, spec, image_names=[d.name for d in decoded], progress=progress
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / "report.json"
+    report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    np.savez_compressed(args.out / "maps.npz", **result.maps)
+    print(format_summary(result.to_dict()))
+    print(f"\nwrote {report} and {args.out / 'maps.npz'}")
+    return EXIT_OK
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of the methods for the terminal."""
+    lines = []
+    fid = report.get("fidelity")
+    if fid:
+        lines.append(
+            f"fidelity vs ONNX Runtime ({fid['provider']}): max |diff| {fid['max_abs_diff']:.2e}"
+            f" (atol {fid['atol']:.0e}), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
+            f"over {fid['n_images']} images"
+        )
+    lines.append(f"layer for CAM methods: {report['spec'].get('resolved_layer')}")
+    header = f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
+    lines += [header, "-" * len(header)]
+    for name, m in report["methods"].items():
+        stats = m.get("statistics") or {}
+        ssim = (m.get("similarity_to_sobel") or {}).get("ssim") or {}
+        time_s = m.get("family_time_s")
+        lines.append(
+            f"{name:<22}{m['status']:<16}"
+            f"{(f'{time_s:.2f}' if time_s is not None else '-'):>8}"
+            f"{(f'{stats['mean_abs']:.3g}' if stats else '-'):>11}"
+            f"{(f'{stats['top10_mass']:.2f}' if stats else '-'):>8}"
+            f"{(f'{ssim['mean']:.2f}' if ssim.get('mean') is not None else '-'):>12}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from workers.engine.methods import METHODS
+
+    for name, info in METHODS.items():
+        kind = "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
+        print(f"{name:<22}{kind:<9}{info.reference}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"run": cmd_run, "methods": cmd_methods}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

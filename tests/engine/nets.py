@@ -1,0 +1,80 @@
+"""Small, seeded networks shared by the engine tests (import these; don't redefine them)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SmallCNN(nn.Module):
+    """Two conv blocks (one with BatchNorm), max pool, global average pool, linear head."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class TinyMLP(nn.Module):
+    """No conv layer at all: layer-based methods must report "not applicable"."""
+
+    def __init__(self, in_features: int = 3 * 8 * 8, num_classes: int = 4) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, 16), nn.ReLU(), nn.Linear(16, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def randomize_batchnorm_stats(model: nn.Module, seed: int) -> nn.Module:
+    """Give BatchNorm layers non-trivial running stats and affine params (as training would)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.weight.data.copy_(torch.rand(n, generator=g) * 0.5 + 0.75)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model
+
+
+def small_cnn(seed: int = 0, in_channels: int = 3, num_classes: int = 5) -> SmallCNN:
+    torch.manual_seed(seed)
+    model = SmallCNN(in_channels, num_classes)
+    return randomize_batchnorm_stats(model, seed).eval()
+
+
+def tiny_mlp(seed: int = 0) -> TinyMLP:
+    torch.manual_seed(seed)
+    return TinyMLP().eval()
+
+
+def torchvision_model(arch: str, seed: int = 0, num_classes: int = 1000) -> nn.Module:
+    """A torchvision architecture with seeded random weights and realistic BatchNorm stats."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    return randomize_batchnorm_stats(model, seed).eval()
+
+
+def images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """Seeded smooth-ish inputs (normalized scale), NCHW float32."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(n, channels, max(size // 4, 1), max(size // 4, 1), generator=g)
+    smooth = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
+    return (smooth + 0.1 * torch.randn(n, channels, size, size, generator=g)).float()

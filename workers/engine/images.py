@@ -1,0 +1,115 @@
+"""Decoding and preprocessing of audit images.
+
+Images come from users, so decoding is defensive: Pillow only opens an allowlist of formats,
+the pixel count is checked from the header before any pixel is decoded (a decompression bomb
+never gets allocated), and every failure is an :class:`ImageDecodeError` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageDecodeError
+from .spec import InputSpec
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")
+ALLOWED_SUFFIXES: frozenset[str] = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+)
+MAX_PIXELS = 40_000_000  # per image, checked before decoding (about 6300 x 6300)
+MAX_IMAGES = 10_000
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    name: str
+    pixels: np.ndarray  # uint8, (H, W, 3) RGB or (H, W) for one channel
+
+
+def decode_image(
+    data: bytes, name: str, channels: int = 3, max_pixels: int = MAX_PIXELS
+) -> DecodedImage:
+    """Decode one image with Pillow; RGB (or L when ``channels == 1``), first frame only."""
+    try:
+        with Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels}",
+                    image=name,
+                )
+            img.seek(0)
+            converted = img.convert("L" if channels == 1 else "RGB")
+            pixels = np.asarray(converted, dtype=np.uint8).copy()
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"{name}: not an image in an allowed format ({', '.join(ALLOWED_FORMATS)})",
+            image=name,
+        ) from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(f"{name}: cannot decode image: {exc}", image=name) from None
+    return DecodedImage(name=name, pixels=pixels)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (by suffix, sorted by name; hidden files ignored)."""
+    if not folder.is_dir():
+        raise ImageDecodeError(f"{folder}: not a directory", image=str(folder))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in ALLOWED_SUFFIXES
+    )
+    if not files:
+        raise ImageDecodeError(
+            f"{folder}: no images (allowed suffixes: {', '.join(sorted(ALLOWED_SUFFIXES))})",
+            image=str(folder),
+        )
+    if len(files) > MAX_IMAGES:
+        raise ImageDecodeError(f"{folder}: {len(files)} images exceeds the limit of {MAX_IMAGES}")
+    return files
+
+
+def load_image_folder(folder: Path, channels: int = 3) -> list[DecodedImage]:
+    return [decode_image(p.read_bytes(), p.name, channels) for p in list_image_files(folder)]
+
+
+def preprocess(images: Sequence[DecodedImage] | Iterable[DecodedImage], spec: InputSpec) -> torch.Tensor:
+    """Resize, scale and normalize decoded images into the model's NCHW float32 input.
+
+    Resizing is a plain bilinear resize to ``spec.height`` x ``spec.width`` (no crop), so the
+    whole image is explained; pixel values are mapped linearly from [0, 255] onto
+    ``spec.value_range`` and then normalized with ``(x - mean) / std`` per channel.
+    """
+    lo, hi = spec.value_range
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    batch = []
+    for image in images:
+        mode = "L" if spec.channels == 1 else "RGB"
+        pil = Image.fromarray(image.pixels).convert(mode)
+        if pil.size != (spec.width, spec.height):
+            pil = pil.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        arr = np.asarray(pil, dtype=np.float32)
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        arr = arr / 255.0 * (hi - lo) + lo
+        batch.append((arr - mean) / std)
+    if not batch:
+        raise ImageDecodeError("no images to preprocess")
+    return torch.from_numpy(np.stack(batch).astype(np.float32))
+
+
+def unnormalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """Invert the normalization: back to ``spec.value_range`` pixel scale (for display)."""
+    mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * std + mean

@@ -1,0 +1,32 @@
+"""Saliency methods. Importing this package registers every family."""
+
+from .base import (
+    FAMILIES,
+    METHODS,
+    MethodContext,
+    MethodFamily,
+    MethodInfo,
+    compute_methods,
+    method_info,
+    resolve_layer,
+)
+
+# Each module registers its families on import (order = order in listings).
+from . import gradients as _gradients  # noqa: E402,F401  isort: skip
+from . import noise as _noise  # noqa: E402,F401  isort: skip
+from . import integrated as _integrated  # noqa: E402,F401  isort: skip
+from . import guided as _guided  # noqa: E402,F401  isort: skip
+from . import scorecam as _scorecam  # noqa: E402,F401  isort: skip
+from . import lrp as _lrp  # noqa: E402,F401  isort: skip
+from . import controls as _controls  # noqa: E402,F401  isort: skip
+
+__all__ = [
+    "FAMILIES",
+    "METHODS",
+    "MethodContext",
+    "MethodFamily",
+    "MethodInfo",
+    "compute_methods",
+    "method_info",
+    "resolve_layer",
+]

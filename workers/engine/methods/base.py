@@ -1,0 +1,159 @@
+"""The method registry: one call shape for every saliency method.
+
+A *method* is what a user names (``gradcam``). A *family* computes one or more methods from
+shared forward/backward passes (``gradient`` family: gradient, gradient_x_input, gradcam and
+gradcam_pp from one forward and one backward). The audit loop asks the registry for a set of
+method names and never special-cases any one of them.
+
+Call shape (batched in, batched out, like Captum's ``attribute``):
+
+* ``x``: float32 (N, C, H, W), the model's preprocessed input, on the model's device.
+* ``target``: int64 (N,), the class explained for each image.
+* result: ``dict[method name, Tensor]``. Pixel methods return (N, C, H, W) like ``x``; CAM-style
+  methods return (N, 1, H, W), upsampled bilinearly to the input size. Maps are detached float32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import NotApplicableError, SpecError
+from ..spec import MethodParams
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What the registry knows about a method, for discovery and reports."""
+
+    name: str
+    family: str
+    reference: str
+    description: str
+    needs_conv_layer: bool = False
+    is_control: bool = False
+
+
+@dataclass
+class MethodContext:
+    """Everything a family needs besides the model, inputs and targets.
+
+    ``layer`` is the resolved module name for layer-based methods (None when the model has no
+    conv layer). ``generator`` is a seeded CPU generator for any randomness (noise, random
+    maps), so a run is repeatable bit for bit on the same device. ``baseline`` is the
+    Integrated Gradients baseline in the model's (normalized) input space, broadcastable to
+    ``x``; the caller builds it from the input spec for ``ig_baseline`` "black" or "mean"
+    (None: "zero" is computed by the method, the others are an error).
+    """
+
+    params: MethodParams = field(default_factory=MethodParams)
+    layer: str | None = None
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    baseline: torch.Tensor | None = None
+
+
+class MethodFamily(ABC):
+    """Computes the methods in ``provides`` from shared passes."""
+
+    name: ClassVar[str]
+    provides: ClassVar[tuple[MethodInfo, ...]]
+
+    @abstractmethod
+    def compute(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        wanted: frozenset[str],
+        ctx: MethodContext,
+    ) -> dict[str, torch.Tensor]:
+        """Return a map for each name in ``wanted`` (a subset of ``provides``)."""
+
+
+FAMILIES: dict[str, MethodFamily] = {}
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(family_cls: type[MethodFamily]) -> type[MethodFamily]:
+    """Class decorator: add a family and its methods to the registry."""
+    family = family_cls()
+    if family.name in FAMILIES:
+        raise RuntimeError(f"family {family.name!r} registered twice")
+    FAMILIES[family.name] = family
+    for info in family.provides:
+        if info.name in METHODS:
+            raise RuntimeError(f"method {info.name!r} registered twice")
+        if info.family != family.name:
+            raise RuntimeError(f"method {info.name!r} names family {info.family!r}")
+        METHODS[info.name] = info
+    return family_cls
+
+
+def method_info(name: str) -> MethodInfo:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SpecError(
+            f"unknown method {name!r}; known methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def conv_layer_names(model: nn.Module) -> list[str]:
+    """Names of the 2-D conv modules, in registration order."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def resolve_layer(model: nn.Module, layer: str | None) -> str | None:
+    """The module name a layer-based method uses: ``layer`` if given, else the last conv.
+
+    Returns None when ``layer`` is None and the model has no conv layer (the layer-based
+    methods then report "not applicable"); raises ``SpecError`` for an unknown name.
+    """
+    if layer is not None:
+        names = dict(model.named_modules())
+        if layer not in names or layer == "":
+            convs = conv_layer_names(model)
+            raise SpecError(
+                f"no module named {layer!r} in the model; conv layers are: "
+                + ", ".join(convs[-10:] if convs else ["(none)"])
+            )
+        return layer
+    convs = conv_layer_names(model)
+    return convs[-1] if convs else None
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return dict(model.named_modules())[name]
+
+
+def compute_methods(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    names: Iterable[str],
+    ctx: MethodContext,
+) -> dict[str, torch.Tensor | NotApplicableError]:
+    """Compute the named methods, each family once; "not applicable" is a value, not a crash."""
+    wanted = list(dict.fromkeys(names))
+    by_family: dict[str, set[str]] = {}
+    for name in wanted:
+        by_family.setdefault(method_info(name).family, set()).add(name)
+    out: dict[str, torch.Tensor | NotApplicableError] = {}
+    for family_name, members in by_family.items():
+        family = FAMILIES[family_name]
+        needs_layer = sorted(m for m in members if METHODS[m].needs_conv_layer)
+        runnable = set(members)
+        if needs_layer and ctx.layer is None:
+            for m in needs_layer:
+                out[m] = NotApplicableError(
+                    f"{m} needs a conv layer and the model has none", method=m
+                )
+            runnable -= set(needs_layer)
+        if runnable:
+            out.update(family.compute(model, x, target, frozenset(runnable), ctx))
+    return {name: out[name] for name in wanted}
