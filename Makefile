@@ -30,8 +30,8 @@ unit: env
 test: lint typecheck unit
 
 demo: env
-	$(BIN)/saliency-audit run --model examples/digits_cnn/model.onnx \
-		--images examples/digits_cnn/images --out $(DEMO_OUT)
+	$(BIN)/saliency-audit run --model examples/reference/shapes_small_resnet.onnx \
+		--images examples/reference/shapes_images --out $(DEMO_OUT)
 	@echo "report: $(DEMO_OUT)/report.json"
 
 format: env

@@ -1,6 +1,6 @@
 """Write eight scikit-image sample photos (they ship inside the package) to a folder as PNG.
 
-    .venv/bin/python examples/sample_photos.py OUT_DIR
+.venv/bin/python examples/sample_photos.py OUT_DIR
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated method names (default: all; see `saliency-audit methods`)",
     )
-    run.add_argument("--layer", default=None, help="module name for CAM methods (default: last conv)")
+    run.add_argument(
+        "--layer", default=None, help="module name for CAM methods (default: last conv)"
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -112,7 +114,11 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"error: cannot read model {args.model}: {exc.strerror}", file=sys.stderr)
         return EXIT_ERROR
-    params = MethodParams(**_read_json(args.params, "method parameters"))
+    try:
+        params = MethodParams(**_read_json(args.params, "method parameters"))
+    except TypeError as exc:
+        print(f"error: invalid method parameters: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
     spec = AuditSpec(
         methods=tuple(methods),
@@ -144,7 +150,7 @@ def _run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "report.json"
     report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-    np.savez_compressed(args.out / "maps.npz", **result.maps)
+    np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
     print(format_summary(result.to_dict()))
     print(f"\nwrote {report} and {args.out / 'maps.npz'}")
     return EXIT_OK
@@ -161,18 +167,21 @@ def format_summary(report: dict[str, Any]) -> str:
             f"over {fid['n_images']} images"
         )
     lines.append(f"layer for CAM methods: {report['spec'].get('resolved_layer')}")
-    header = f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
+    header = (
+        f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
+    )
     lines += [header, "-" * len(header)]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
     for name, m in report["methods"].items():
         stats = m.get("statistics") or {}
         ssim = (m.get("similarity_to_sobel") or {}).get("ssim") or {}
-        time_s = m.get("family_time_s")
         lines.append(
-            f"{name:<22}{m['status']:<16}"
-            f"{(f'{time_s:.2f}' if time_s is not None else '-'):>8}"
-            f"{(f'{stats['mean_abs']:.3g}' if stats else '-'):>11}"
-            f"{(f'{stats['top10_mass']:.2f}' if stats else '-'):>8}"
-            f"{(f'{ssim['mean']:.2f}' if ssim.get('mean') is not None else '-'):>12}"
+            f"{name:<22}{m['status']:<16}{fmt(m.get('family_time_s'), '.2f'):>8}"
+            f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
+            f"{fmt(ssim.get('mean'), '.2f'):>12}"
         )
     return "\n".join(lines)
 

@@ -83,7 +83,9 @@ def load_image_folder(folder: Path, channels: int = 3) -> list[DecodedImage]:
     return [decode_image(p.read_bytes(), p.name, channels) for p in list_image_files(folder)]
 
 
-def preprocess(images: Sequence[DecodedImage] | Iterable[DecodedImage], spec: InputSpec) -> torch.Tensor:
+def preprocess(
+    images: Sequence[DecodedImage] | Iterable[DecodedImage], spec: InputSpec
+) -> torch.Tensor:
     """Resize, scale and normalize decoded images into the model's NCHW float32 input.
 
     Resizing is a plain bilinear resize to ``spec.height`` x ``spec.width`` (no crop), so the

@@ -17,7 +17,7 @@ SCHEMA_VERSION = "1"
 MethodStatus = Literal["ok", "not_applicable"]
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
@@ -36,8 +36,8 @@ class ScoreSummary:
         finite = values[np.isfinite(values)]
         n = int(finite.size)
         return cls(
-            mean=_finite_or_none(float(finite.mean())) if n else None,
-            std=_finite_or_none(float(finite.std(ddof=1))) if n > 1 else None,
+            mean=finite_or_none(float(finite.mean())) if n else None,
+            std=finite_or_none(float(finite.std(ddof=1))) if n > 1 else None,
             n=n,
             n_undefined=int(values.size - n),
         )
@@ -51,16 +51,18 @@ class MapStatistics:
     height: int
     width: int
     native_channels: int  # channels the method produced before reduction (C or 1)
-    mean: float
-    std: float
-    min: float
-    max: float
-    mean_abs: float
+    # None where undefined (non-finite values in the maps)
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    mean_abs: float | None
     fraction_positive: float
     fraction_zero: float
-    # Share of total |map| mass in the top 10% of pixels per image, averaged: 0.1 for a flat
-    # map, near 1 for a very concentrated one.
-    top10_mass: float
+    # Share of total |map| mass in the top 10% of pixels per image, averaged over images whose
+    # map is not all zero: 0.1 for a flat map, near 1 for a very concentrated one; None when
+    # every map is all zero.
+    top10_mass: float | None
 
 
 @dataclass(frozen=True)

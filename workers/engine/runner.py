@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
@@ -19,6 +19,8 @@ import torch
 from . import similarity
 from .errors import NotApplicableError, SpecError
 from .methods import METHODS, MethodContext, compute_methods, method_info, resolve_layer
+from .methods.integrated import baseline_for_input_spec
+from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
 from .result import (
     AuditResult,
@@ -26,8 +28,10 @@ from .result import (
     MapStatistics,
     MethodResult,
     ScoreSummary,
+    finite_or_none,
 )
 from .spec import AuditSpec
+from .stats import key_seed
 
 ProgressCallback = Callable[[float, str], None]
 
@@ -57,13 +61,13 @@ def methods_to_run(requested: Sequence[str]) -> list[str]:
 def batch_generator(seed: int, batch_start: int) -> torch.Generator:
     """One generator per batch, derived from the audit seed and the batch's first image index,
     so a run is reproducible for a given (seed, batch_size) whatever else runs in the process."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + batch_start)
+    return torch.Generator().manual_seed(key_seed(seed, "batch", str(batch_start)) >> 1)
 
 
 def map_statistics(maps: np.ndarray, native_channels: int) -> MapStatistics:
     flat = maps.reshape(maps.shape[0], -1).astype(np.float64)
     absolute = np.abs(flat)
-    k = max(1, int(round(0.1 * flat.shape[1])))
+    k = max(1, round(0.1 * flat.shape[1]))
     top = -np.sort(-absolute, axis=1)[:, :k].sum(axis=1)
     total = absolute.sum(axis=1)
     share = np.where(total > 0, top / np.where(total > 0, total, 1.0), np.nan)
@@ -72,14 +76,88 @@ def map_statistics(maps: np.ndarray, native_channels: int) -> MapStatistics:
         height=int(maps.shape[1]),
         width=int(maps.shape[2]),
         native_channels=native_channels,
-        mean=float(flat.mean()),
-        std=float(flat.std()),
-        min=float(flat.min()),
-        max=float(flat.max()),
-        mean_abs=float(absolute.mean()),
+        mean=finite_or_none(float(flat.mean())),
+        std=finite_or_none(float(flat.std())),
+        min=finite_or_none(float(flat.min())),
+        max=finite_or_none(float(flat.max())),
+        mean_abs=finite_or_none(float(absolute.mean())),
         fraction_positive=float((flat > 0).mean()),
         fraction_zero=float((flat == 0).mean()),
-        top10_mass=float(np.nanmean(share)) if np.isfinite(share).any() else float("nan"),
+        top10_mass=float(np.nanmean(share)) if np.isfinite(share).any() else None,
+    )
+
+
+@dataclass
+class MapSet:
+    """The maps of one model state: method -> (N, H, W) float32, channels reduced."""
+
+    maps: dict[str, np.ndarray]
+    native_channels: dict[str, int]
+    not_applicable: dict[str, str]
+    family_time: dict[str, float]
+    by_family: dict[str, list[str]]
+
+
+def compute_maps(
+    module: torch.nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    names: Sequence[str],
+    spec: AuditSpec,
+    layer: str | None,
+    *,
+    device: torch.device,
+    baseline: torch.Tensor | None = None,
+    random_control_key: str = "",
+    progress: ProgressCallback = _no_progress,
+) -> MapSet:
+    """Every method in ``names`` on every image, batch by batch, each family once per batch.
+
+    Noise draws depend only on (seed, batch), so the maps of two model states (a randomization
+    stage and the trained model) see the same noise; ``control_random`` also mixes in
+    ``random_control_key``, because a random map that never changes would not be random.
+    """
+    n = int(images.shape[0])
+    by_family: dict[str, list[str]] = {}
+    for name in names:
+        by_family.setdefault(METHODS[name].family, []).append(name)
+    family_time = dict.fromkeys(by_family, 0.0)
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    native_channels: dict[str, int] = {}
+    not_applicable: dict[str, str] = {}
+    steps = len(by_family) * ((n + spec.batch_size - 1) // spec.batch_size)
+    done = 0
+    for start in range(0, n, spec.batch_size):
+        x = images[start : start + spec.batch_size].to(device)
+        t = targets[start : start + spec.batch_size].to(device)
+        for family, members in by_family.items():
+            progress(done / steps, f"{family}: images {start + 1}-{start + len(x)}")
+            seed = spec.seed
+            if family == METHODS["control_random"].family and random_control_key:
+                seed = key_seed(spec.seed, random_control_key)
+            ctx = MethodContext(
+                params=spec.params,
+                layer=layer,
+                generator=batch_generator(seed, start),
+                baseline=baseline,
+            )
+            t0 = time.perf_counter()
+            results = compute_methods(module, x, t, members, ctx)
+            family_time[family] += time.perf_counter() - t0
+            for name, value in results.items():
+                if isinstance(value, NotApplicableError):
+                    not_applicable[name] = value.message
+                    continue
+                native_channels[name] = int(value.shape[1])
+                reduced = similarity.reduce_channels(value.float(), spec.params.map_reduction)
+                collected[name].append(reduced.detach().cpu().numpy().astype(np.float32))
+            done += 1
+    return MapSet(
+        maps={name: np.concatenate(parts) for name, parts in collected.items() if parts},
+        native_channels=native_channels,
+        not_applicable=not_applicable,
+        family_time=family_time,
+        by_family=by_family,
     )
 
 
@@ -100,6 +178,7 @@ def run_audit(
     started = time.perf_counter()
     timings: dict[str, float] = {}
     names = methods_to_run(spec.methods)
+    lrp_composite(spec.params.lrp_composite)  # an unknown composite fails now, not mid-run
     n = int(images.shape[0])
     if n == 0:
         raise SpecError("no images to audit")
@@ -140,38 +219,25 @@ def run_audit(
 
     layer = resolve_layer(module, spec.layer)
 
-    by_family: dict[str, list[str]] = {}
-    for name in names:
-        by_family.setdefault(METHODS[name].family, []).append(name)
-    family_time = dict.fromkeys(by_family, 0.0)
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    native_channels: dict[str, int] = {}
-    not_applicable: dict[str, str] = {}
-    steps = len(by_family) * ((n + spec.batch_size - 1) // spec.batch_size)
-    done = 0
-    for start in range(0, n, spec.batch_size):
-        x = images[start : start + spec.batch_size].to(device)
-        t = targets[start : start + spec.batch_size].to(device)
-        for family, members in by_family.items():
-            progress(0.05 + 0.9 * done / steps, f"{family}: images {start + 1}-{start + len(x)}")
-            ctx = MethodContext(
-                params=spec.params, layer=layer, generator=batch_generator(spec.seed, start)
-            )
-            t0 = time.perf_counter()
-            results = compute_methods(module, x, t, members, ctx)
-            family_time[family] += time.perf_counter() - t0
-            for name, value in results.items():
-                if isinstance(value, NotApplicableError):
-                    not_applicable[name] = value.message
-                    continue
-                native_channels[name] = int(value.shape[1])
-                reduced = similarity.reduce_channels(value.float(), spec.params.map_reduction)
-                collected[name].append(reduced.detach().cpu().numpy().astype(np.float32))
-            done += 1
+    mapset = compute_maps(
+        module,
+        images,
+        targets,
+        names,
+        spec,
+        layer,
+        device=device,
+        baseline=baseline_for_input_spec(model.input_spec, spec.params.ig_baseline),
+        progress=lambda f, step: progress(0.05 + 0.9 * f, step),
+    )
+    family_time = mapset.family_time
+    native_channels = mapset.native_channels
+    not_applicable = mapset.not_applicable
+    by_family = mapset.by_family
     timings["methods"] = sum(family_time.values())
 
     progress(0.96, "summaries")
-    maps = {name: np.concatenate(parts) for name, parts in collected.items() if parts}
+    maps = mapset.maps
     sobel = torch.from_numpy(maps["control_sobel"])
     method_results: dict[str, MethodResult] = {}
     for name in names:
@@ -187,7 +253,9 @@ def run_audit(
         )
         if name in not_applicable:
             method_results[name] = MethodResult(
-                status="not_applicable", reason=not_applicable[name], **common  # type: ignore[arg-type]
+                status="not_applicable",
+                reason=not_applicable[name],
+                **common,  # type: ignore[arg-type]
             )
             continue
         current = torch.from_numpy(maps[name])
@@ -197,6 +265,7 @@ def run_audit(
             similarity_to_sobel={
                 measure: ScoreSummary.of(fn(current, sobel).numpy())
                 for measure, fn in similarity.MEASURES.items()
+                if min(current.shape[-2:]) >= similarity.MIN_MAP_SIDE_PX[measure]
             },
             **common,  # type: ignore[arg-type]
         )

@@ -71,7 +71,7 @@ class MethodParams:
     """Parameters shared by the saliency methods (names follow Captum where it has one)."""
 
     ig_steps: int = 32
-    ig_baseline: Literal["zero", "black", "mean"] = "zero"
+    ig_baseline: Literal["zero", "black"] = "zero"  # zero = the data set's mean colour
     noise_samples: int = 16
     noise_level: float = 0.15  # sigma / (max(x) - min(x)), as in Smilkov et al. 2017
     scorecam_batch: int = 64
@@ -81,6 +81,8 @@ class MethodParams:
     def __post_init__(self) -> None:
         if self.ig_steps < 1:
             raise SpecError("ig_steps must be >= 1")
+        if self.ig_baseline not in ("zero", "black"):
+            raise SpecError(f"ig_baseline must be 'zero' or 'black', not {self.ig_baseline!r}")
         if self.noise_samples < 1:
             raise SpecError("noise_samples must be >= 1")
         if self.noise_level < 0:

@@ -12,13 +12,13 @@ from .base import (
 )
 
 # Each module registers its families on import (order = order in listings).
-from . import gradients as _gradients  # noqa: E402,F401  isort: skip
-from . import noise as _noise  # noqa: E402,F401  isort: skip
-from . import integrated as _integrated  # noqa: E402,F401  isort: skip
-from . import guided as _guided  # noqa: E402,F401  isort: skip
-from . import scorecam as _scorecam  # noqa: E402,F401  isort: skip
-from . import lrp as _lrp  # noqa: E402,F401  isort: skip
-from . import controls as _controls  # noqa: E402,F401  isort: skip
+from . import gradients as _gradients  # noqa: F401  isort: skip
+from . import noise as _noise  # noqa: F401  isort: skip
+from . import integrated as _integrated  # noqa: F401  isort: skip
+from . import guided as _guided  # noqa: F401  isort: skip
+from . import scorecam as _scorecam  # noqa: F401  isort: skip
+from . import lrp as _lrp  # noqa: F401  isort: skip
+from . import controls as _controls  # noqa: F401  isort: skip
 
 __all__ = [
     "FAMILIES",

@@ -138,8 +138,25 @@ def compute_methods(
     names: Iterable[str],
     ctx: MethodContext,
 ) -> dict[str, torch.Tensor | NotApplicableError]:
-    """Compute the named methods, each family once; "not applicable" is a value, not a crash."""
+    """Compute the named methods, each family once; "not applicable" is a value, not a crash.
+
+    A converted ONNX graph exported with a fixed batch size (``model.fixed_batch``) runs larger
+    batches image group by image group inside its forward, which would hand layer hooks only
+    the last group's activations; such batches are split here so each family sees one call.
+    """
     wanted = list(dict.fromkeys(names))
+    fixed = getattr(model, "fixed_batch", None)
+    if isinstance(fixed, int) and 0 < fixed < x.shape[0]:
+        parts = [
+            compute_methods(model, x[i : i + fixed], target[i : i + fixed], wanted, ctx)
+            for i in range(0, x.shape[0], fixed)
+        ]
+        merged: dict[str, torch.Tensor | NotApplicableError] = {}
+        for name in wanted:
+            values = [part[name] for part in parts]
+            failed = [v for v in values if isinstance(v, NotApplicableError)]
+            merged[name] = failed[0] if failed else torch.cat(values)  # type: ignore[arg-type]
+        return merged
     by_family: dict[str, set[str]] = {}
     for name in wanted:
         by_family.setdefault(method_info(name).family, set()).add(name)
@@ -155,5 +172,29 @@ def compute_methods(
                 )
             runnable -= set(needs_layer)
         if runnable:
-            out.update(family.compute(model, x, target, frozenset(runnable), ctx))
+            out.update(_compute_family(family, model, x, target, runnable, ctx))
     return {name: out[name] for name in wanted}
+
+
+def _compute_family(
+    family: MethodFamily,
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    members: set[str],
+    ctx: MethodContext,
+) -> dict[str, torch.Tensor | NotApplicableError]:
+    """Run a family; a family may find out only while running that the model defeats it (e.g.
+    a CAM layer called twice per forward pass). That is a result, not a crash: the methods
+    that need the layer are marked not applicable and the others are computed without them."""
+    try:
+        return dict(family.compute(model, x, target, frozenset(members), ctx))
+    except NotApplicableError as exc:
+        layer_methods = {m for m in members if METHODS[m].needs_conv_layer}
+        out: dict[str, torch.Tensor | NotApplicableError] = {
+            m: NotApplicableError(exc.message, method=m) for m in layer_methods or members
+        }
+        rest = members - layer_methods
+        if layer_methods and rest:
+            out.update(_compute_family(family, model, x, target, rest, ctx))
+        return out

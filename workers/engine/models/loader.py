@@ -25,7 +25,7 @@ def onnx_metadata_input_spec(data: bytes) -> dict[str, Any]:
     import onnx
 
     try:
-        proto = onnx.load_from_string(data, load_external_data=False)
+        proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError/ValueError/... for garbage
         raise ModelLoadError(f"not a readable ONNX file: {exc}") from None
     for prop in proto.metadata_props:

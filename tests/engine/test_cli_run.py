@@ -1,0 +1,123 @@
+"""`saliency-audit run` as a user runs it: an ONNX file and a folder of photos in, a report out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from examples.sample_photos import write_sample_photos
+from service.cli import main
+from tests.engine.nets import torchvision_model
+from workers.engine.methods import METHODS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mobilenet_dynamo_onnx(artifact_cache: Path) -> Path:
+    """torchvision mobilenet_v3_small (seeded random weights) exported with the dynamo exporter."""
+    path = artifact_cache / "cli_mobilenet_v3_small_dynamo_seed0.onnx"
+    if not path.exists():
+        model = torchvision_model("mobilenet_v3_small", seed=0)
+        tmp = path.with_suffix(".tmp")
+        torch.onnx.export(
+            model, (torch.randn(1, 3, 224, 224),), str(tmp), dynamo=True, external_data=False
+        )
+        tmp.rename(path)
+    return path
+
+
+@pytest.mark.slow
+def test_run_computes_every_method_on_a_dynamo_onnx_mobilenet(
+    mobilenet_dynamo_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    photos = tmp_path / "photos"
+    write_sample_photos(photos)
+    out = tmp_path / "out"
+    code = main(
+        ["run", "--model", str(mobilenet_dynamo_onnx), "--images", str(photos), "--out", str(out)]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["methods"]) == set(METHODS)
+    for name, method in report["methods"].items():
+        assert method["status"] == "ok", (name, method.get("reason"))
+        stats = method["statistics"]
+        assert stats["n_images"] == 8 and stats["height"] == 224 and stats["width"] == 224
+        assert np.isfinite(stats["mean_abs"])
+    fidelity = report["fidelity"]
+    assert fidelity["passed"] and fidelity["n_images"] == 8
+    assert fidelity["max_abs_diff"] <= fidelity["atol"]
+    assert fidelity["argmax_agreement"] == 1.0
+    assert report["model"]["input_spec"]["layout"] == "NCHW"
+    maps = np.load(out / "maps.npz")
+    assert set(maps.files) == set(METHODS)
+    assert maps["gradcam"].shape == (8, 224, 224)
+    printed = capsys.readouterr().out
+    assert "fidelity vs ONNX Runtime" in printed and "scorecam" in printed
+
+
+def test_the_installed_command_runs_the_bundled_sample(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("saliency-audit")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [
+            str(exe),
+            "run",
+            "--model",
+            str(REPO / "examples/reference/digits_small_cnn.onnx"),
+            "--images",
+            str(REPO / "examples/reference/digits_images"),
+            "--methods",
+            "gradient,gradcam,lrp,relevance_cam",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["input_spec"]["channels"] == 1  # from the ONNX metadata
+    correct = [r["predicted"] == int(r["name"].split("_")[0]) for r in report["images"]]
+    assert len(correct) == 64 and sum(correct) >= 61  # the model is 99.7% accurate on test digits
+    assert report["spec"]["resolved_layer"] is not None
+
+
+def test_errors_are_reported_without_a_traceback(tmp_path: Path) -> None:
+    exe = Path(sys.executable).with_name("saliency-audit")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not onnx")
+    (tmp_path / "imgs").mkdir()
+    proc = subprocess.run(
+        [str(exe), "run", "--model", str(bad), "--images", str(tmp_path / "imgs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [
+            str(exe),
+            "run",
+            "--model",
+            str(REPO / "examples/reference/digits_small_cnn.onnx"),
+            "--images",
+            str(REPO / "examples/reference/digits_images"),
+            "--methods",
+            "gradient,not_a_method",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "unknown method 'not_a_method'" in proc.stderr

@@ -1,0 +1,163 @@
+"""run_audit: every method on every image, controls always present, repeatable bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.engine.nets import images, small_cnn, tiny_mlp
+from workers.engine.errors import SpecError
+from workers.engine.methods import METHODS
+from workers.engine.models.base import LoadedModel
+from workers.engine.result import AuditResult
+from workers.engine.runner import map_statistics, run_audit
+from workers.engine.spec import AuditSpec, InputSpec, MethodParams
+
+FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16)
+
+
+def _loaded(module: torch.nn.Module, size: int = 16) -> LoadedModel:
+    return LoadedModel(
+        module=module,
+        input_spec=InputSpec(height=size, width=size, class_names=tuple("abcde")),
+        source="torchvision",
+        sha256="0" * 64,
+    )
+
+
+def _spec(**kwargs: object) -> AuditSpec:
+    base: dict[str, object] = dict(
+        methods=tuple(n for n, i in METHODS.items() if not i.is_control),
+        seed=7,
+        batch_size=3,
+        device="cpu",
+        params=FAST,
+    )
+    base.update(kwargs)
+    return AuditSpec(**base)  # type: ignore[arg-type]
+
+
+def test_every_method_runs_and_the_controls_are_always_added() -> None:
+    result = run_audit(_loaded(small_cnn()), images(5, 16), _spec(methods=("gradient",)))
+    assert list(result.methods) == ["gradient", "control_sobel", "control_random"]
+    full = run_audit(_loaded(small_cnn()), images(5, 16), _spec())
+    assert set(full.methods) == set(METHODS)
+    for name, method in full.methods.items():
+        assert method.status == "ok", (name, method.reason)
+        assert result.maps["gradient"].shape == (5, 16, 16)
+        assert full.maps[name].shape == (5, 16, 16) and full.maps[name].dtype == np.float32
+        assert set(method.similarity_to_sobel) >= {"spearman_abs", "ssim"}
+    assert full.methods["control_sobel"].similarity_to_sobel["ssim"].mean == pytest.approx(1.0)
+    assert full.methods["gradcam"].shared_with == ("gradient", "gradient_x_input", "gradcam_pp")
+    assert full.spec["resolved_layer"] == "features.3"
+    assert [r.target_name for r in full.images] == [
+        "abcde"[int(t)] for t in small_cnn()(images(5, 16)).argmax(1)
+    ]
+
+
+def test_same_seed_same_numbers_bit_for_bit() -> None:
+    first = run_audit(_loaded(small_cnn()), images(5, 16), _spec())
+    second = run_audit(_loaded(small_cnn()), images(5, 16), _spec())
+    for name in first.maps:
+        assert np.array_equal(first.maps[name], second.maps[name]), name
+    strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "timings_s"}  # noqa: E731
+    a, b = strip(first), strip(second)
+    for m in list(a["methods"]):
+        a["methods"][m].pop("family_time_s")
+        b["methods"][m].pop("family_time_s")
+    assert a == b
+    other = run_audit(_loaded(small_cnn()), images(5, 16), _spec(seed=8))
+    assert not np.array_equal(first.maps["control_random"], other.maps["control_random"])
+    assert not np.array_equal(first.maps["smoothgrad"], other.maps["smoothgrad"])
+    assert np.array_equal(first.maps["gradient"], other.maps["gradient"])
+
+
+def test_layer_methods_are_not_applicable_without_conv_layers() -> None:
+    x = images(4, 8)
+    model = LoadedModel(tiny_mlp(), InputSpec(height=8, width=8), "torchvision", "0" * 64)
+    result = run_audit(model, x, _spec(methods=("gradient", "gradcam", "relevance_cam")))
+    assert result.methods["gradient"].status == "ok"
+    for name in ("gradcam", "relevance_cam"):
+        assert result.methods[name].status == "not_applicable"
+        assert "conv" in (result.methods[name].reason or "")
+        assert name not in result.maps
+
+
+def test_report_roundtrips_through_json() -> None:
+    result = run_audit(_loaded(small_cnn()), images(3, 16), _spec(methods=("gradcam", "lrp")))
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    again = json.loads(json.dumps(AuditResult.from_dict(document).to_dict(), allow_nan=False))
+    assert again == document
+    assert document["schema_version"] == "1"
+    assert document["environment"]["torch"].startswith("2.14")
+
+
+def test_bad_specs_are_refused_clearly() -> None:
+    with pytest.raises(SpecError, match="unknown method 'gradcamm'"):
+        run_audit(_loaded(small_cnn()), images(2, 16), _spec(methods=("gradcamm",)))
+    with pytest.raises(SpecError, match="no module named 'nope'"):
+        run_audit(_loaded(small_cnn()), images(2, 16), _spec(methods=("gradcam",), layer="nope"))
+    with pytest.raises(SpecError, match="targets"):
+        run_audit(_loaded(small_cnn()), images(2, 16), _spec(), targets=torch.tensor([0, 9]))
+
+
+def test_explicit_targets_are_explained() -> None:
+    targets = torch.tensor([4, 0, 2])
+    result = run_audit(
+        _loaded(small_cnn()), images(3, 16), _spec(methods=("gradient",)), targets=targets
+    )
+    assert [r.target for r in result.images] == [4, 0, 2]
+    x = images(3, 16).requires_grad_(True)
+    logits = small_cnn()(x)
+    (grad,) = torch.autograd.grad(logits[torch.arange(3), targets].sum(), x)
+    np.testing.assert_allclose(result.maps["gradient"], grad.sum(1).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_map_statistics_by_hand() -> None:
+    maps = np.array([[[1.0, -1.0], [0.0, 2.0]]], dtype=np.float32)
+    stats = map_statistics(maps, native_channels=3)
+    assert stats.mean == pytest.approx(0.5)
+    assert stats.min == -1.0 and stats.max == 2.0
+    assert stats.mean_abs == pytest.approx(1.0)
+    assert stats.fraction_positive == pytest.approx(0.5)
+    assert stats.fraction_zero == pytest.approx(0.25)
+    assert stats.top10_mass == pytest.approx(2.0 / 4.0)  # top 10% of 4 pixels = 1 pixel
+
+
+def test_fixed_batch_graphs_give_the_same_cam_as_one_image_at_a_time(artifact_cache) -> None:  # type: ignore[no-untyped-def]
+    """A graph with batch 1 baked in runs a batch image by image inside its forward; layer
+    hooks would then see only the last image. compute_methods splits such batches."""
+    from tests.engine.onnx_exports import export_class_token_net
+    from workers.engine.methods import MethodContext, compute_methods
+    from workers.engine.models.onnx_convert import load_onnx
+
+    net = load_onnx(export_class_token_net(cache_dir=artifact_cache)).module
+    assert getattr(net, "fixed_batch", None) == 1
+    x = images(3, 16, seed=5)
+    with torch.no_grad():
+        target = net(x).argmax(1)
+    names = ["gradcam", "gradcam_pp", "gradient", "guided_gradcam", "scorecam"]
+    ctx = MethodContext(params=FAST, layer="patchify")
+    batch = compute_methods(net, x, target, names, ctx)
+    for name in names:
+        singles = torch.cat(
+            [
+                compute_methods(net, x[i : i + 1], target[i : i + 1], [name], ctx)[name]  # type: ignore[misc]
+                for i in range(3)
+            ]
+        )
+        value = batch[name]
+        assert isinstance(value, torch.Tensor), (name, value)
+        assert float(singles.abs().max()) > 0, name
+        torch.testing.assert_close(value, singles, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_all_zero_maps_have_undefined_concentration_not_nan() -> None:
+    stats = map_statistics(np.zeros((2, 4, 4), dtype=np.float32), native_channels=1)
+    assert stats.top10_mass is None and stats.fraction_zero == 1.0 and stats.mean == 0.0
+    mixed = np.zeros((2, 4, 4), dtype=np.float32)
+    mixed[1, 0, 0] = 3.0
+    assert map_statistics(mixed, native_channels=1).top10_mass == pytest.approx(1.0)

@@ -1,0 +1,181 @@
+"""Fidelity check: the converted torch graph must reproduce ONNX Runtime's logits.
+
+The audit is about the model the user ships, which is the ONNX file as ONNX Runtime runs it.
+Saliency methods run on the converted module (they need gradients), so before any map is drawn
+the two are run on the same preprocessed batch and compared; the difference goes into the
+report, and an audit refuses to start when it exceeds the spec's tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..errors import FidelityError, ModelLoadError
+from .base import LoadedModel
+
+_CPU = "CPUExecutionProvider"
+_CUDA = "CUDAExecutionProvider"
+
+
+def ort_providers() -> list[str]:
+    """Execution providers to ask for: CUDA first when both ONNX Runtime and torch see a GPU.
+
+    ``onnxruntime-gpu`` lists the CUDA provider even on machines without a GPU (and then logs an
+    error while falling back), so torch's view of the device decides; CPU is always last.
+    """
+    available = ort.get_available_providers()
+    providers = []
+    if _CUDA in available and torch.cuda.is_available():
+        providers.append(_CUDA)
+    providers.append(_CPU)
+    return providers
+
+
+def ort_session(onnx_bytes: bytes) -> ort.InferenceSession:
+    """An ONNX Runtime session for the file, with explicit providers (CPU last)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: provider fallbacks are reported by provider
+    try:
+        return ort.InferenceSession(onnx_bytes, sess_options=options, providers=ort_providers())
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"ONNX Runtime cannot load the model: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    """How closely the converted module follows ONNX Runtime on one batch.
+
+    ``max_abs_diff`` is the largest absolute logit difference over all images and classes;
+    ``argmax_agreement`` the fraction (0..1) of images whose top class is the same in both.
+    """
+
+    max_abs_diff: float
+    argmax_agreement: float
+    n_images: int
+    atol: float
+    provider: str
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run_ort(session: ort.InferenceSession, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run the session ``batch_size`` images at a time, or in the graph's fixed batch size
+    (padding the last chunk with copies of its last image) when the file fixes one."""
+    graph_input = session.get_inputs()[0]
+    fixed = graph_input.shape[0] if graph_input.shape else None
+    step = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
+    outputs = []
+    for start in range(0, batch.shape[0], step):
+        chunk = batch[start : start + step]
+        short = step - chunk.shape[0] if step == fixed else 0
+        if short:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
+        try:
+            out = np.asarray(session.run(None, {graph_input.name: chunk})[0])
+        except Exception as exc:  # ORT raises its own types (InvalidArgument, Fail, ...)
+            raise FidelityError(f"ONNX Runtime cannot run the model on this batch: {exc}") from exc
+        outputs.append(out[: step - short])
+    return np.concatenate(outputs)
+
+
+def _compare(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    atol: float,
+    session: ort.InferenceSession | None,
+    batch_size: int,
+) -> tuple[FidelityReport, np.ndarray]:
+    if loaded.onnx_bytes is None:
+        raise ValueError("fidelity is defined for models loaded from ONNX")
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise ValueError(f"expected a non-empty NCHW batch, got shape {tuple(x.shape)}")
+    session = session or ort_session(loaded.onnx_bytes)
+    x = x.detach().to(torch.float32)
+    feed = x.permute(0, 2, 3, 1) if loaded.input_spec.layout == "NHWC" else x
+    expected = _run_ort(session, np.ascontiguousarray(feed.cpu().numpy()), batch_size)
+
+    module = loaded.module
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            actual = np.concatenate(
+                [
+                    module(x[i : i + batch_size].to(device)).detach().cpu().numpy()
+                    for i in range(0, x.shape[0], batch_size)
+                ]
+            )
+    except RuntimeError as exc:
+        raise FidelityError(f"the converted model fails on this batch: {exc}") from exc
+    finally:
+        module.train(was_training)
+    if actual.shape != expected.shape:
+        raise FidelityError(
+            f"the converted model's output shape {actual.shape} differs from ONNX Runtime's "
+            f"{expected.shape}",
+            expected_shape=list(expected.shape),
+            actual_shape=list(actual.shape),
+        )
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    per_image = diff.reshape(diff.shape[0], -1).max(axis=1)
+    per_image = np.where(np.isfinite(per_image), per_image, np.inf)
+    n = actual.shape[0]
+    agree = (actual.reshape(n, -1).argmax(axis=1) == expected.reshape(n, -1).argmax(axis=1)).mean()
+    max_diff = float(per_image.max())
+    report = FidelityReport(
+        max_abs_diff=max_diff,
+        argmax_agreement=float(agree),
+        n_images=n,
+        atol=float(atol),
+        provider=session.get_providers()[0],
+        passed=bool(max_diff <= atol),
+    )
+    return report, per_image
+
+
+def check_fidelity(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    atol: float,
+    *,
+    session: ort.InferenceSession | None = None,
+    batch_size: int = 32,
+) -> FidelityReport:
+    """Compare the converted module with ONNX Runtime on ``x`` (preprocessed, NCHW).
+
+    ``session`` reuses an existing ``ort_session(loaded.onnx_bytes)``; the torch module runs
+    ``batch_size`` images at a time.
+    """
+    return _compare(loaded, x, atol, session, batch_size)[0]
+
+
+def ensure_fidelity(
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    atol: float,
+    *,
+    session: ort.InferenceSession | None = None,
+    batch_size: int = 32,
+) -> FidelityReport:
+    """``check_fidelity``, raising ``FidelityError`` when the difference exceeds ``atol``."""
+    report, per_image = _compare(loaded, x, atol, session, batch_size)
+    if not report.passed:
+        bad = [int(i) for i in np.flatnonzero(~(per_image <= atol))]
+        shown = ", ".join(str(i) for i in bad[:20]) + (", ..." if len(bad) > 20 else "")
+        raise FidelityError(
+            f"the converted model differs from ONNX Runtime by up to {report.max_abs_diff:.3g} "
+            f"(tolerance {atol:.3g}) on {len(bad)} of {report.n_images} images: {shown}",
+            max_abs_diff=report.max_abs_diff,
+            atol=atol,
+            image_indices=bad,
+            report=report.to_dict(),
+        )
+    return report

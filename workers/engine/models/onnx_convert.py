@@ -1,0 +1,1017 @@
+"""ONNX file -> differentiable torch module (the ONNX model adapter).
+
+Saliency methods need gradients and module hooks, which ONNX Runtime cannot give, so an uploaded
+ONNX classifier is rebuilt as a torch ``nn.Module`` graph (:class:`OnnxGraphModule`): one module
+per ONNX node, of the ``torch.nn`` class the attribution libraries recognize (``nn.Conv2d``,
+``nn.Linear``, ``nn.BatchNorm2d``, ``nn.ReLU``, ...; the op table is in ``onnx_ops``). The
+converted logits are then checked against ONNX Runtime (``fidelity``), because the model audited
+must be the model shipped.
+
+What the converter takes care of, beyond the op table:
+
+* **Module names.** Randomization stages are grouped by module hierarchy, so the hierarchy of
+  the original network is rebuilt where the file carries it: the TorchScript ("legacy") exporter
+  names nodes ``/layer1/layer1.0/conv1/Conv``; the dynamo exporter stores
+  ``pkg.torch.onnx.name_scopes`` metadata per node and names initializers after the parameters
+  (``layer1.0.conv1.weight``), which is preferred for layers with weights because its optimizer
+  fuses BatchNorm into the conv and leaves the BatchNorm's scope on the fused node. Files from
+  other producers get flat names (``conv_0``, ``relu_3``). Modules are registered in execution
+  order, and the hierarchy is only kept when a depth-first walk of it visits the modules in
+  execution order, so "the last ``nn.Conv2d`` of ``named_modules()``" is the last conv run.
+* **Constants.** Initializers shared through ``Identity`` nodes (legacy exports deduplicate equal
+  tensors this way) are copied into each module, so randomizing one layer never touches another.
+  Weights become ``nn.Parameter``; other constants become buffers; subgraphs that only compute
+  constants (shape arithmetic) are evaluated once at conversion time.
+* **Layout.** The module always takes NCHW; for an NHWC graph it permutes inside ``forward``.
+* **Batch.** Shape inference runs with a symbolic batch, so ``Shape`` reads of the batch stay
+  run-time ops (reads of static dims fold), and a fixed-batch export's reshapes to
+  ``(batch, ...)`` keep the batch per image. Such a graph is then probed once with a larger
+  batch; if that fails or differs from running the images one fixed-size group at a time
+  (a constant with the batch size baked in, like a transformer's class token), the module
+  runs fixed-size groups and says so in ``fixed_batch`` and the notes.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper
+from torch import nn
+
+from ..errors import ModelLoadError, SpecError, UnsupportedOperatorError
+from ..spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Layout
+from .base import LoadedModel
+from .onnx_ops import (
+    Alias,
+    Emit,
+    Fold,
+    NodeView,
+    StaticShape,
+    convert_node,
+    tensor_from_onnx,
+)
+
+# Grayscale version of the ImageNet statistics, for 1-channel inputs without a given spec.
+_GRAY_MEAN = (0.449,)
+_GRAY_STD = (0.226,)
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_BATCH = "saliency_audit_batch"  # the symbolic batch dim shape inference runs with
+_WEIGHTED_OPS = frozenset(
+    {
+        "Conv",
+        "Gemm",
+        "MatMul",
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "PRelu",
+    }
+)
+# "<module path>.weight"; torch module names may hold any character but "." (regnet: block4-11)
+_PARAM_NAME = re.compile(r"^[^.:/\s]+(\.[^.:/\s]+)*\.weight$")
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+
+
+class OnnxScope(nn.Module):
+    """A container that only groups converted modules (a block of the original network)."""
+
+    def forward(self, *args: Any) -> Any:  # pragma: no cover - never called by the graph
+        raise RuntimeError("an OnnxScope only groups modules; call the OnnxGraphModule")
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One module call of the forward pass: module name, input and output tensor names."""
+
+    module: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    release: tuple[str, ...] = ()  # tensors no later step reads, freed after this one
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        return tuple(self.module.split("."))
+
+
+class OnnxGraphModule(nn.Module):
+    """A converted ONNX graph: NCHW float32 images in, the graph's (first) output out.
+
+    ``forward`` runs the recorded steps in the ONNX graph's order, looking each module up by
+    name on every call, so a module replaced with ``set_submodule`` (e.g. by a canonizer) is
+    the one called.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_name: str,
+        output_name: str,
+        layout: Layout,
+        onnx_input_shape: StaticShape,
+    ) -> None:
+        super().__init__()
+        self._input_name = input_name
+        self._output_name = output_name
+        self._layout: Layout = layout
+        self._onnx_input_shape = onnx_input_shape
+        self._steps: list[_Step] = []
+        self._paths: list[tuple[str, ...]] = []  # step.path of each step, split once
+        self._const_inputs: dict[str, str] = {}  # tensor name -> buffer attribute name
+        self._fixed_batch: int | None = None
+        self._sources: dict[str, str] = {}  # module name -> ONNX node name
+        self._pairs: list[tuple[str, str]] = []
+
+    @property
+    def layout(self) -> Layout:
+        """The layout the ONNX graph expects (``forward`` always takes NCHW)."""
+        return self._layout
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """Batch size the graph must be run with, or None when any batch size works."""
+        return self._fixed_batch
+
+    @property
+    def onnx_input_shape(self) -> StaticShape:
+        """The graph input's static shape in the file's layout (None for dynamic dims)."""
+        return self._onnx_input_shape
+
+    def linear_bn_pairs(self) -> list[tuple[str, str]]:
+        """(conv or linear module name, BatchNorm module name) pairs a canonizer may merge.
+
+        A pair is listed when the BatchNorm's only input is the layer's output and nothing else
+        reads that output, so folding the BatchNorm into the layer changes no other path.
+        """
+        return list(self._pairs)
+
+    def onnx_node(self, module_name: str) -> str:
+        """The name of the ONNX node a module was converted from (for messages)."""
+        return self._sources[module_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._layout == "NHWC":
+            x = x.permute(0, 2, 3, 1)
+        batch = self._fixed_batch
+        if batch is None or x.shape[0] == batch:
+            return self._run(x)
+        outputs = []
+        for start in range(0, x.shape[0], batch):
+            chunk = x[start : start + batch]
+            short = batch - chunk.shape[0]
+            if short:  # pad the last chunk with copies of its last image, then drop them
+                chunk = torch.cat([chunk, chunk[-1:].expand(short, *chunk.shape[1:])])
+            out = self._run(chunk)
+            outputs.append(out[: batch - short] if short else out)
+        return torch.cat(outputs)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {self._input_name: x}
+        for tensor_name, attr in self._const_inputs.items():
+            env[tensor_name] = getattr(self, attr)
+        for step, path in zip(self._steps, self._paths, strict=True):
+            module: nn.Module | None = self
+            for part in path:  # get_submodule without its checks: 10x less overhead per step
+                module = module._modules[part] if module is not None else None
+            if module is None:
+                raise RuntimeError(f"module {step.module!r} was removed from the graph")
+            result = module(*(env[name] for name in step.inputs))
+            if len(step.outputs) == 1:
+                env[step.outputs[0]] = result
+            else:
+                for name, value in zip(step.outputs, result, strict=True):
+                    if name:
+                        env[name] = value
+            for name in step.release:
+                del env[name]
+        return env[self._output_name]
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and checks
+# --------------------------------------------------------------------------------------------
+
+
+def _parse(data: bytes) -> onnx.ModelProto:
+    """Decode an ONNX file; refuse external data (only the uploaded bytes are read)."""
+    try:
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"not a readable ONNX file: {exc}") from exc
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelLoadError("not an ONNX model: no graph nodes")
+    for tensor in _all_tensors(model.graph):
+        if external_data_helper.uses_external_data(tensor):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} is stored as external data; upload a single ONNX "
+                "file with the weights embedded"
+            )
+    return model
+
+
+def _check(skeleton: onnx.ModelProto) -> None:
+    """``onnx.checker`` on the weight-free skeleton: the same graph checks, without copying
+    hundreds of megabytes of weights (their sizes are checked when they are read)."""
+    try:
+        onnx.checker.check_model(skeleton)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise ModelLoadError(f"invalid ONNX model: {exc}") from exc
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_tensors(sub)
+
+
+def _opsets(model: onnx.ModelProto) -> dict[str, int]:
+    opsets = {imp.domain or "": int(imp.version) for imp in model.opset_import}
+    if "ai.onnx" in opsets:
+        opsets.setdefault("", opsets["ai.onnx"])
+    return opsets
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> StaticShape | None:
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+    )
+
+
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise ModelLoadError(f"expected one image input, the graph has {len(inputs)}: {names}")
+    value = inputs[0]
+    elem_type = value.type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        type_name = onnx.TensorProto.DataType.Name(elem_type)
+        raise ModelLoadError(f"the image input {value.name!r} must be float32, not {type_name}")
+    return value
+
+
+def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
+    """The model without its large weights, and with a symbolic batch dim on the image input.
+
+    Large initializers become typed graph inputs, so checking and shape inference do not copy
+    the weights; small ones stay, because shape inference propagates their values. The batch dim
+    is made symbolic so that ``Shape`` ops depending on it stay run-time ops instead of baking in
+    the exported batch size.
+    """
+    graph = model.graph
+    skeleton_graph = onnx.GraphProto(name=graph.name or "graph")
+    skeleton_graph.node.extend(graph.node)
+    skeleton_graph.output.extend(graph.output)
+    for value in graph.input:
+        copy = skeleton_graph.input.add()
+        copy.CopyFrom(value)
+        dims = copy.type.tensor_type.shape.dim
+        if value.name == input_name and len(dims) > 0:
+            dims[0].Clear()
+            dims[0].dim_param = _BATCH
+    listed = {v.name for v in graph.input}
+    for tensor in graph.initializer:
+        numel = 1
+        for d in tensor.dims:
+            numel *= int(d)
+        if numel <= 64 or (tensor.data_type == onnx.TensorProto.INT64 and numel <= 4096):
+            skeleton_graph.initializer.append(tensor)
+        elif tensor.name not in listed:
+            skeleton_graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    skeleton = onnx.helper.make_model(
+        skeleton_graph, opset_imports=model.opset_import, ir_version=model.ir_version
+    )
+    skeleton.functions.extend(model.functions)
+    return skeleton
+
+
+def _static_shapes(skeleton: onnx.ModelProto) -> tuple[dict[str, StaticShape], set[str]]:
+    """Static shapes of the graph's tensors from ONNX shape inference (best effort), and the
+    tensors whose first dim is the image batch (the skeleton's symbolic ``batch``)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    except Exception:  # inference is an optimization; conversion works without it
+        inferred = skeleton
+    shapes: dict[str, StaticShape] = {}
+    batch_first: set[str] = set()
+    g = inferred.graph
+    for value in [*g.input, *g.value_info, *g.output]:
+        dims = _dims(value)
+        if dims is not None:
+            shapes[value.name] = dims
+            first = value.type.tensor_type.shape.dim
+            if first and first[0].dim_param == _BATCH:
+                batch_first.add(value.name)
+    return shapes, batch_first
+
+
+# --------------------------------------------------------------------------------------------
+# Input spec
+# --------------------------------------------------------------------------------------------
+
+
+def _derive_spec(dims: StaticShape) -> InputSpec:
+    """An input spec from the graph input's shape; the layout only where it is unambiguous."""
+    if len(dims) != 4:
+        raise SpecError(f"expected a 4-D image input, the graph's input has shape {dims}")
+    nchw = dims[1] in (1, 3)
+    nhwc = dims[3] in (1, 3)
+    if nchw == nhwc:
+        why = "both axis 1 and the last axis" if nchw else "neither axis 1 nor the last axis"
+        raise SpecError(
+            f"cannot tell the layout of input shape {dims}: {why} could hold 1 or 3 channels; "
+            "pass an input spec with an explicit layout (NCHW or NHWC)"
+        )
+    layout: Layout = "NCHW" if nchw else "NHWC"
+    channels = dims[1] if nchw else dims[3]
+    height, width = (dims[2], dims[3]) if nchw else (dims[1], dims[2])
+    if height is None or width is None:
+        raise SpecError(
+            f"the graph's input size is dynamic ({dims}); pass an input spec with height and width"
+        )
+    assert channels is not None
+    gray = channels == 1
+    return InputSpec(
+        height=height,
+        width=width,
+        channels=channels,
+        layout=layout,
+        mean=_GRAY_MEAN if gray else IMAGENET_MEAN,
+        std=_GRAY_STD if gray else IMAGENET_STD,
+    )
+
+
+def _check_spec(spec: InputSpec, dims: StaticShape) -> None:
+    if len(dims) != 4:
+        raise SpecError(f"expected a 4-D image input, the graph's input has shape {dims}")
+    if spec.layout == "NCHW":
+        expected = (spec.channels, spec.height, spec.width)
+    else:
+        expected = (spec.height, spec.width, spec.channels)
+    for name, want, have in zip(("dim 1", "dim 2", "dim 3"), expected, dims[1:], strict=True):
+        if have is not None and have != want:
+            raise SpecError(
+                f"the input spec ({spec.layout}, {spec.channels}x{spec.height}x{spec.width}) "
+                f"does not fit the graph's input shape {dims}: {name} is {have}, not {want}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Module names
+# --------------------------------------------------------------------------------------------
+
+
+def _label(text: str) -> str:
+    cleaned = re.sub(r"\W", "_", text).strip("_").lower()
+    return cleaned or "op"
+
+
+def _naming_style(model: onnx.ModelProto) -> str:
+    nodes = model.graph.node
+    if any(p.key == "pkg.torch.onnx.name_scopes" for n in nodes for p in n.metadata_props):
+        return "dynamo"
+    if model.producer_name == "pytorch" and any(n.name.startswith("/") for n in nodes):
+        return "legacy"
+    return "flat"
+
+
+def _node_scope(
+    node: onnx.NodeProto, style: str, own_initializers: set[str]
+) -> tuple[tuple[str, ...], str] | None:
+    """(module path, op label) of a node as the exporter recorded it, or None if unknown.
+
+    ``own_initializers``: initializers no other node reads (their names name their layer).
+    """
+    if style == "dynamo":
+        if node.op_type in _WEIGHTED_OPS and len(node.input) > 1:
+            weight = node.input[1]
+            if weight in own_initializers and _PARAM_NAME.match(weight):
+                path = tuple(weight[: -len(".weight")].split("."))
+                return path, path[-1]
+        meta = {p.key: p.value for p in node.metadata_props}
+        raw = meta.get("pkg.torch.onnx.name_scopes")
+        if raw is None:
+            return None
+        try:
+            scopes = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return None
+        if (
+            not isinstance(scopes, list)
+            or not scopes
+            or not all(isinstance(s, str) for s in scopes)
+        ):
+            return None
+        module_path = scopes[-2] if len(scopes) >= 2 else ""
+        if module_path.startswith("_empty_nn_module_stack"):
+            module_path = ""  # ops torch.export adds outside any module (input shape reads)
+        return (tuple(module_path.split(".")) if module_path else ()), scopes[-1]
+    if style == "legacy" and node.name.startswith("/"):
+        parts = node.name.strip("/").split("/")
+        # Children of containers appear as "layer1.0" under "layer1": keep the last component.
+        return tuple(p.rsplit(".", 1)[-1] for p in parts[:-1]), parts[-1]
+    return None
+
+
+@dataclass
+class _Entry:
+    """A module-producing node waiting for its name."""
+
+    module: nn.Module
+    node: onnx.NodeProto
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    scope: tuple[str, ...] | None
+    label: str
+
+
+def _adopt_unscoped(entries: Sequence[_Entry]) -> None:
+    """Place nodes the exporter left without a scope in the block that uses their output.
+
+    Optimizer-made nodes (dynamo's ``Split`` for ``x.chunk``) and input shape reads carry no
+    scope. At the root they would break the tree's execution order; inside the innermost
+    block enclosing all their consumers they run where that block runs. A node never joins a
+    leaf scope (that would rename the layer living there), only a block or the root.
+    """
+    readers: dict[str, list[int]] = defaultdict(list)
+    for i, entry in enumerate(entries):
+        for name in entry.inputs:
+            readers[name].append(i)
+    recorded = [e.scope for e in entries if e.scope is not None]
+    blocks = {s[:k] for s in recorded for k in range(1, len(s))}
+    for i in reversed(range(len(entries))):  # consumers first: chains adopt transitively
+        entry = entries[i]
+        if entry.scope is not None:
+            continue
+        scopes = [
+            entries[j].scope
+            for name in entry.outputs
+            for j in readers[name]
+            if entries[j].scope is not None
+        ]
+        prefix: tuple[str, ...] = ()
+        if scopes:
+            first = scopes[0]
+            assert first is not None
+            length = min(len(s) for s in scopes if s is not None)
+            while length and any(s is not None and s[:length] != first[:length] for s in scopes):
+                length -= 1
+            prefix = first[:length]
+            if prefix and prefix not in blocks:
+                prefix = prefix[:-1]
+        entry.scope = prefix
+
+
+def _hierarchical_paths(entries: Sequence[_Entry]) -> list[tuple[str, ...]]:
+    """Module paths from the scopes the exporter recorded."""
+    scopes = [e.scope or () for e in entries]
+    containers = {s[:k] for s in scopes for k in range(1, len(s))}
+    members: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for i, scope in enumerate(scopes):
+        members[scope].append(i)
+    paths: list[tuple[str, ...]] = []
+    for i, (entry, scope) in enumerate(zip(entries, scopes, strict=True)):
+        group = members[scope]
+        if scope and scope not in containers and len(group) == 1:
+            paths.append(scope)
+        elif scope and scope not in containers and _reused_module(entries, group):
+            # One torch module called several times (resnet's block.relu): siblings relu,
+            # relu_1, ... as the legacy exporter names them.
+            k = group.index(i)
+            paths.append((*scope[:-1], scope[-1] if k == 0 else f"{scope[-1]}_{k}"))
+        else:
+            # Exporter-wide counters ("Add_3", "add_17") say nothing within a block; siblings
+            # are numbered again when names are made unique.
+            paths.append((*scope, _label(re.sub(r"_\d+$", "", entry.label))))
+    return paths
+
+
+def _reused_module(entries: Sequence[_Entry], group: Sequence[int]) -> bool:
+    """True when the nodes of one leaf scope are separate calls of one module."""
+    if len({entries[i].node.op_type for i in group}) != 1:
+        return False
+    produced = {name for i in group for name in entries[i].outputs}
+    return not any(name in produced for i in group for name in entries[i].inputs)
+
+
+def _flat_paths(entries: Sequence[_Entry]) -> list[tuple[str, ...]]:
+    counters: Counter[str] = Counter()
+    paths: list[tuple[str, ...]] = []
+    for entry in entries:
+        base = _label(entry.node.op_type)
+        paths.append((f"{base}_{counters[base]}",))
+        counters[base] += 1
+    return paths
+
+
+def _unique_paths(
+    paths: Sequence[tuple[str, ...]], reserved_root: set[str]
+) -> list[tuple[str, ...]]:
+    """Make leaf names unique among siblings and distinct from containers and attributes."""
+    containers = {p[:k] for p in paths for k in range(1, len(p))}
+    taken: dict[tuple[str, ...], set[str]] = defaultdict(set)
+    for c in containers:
+        taken[c[:-1]].add(c[-1])
+    reserved_scope = set(dir(OnnxScope))
+    out = []
+    for path in paths:
+        parent, name = path[:-1], path[-1]
+        reserved = reserved_root if not parent else reserved_scope
+        candidate, k = name, 0
+        while candidate in taken[parent] or candidate in reserved:
+            k += 1
+            candidate = f"{name}_{k}"
+        taken[parent].add(candidate)
+        out.append((*parent, candidate))
+    return out
+
+
+def _visits_in_order(paths: Sequence[tuple[str, ...]]) -> bool:
+    """True when a depth-first walk of the tree meets the leaves in execution order."""
+    tree: dict[str, Any] = {}
+    for index, path in enumerate(paths):
+        node = tree
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                return False
+            node = child
+        node[path[-1]] = index
+    order: list[int] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        for value in node.values():
+            if isinstance(value, dict):
+                walk(value)
+            else:
+                order.append(value)
+
+    walk(tree)
+    return order == list(range(len(paths)))
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for attr in node.attribute:
+        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue  # control flow: its op_type is unsupported and reported as such
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        elif isinstance(value, onnx.TensorProto):
+            value = tensor_from_onnx(value)
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8", errors="replace") for v in value]
+        attrs[attr.name] = value
+    return attrs
+
+
+def _logits_output(graph: onnx.GraphProto, notes: list[str]) -> str:
+    """The output to explain: the first float output (classifiers exported from other tools
+    often list an integer label output first)."""
+    if not graph.output:
+        raise ModelLoadError("the graph has no output")
+    floats = [o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
+    if not floats:
+        raise ModelLoadError("the graph has no float32 output to explain")
+    if len(graph.output) > 1:
+        notes.append(f"the graph has {len(graph.output)} outputs; auditing {floats[0].name!r}")
+    return floats[0].name
+
+
+def _needed_nodes(graph: onnx.GraphProto, output: str) -> list[onnx.NodeProto]:
+    """The nodes the output depends on, in graph order (dangling shape subgraphs dropped)."""
+    needed = {output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    return kept
+
+
+def _fold_shape_read(
+    node: onnx.NodeProto, view: NodeView, shape_values: dict[str, StaticShape]
+) -> StaticShape | None:
+    """Values of ``Gather``/``Slice`` on a run-time ``Shape`` output, where they are static.
+
+    With a dynamic batch, ``Shape(x)`` cannot be folded, but most of what graphs read from it
+    (channels, height, width: channel shuffles, ``x.view(n, c, -1)``) is static. Returns the
+    picked values (None where a value is dynamic), or None when the node is not such a read.
+    """
+    source = shape_values.get(view.inputs[0]) if view.inputs else None
+    if source is None:
+        return None
+    if node.op_type == "Gather" and int(view.attr("axis", 0)) == 0:
+        indices = view.const(1)
+        if indices is None or indices.dim() > 1:
+            return None
+        flat = indices.reshape(-1).tolist()
+        if any(not -len(source) <= i < len(source) for i in flat):
+            return None  # out of range: let the operator itself report it at run time
+        picked = [source[i] for i in flat]
+        return tuple(picked) if indices.dim() == 1 else (picked[0],)
+    if node.op_type == "Slice" and view.opset >= 10:
+        params = [view.const_ints(i, "slice parameter") if view.has(i) else None for i in (1, 2)]
+        axes = view.const_ints(3, "axes") if view.has(3) else [0]
+        steps = view.const_ints(4, "steps") if view.has(4) else [1]
+        if params[0] is None or params[1] is None or axes not in ([0], [-1]) or steps != [1]:
+            return None
+        return source[params[0][0] : params[1][0]]
+    return None
+
+
+def _fuse_bias(
+    view: NodeView, producer: _Entry | None, consumers: Counter[str], out_rank: int | None
+) -> bool:
+    """Fold ``Add(layer_output, constant)`` into the layer's bias when the layer has none.
+
+    MatMul-then-Add is how exporters write a Linear with a bias on inputs of rank > 2, and some
+    converters write Conv-then-Add; as one module with a bias, randomization tests reset the
+    bias with the layer. Returns True when the bias was absorbed.
+    """
+    if producer is None:
+        return False
+    runtime = [i for i in (0, 1) if view.const(i) is None]
+    if len(runtime) != 1:
+        return False
+    bias = view.const(1 - runtime[0])
+    layer = producer.module
+    name = view.inputs[runtime[0]]
+    if bias is None or consumers[name] != 1 or not bias.is_floating_point():
+        return False
+    if isinstance(layer, nn.Linear) and layer.bias is None:
+        n_out = layer.out_features
+        ok = bias.numel() == n_out and bias.dim() >= 1 and bias.shape[-1] == n_out
+        ok = ok and bias.dim() <= (out_rank if out_rank is not None else 1)
+    elif isinstance(layer, nn.Conv1d | nn.Conv2d | nn.Conv3d) and layer.bias is None:
+        n_out = layer.out_channels
+        rank = layer.weight.dim()  # = rank of the batched output
+        channel_axis = bias.dim() - (rank - 1)
+        ok = bias.dim() <= rank and channel_axis >= 0 and bias.numel() == n_out
+        ok = ok and bias.shape[channel_axis] == n_out
+    else:
+        return False
+    if ok:
+        layer.bias = nn.Parameter(bias.detach().to(torch.float32).reshape(-1).clone())
+    return ok
+
+
+def _conv_or_linear(module: nn.Module, name: str) -> str | None:
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+        return name
+    if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Conv2d):
+        return f"{name}.{len(module) - 1}"  # explicit pad + conv
+    return None
+
+
+def _untie(module: nn.Module) -> None:
+    """Give every parameter and buffer its own storage.
+
+    Legacy exports deduplicate equal initializers (zero biases, say) and route the copies
+    through ``Identity`` nodes; in the source network those were separate parameters, and a
+    randomization test that re-initializes one layer must leave the others alone.
+    """
+    seen: set[int] = set()
+    for owner in module.modules():
+        for kind in ("_parameters", "_buffers"):
+            tensors: dict[str, torch.Tensor | None] = getattr(owner, kind)
+            for name, tensor in tensors.items():
+                if tensor is None:
+                    continue
+                key = tensor.untyped_storage().data_ptr()
+                if key in seen and tensor.numel():
+                    copy = tensor.detach().clone()
+                    if isinstance(tensor, nn.Parameter):
+                        tensors[name] = nn.Parameter(copy, requires_grad=tensor.requires_grad)
+                    else:
+                        tensors[name] = copy
+                else:
+                    seen.add(key)
+
+
+def convert_graph(
+    model: onnx.ModelProto, layout: Layout, *, skeleton: onnx.ModelProto | None = None
+) -> tuple[OnnxGraphModule, list[str]]:
+    """Build the torch module of an ONNX model; returns it with notes for the user.
+
+    ``skeleton`` is ``_skeleton(model, ...)`` when the caller already built and checked it.
+    """
+    notes: list[str] = []
+    graph = model.graph
+    opsets = _opsets(model)
+    opset = opsets.get("", 0)
+    if opset < 7:
+        raise ModelLoadError(f"ONNX opset {opset} is too old; re-export with opset 13 or newer")
+    image = _image_input(model)
+    output = _logits_output(graph, notes)
+    if skeleton is None:
+        skeleton = _skeleton(model, image.name)
+        _check(skeleton)
+    shapes, batch_first = _static_shapes(skeleton)
+    input_dims = _dims(image) or ()
+    fixed_batch = input_dims[0] if input_dims else None
+
+    constants: dict[str, torch.Tensor] = {
+        t.name: tensor_from_onnx(t) for t in graph.initializer if t.name != image.name
+    }
+    alias: dict[str, str] = {}
+    runtime: dict[str, _Entry | None] = {image.name: None}  # tensor -> entry that computes it
+    entries: list[_Entry] = []
+    const_inputs: dict[str, torch.Tensor] = {}
+    shape_values: dict[str, StaticShape] = {}  # run-time Shape outputs: dims known statically
+    style = _naming_style(model)
+    # Initializers read by one node only: the dynamo optimizer deduplicates equal tensors (a
+    # LayerNorm's ones and zeros), so a shared initializer's name says nothing about its user.
+    reads = Counter(i for n in graph.node for i in n.input if i)
+    own_initializers = {t.name for t in graph.initializer if reads[t.name] == 1}
+    nodes = _needed_nodes(graph, output)
+    consumers: Counter[str] = Counter(i for n in nodes for i in n.input if i)
+    consumers[output] += 1
+
+    def resolve(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    for node in nodes:
+        domain = node.domain or ""
+        if domain not in _DEFAULT_DOMAINS:
+            raise UnsupportedOperatorError(
+                f"{domain}.{node.op_type}", opsets.get(domain, 0), node.name
+            )
+        names = [resolve(i) if i else "" for i in node.input]
+        for name in names:
+            if name and name not in constants and name not in runtime:
+                raise ModelLoadError(f"node {node.name!r} reads undefined tensor {name!r}")
+        view = NodeView(
+            proto=node,
+            opset=opset,
+            attrs=_attributes(node),
+            inputs=names,
+            consts=[constants.get(n) if n else None for n in names],
+            shapes=[shapes.get(i) if i else None for i in node.input],
+            fixed_batch=fixed_batch,
+            batch_first=[i in batch_first for i in node.input],
+        )
+        if node.op_type in ("Gather", "Slice"):
+            picked = _fold_shape_read(node, view, shape_values)
+            if picked is not None and all(v is not None for v in picked):
+                scalar = (
+                    node.op_type == "Gather"
+                    and view.consts[1] is not None
+                    and (view.consts[1].dim() == 0)
+                )
+                value = torch.tensor(picked, dtype=torch.int64)
+                constants[node.output[0]] = value.reshape(()) if scalar else value
+                continue
+            if picked is not None and node.op_type == "Slice":
+                shape_values[node.output[0]] = picked
+        if node.op_type == "Add":
+            producer = next((runtime.get(n) for n in names if n in runtime), None)
+            out_rank = len(shapes[node.output[0]]) if node.output[0] in shapes else None
+            if _fuse_bias(view, producer, consumers, out_rank):
+                alias[node.output[0]] = next(n for n in names if n in runtime)
+                continue
+        result = convert_node(view)
+        if isinstance(result, Alias):
+            source = names[result.index]
+            if source in constants:
+                constants[node.output[0]] = constants[source]
+            else:
+                alias[node.output[0]] = source
+            continue
+        if isinstance(result, Fold):
+            for name, value in zip(node.output, result.values, strict=False):
+                if name:
+                    constants[name] = value
+            continue
+        assert isinstance(result, Emit)
+        inputs = [names[i] for i in result.inputs]
+        outputs = tuple(node.output[: result.n_outputs])
+        extra = [o for o in node.output[result.n_outputs :] if o and consumers[o]]
+        if extra:
+            raise view.error(f"outputs {extra} are not supported")
+        if all(name in constants for name in inputs):
+            with torch.no_grad():
+                value = result.module.eval()(*(constants[name] for name in inputs))
+            values = value if isinstance(value, tuple) else (value,)
+            for name, v in zip(outputs, values, strict=True):
+                if name:
+                    constants[name] = v
+            continue
+        for name in inputs:
+            if name in constants:  # a constant the module takes as an argument at run time
+                const_inputs[name] = constants[name]
+        entry = _Entry(
+            module=result.module,
+            node=node,
+            inputs=tuple(inputs),
+            outputs=outputs,
+            scope=None,
+            label=node.op_type,
+        )
+        if style != "flat":
+            scoped = _node_scope(node, style, own_initializers)
+            if scoped is not None:
+                entry.scope, entry.label = scoped
+        entries.append(entry)
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            start = int(view.attr("start", 0))
+            end = view.attr("end")
+            shape_values[outputs[0]] = shapes[node.input[0]][start : None if end is None else end]
+        for name in outputs:
+            if name:
+                runtime[name] = entry
+
+    final = resolve(output)
+    if final in constants or final not in runtime:
+        raise ModelLoadError(f"the graph output {output!r} does not depend on the input image")
+
+    module = OnnxGraphModule(
+        input_name=image.name, output_name=final, layout=layout, onnx_input_shape=input_dims
+    )
+    reserved_root = set(dir(module)) | set(module.__dict__)
+    if style != "flat":
+        _adopt_unscoped(entries)
+    paths = _hierarchical_paths(entries) if style != "flat" else None
+    if paths is not None:
+        paths = _unique_paths(paths, reserved_root)
+        if not _visits_in_order(paths):
+            notes.append(
+                "the exporter's module hierarchy does not follow execution order; "
+                "modules are named flat (conv_0, relu_1, ...)"
+            )
+            paths = None
+    if paths is None:
+        paths = _unique_paths(_flat_paths(entries), reserved_root)
+    else:
+        notes.append(f"module hierarchy recovered from the {style} exporter's names")
+    _install(module, entries, paths, const_inputs, output_name=final)
+    _untie(module)
+    return module, notes
+
+
+def _install(
+    module: OnnxGraphModule,
+    entries: Sequence[_Entry],
+    paths: Sequence[tuple[str, ...]],
+    const_inputs: dict[str, torch.Tensor],
+    *,
+    output_name: str,
+) -> None:
+    """Register the modules (in execution order) and record the forward steps."""
+    names = []
+    for entry, path in zip(entries, paths, strict=True):
+        parent: nn.Module = module
+        for part in path[:-1]:
+            child = parent._modules.get(part)
+            if child is None:
+                child = OnnxScope()
+                parent.add_module(part, child)
+            parent = child
+        parent.add_module(path[-1], entry.module)
+        name = ".".join(path)
+        names.append(name)
+        module._sources[name] = entry.node.name
+    for k, (tensor_name, value) in enumerate(const_inputs.items()):
+        attr = f"_onnx_constant_{k}"
+        module.register_buffer(attr, value)
+        module._const_inputs[tensor_name] = attr
+
+    last_use: dict[str, int] = {}
+    for i, entry in enumerate(entries):
+        for name in entry.inputs:
+            last_use[name] = i
+    releasable = defaultdict(list)
+    for name, i in last_use.items():
+        if name != output_name and name not in const_inputs:
+            releasable[i].append(name)
+    module._steps = [
+        _Step(
+            module=name,
+            inputs=entry.inputs,
+            outputs=entry.outputs,
+            release=tuple(dict.fromkeys(releasable[i])),
+        )
+        for i, (entry, name) in enumerate(zip(entries, names, strict=True))
+    ]
+    module._paths = [step.path for step in module._steps]
+
+    producers = {o: i for i, e in enumerate(entries) for o in e.outputs if o}
+    uses = Counter(n for e in entries for n in e.inputs)
+    uses[output_name] += 1
+    for i, entry in enumerate(entries):
+        if not isinstance(entry.module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+            continue
+        source = entry.inputs[0]
+        j = producers.get(source)
+        if j is None or uses[source] != 1:
+            continue
+        layer = _conv_or_linear(entries[j].module, names[j])
+        if layer is not None:
+            module._pairs.append((layer, names[i]))
+
+
+def _settle_batch(module: OnnxGraphModule, spec: InputSpec, notes: list[str]) -> None:
+    """Decide whether a graph exported with a fixed batch size can run any batch size."""
+    fixed = module.onnx_input_shape[0] if module.onnx_input_shape else None
+    if fixed is None:
+        return
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randn(fixed + 1, spec.channels, spec.height, spec.width, generator=generator)
+    try:
+        with torch.no_grad():
+            batched = module(probe)
+            module._fixed_batch = fixed
+            chunked = module(probe)
+        scale = max(float(chunked.abs().max()), 1.0)
+        if batched.shape == chunked.shape and torch.allclose(
+            batched, chunked, rtol=1e-4, atol=1e-5 * scale
+        ):
+            module._fixed_batch = None
+            return
+    except Exception:  # a constant reshape that bakes in the batch size fails loudly here
+        pass
+    module._fixed_batch = fixed
+    notes.append(
+        f"the graph was exported with a fixed batch size of {fixed}; images run {fixed} at a "
+        "time (re-export with a dynamic batch axis for speed)"
+    )
+
+
+def load_onnx(
+    data: bytes, input_spec: InputSpec | None = None, *, sha256: str | None = None
+) -> LoadedModel:
+    """Convert an ONNX classifier (the file's bytes) into a differentiable ``LoadedModel``.
+
+    Without ``input_spec`` the spec is derived from the graph's input shape (size, channels
+    and NCHW/NHWC where unambiguous; ImageNet normalization assumed, which the notes say).
+    With one, it must agree with the graph's static input dims.
+    """
+    model = _parse(data)
+    image = _image_input(model)
+    skeleton = _skeleton(model, image.name)
+    _check(skeleton)
+    dims = _dims(image)
+    if dims is None:
+        raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
+    notes: list[str] = []
+    if input_spec is None:
+        input_spec = _derive_spec(dims)
+        notes.append(
+            f"input spec derived from the graph: {input_spec.layout}, {input_spec.channels}x"
+            f"{input_spec.height}x{input_spec.width}; normalization assumed "
+            f"mean={input_spec.mean} std={input_spec.std} (pass an input spec to override)"
+        )
+    else:
+        _check_spec(input_spec, dims)
+    module, convert_notes = convert_graph(model, input_spec.layout, skeleton=skeleton)
+    notes += convert_notes
+    module.eval()
+    _settle_batch(module, input_spec, notes)
+    opset = _opsets(model).get("", 0)
+    return LoadedModel(
+        module=module,
+        input_spec=input_spec,
+        source="onnx",
+        sha256=sha256 or hashlib.sha256(data).hexdigest(),
+        architecture=None,
+        onnx_bytes=data,
+        opset=opset,
+        notes=notes,
+    )
