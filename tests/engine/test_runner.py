@@ -161,3 +161,19 @@ def test_all_zero_maps_have_undefined_concentration_not_nan() -> None:
     mixed = np.zeros((2, 4, 4), dtype=np.float32)
     mixed[1, 0, 0] = 3.0
     assert map_statistics(mixed, native_channels=1).top10_mass == pytest.approx(1.0)
+
+
+def test_default_cam_layer_is_the_deepest_conv_not_a_residual_shortcut() -> None:
+    """In the reference ResNet's last block the 1x1 shortcut conv is registered after conv2;
+    the default CAM layer must still be the main path's last conv."""
+    from pathlib import Path
+
+    from workers.engine.methods import resolve_layer
+    from workers.engine.models.loader import load_model
+
+    onnx_file = Path(__file__).parents[2] / "examples/reference/shapes_small_resnet.onnx"
+    module = load_model(onnx_file.read_bytes()).module
+    assert resolve_layer(module, None) == "layer3.0.shortcut.0"  # registration order
+    assert resolve_layer(module, None, torch.zeros(1, 3, 32, 32)) == "layer3.0.conv2"
+    cnn = small_cnn()
+    assert resolve_layer(cnn, None, images(1, 16)) == "features.3" == resolve_layer(cnn, None)

@@ -217,7 +217,7 @@ def run_audit(
         raise SpecError(f"targets must be class indices in [0, {probs.shape[1]})")
     class_names = model.input_spec.class_names
 
-    layer = resolve_layer(module, spec.layer)
+    layer = resolve_layer(module, spec.layer, images[:1].to(device))
 
     mapset = compute_maps(
         module,

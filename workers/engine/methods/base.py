@@ -108,11 +108,17 @@ def conv_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def resolve_layer(model: nn.Module, layer: str | None) -> str | None:
+def resolve_layer(
+    model: nn.Module, layer: str | None, example: torch.Tensor | None = None
+) -> str | None:
     """The module name a layer-based method uses: ``layer`` if given, else the last conv.
 
-    Returns None when ``layer`` is None and the model has no conv layer (the layer-based
-    methods then report "not applicable"); raises ``SpecError`` for an unknown name.
+    "Last" means deepest in the computation when an ``example`` input is given: the conv with
+    the most convolutions between it and the input (see :func:`deepest_conv`), so a residual
+    block's main path wins over its 1x1 shortcut conv even where the shortcut is registered or
+    run later. Without an example it is the last conv in registration order. Returns None when
+    ``layer`` is None and the model has no conv layer (the layer-based methods then report "not
+    applicable"); raises ``SpecError`` for an unknown name.
     """
     if layer is not None:
         names = dict(model.named_modules())
@@ -124,7 +130,57 @@ def resolve_layer(model: nn.Module, layer: str | None) -> str | None:
             )
         return layer
     convs = conv_layer_names(model)
-    return convs[-1] if convs else None
+    if not convs:
+        return None
+    if example is not None:
+        return deepest_conv(model, example) or convs[-1]
+    return convs[-1]
+
+
+def deepest_conv(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The conv module whose output has the most convolutions on its longest path back to the
+    input, found by walking the autograd graph of one forward pass (ties: the later call)."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor, name: str = name) -> None:
+                outputs.setdefault(name, out)
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.enable_grad():
+            model(example.detach().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    depth: dict[object, int] = {}
+
+    def conv_depth(fn: object) -> int:
+        # Iterative post-order walk: deep graphs (densenet) would overflow recursion.
+        stack = [(fn, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node is None or node in depth:
+                continue
+            parents = [f for f, _ in getattr(node, "next_functions", ())]
+            if not expanded:
+                stack.append((node, True))
+                stack.extend((p, False) for p in parents if p is not None and p not in depth)
+                continue
+            own = 1 if "Convolution" in type(node).__name__ else 0
+            depth[node] = own + max((depth.get(p, 0) for p in parents if p is not None), default=0)
+        return depth.get(fn, 0)
+
+    best: tuple[int, int, str] | None = None
+    for order, (name, out) in enumerate(outputs.items()):
+        if not isinstance(out, torch.Tensor) or out.grad_fn is None:
+            continue
+        key = (conv_depth(out.grad_fn), order, name)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

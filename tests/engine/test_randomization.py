@@ -1,0 +1,90 @@
+"""Randomization stages come from the module tree; re-initialization is seeded and undone."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.engine.nets import small_cnn, torchvision_model
+from workers.engine.randomization import (
+    parameterized_modules,
+    randomized,
+    reinitialize,
+    stages,
+    units,
+)
+
+
+def test_resnet18_blocks_are_the_root_children_with_parameters() -> None:
+    model = torchvision_model("resnet18")
+    assert [u.name for u in units(model, "block")] == [
+        "conv1",
+        "bn1",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "fc",
+    ]
+    per_module = units(model, "module")
+    assert len(per_module) == len(parameterized_modules(model)) == 41
+    assert per_module[-1].name == "fc" and per_module[0].name == "conv1"
+
+
+def test_cascading_goes_top_down_and_keeps_earlier_randomizations() -> None:
+    block_units = units(small_cnn(), "block")
+    assert [u.name for u in block_units] == ["features", "classifier"]
+    module_units = units(small_cnn(), "module")
+    top_down = stages(module_units, "cascading")
+    assert [s.name for s in top_down] == ["classifier", "features.4", "features.3", "features.0"]
+    assert top_down[-1].randomized == ("classifier", "features.4", "features.3", "features.0")
+    bottom_up = stages(module_units, "cascading_bottom_up")
+    assert bottom_up[0].randomized == ("features.0",) and len(bottom_up[-1].randomized) == 4
+    independent = stages(module_units, "independent")
+    assert [s.randomized for s in independent] == [(u.name,) for u in module_units]
+    with pytest.raises(ValueError):
+        stages(module_units, "sideways")  # type: ignore[arg-type]
+
+
+def test_reinitialization_follows_the_default_initializer_and_is_seeded() -> None:
+    layer = nn.Linear(400, 300)
+    reinitialize(layer, torch.Generator().manual_seed(1))
+    bound = 1 / math.sqrt(400)  # kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    weight = layer.weight.detach()
+    assert float(weight.abs().max()) <= bound
+    assert float(weight.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert float(layer.bias.detach().abs().max()) <= bound
+    first = layer.weight.detach().clone()
+    reinitialize(layer, torch.Generator().manual_seed(1))
+    assert torch.equal(first, layer.weight)
+    reinitialize(layer, torch.Generator().manual_seed(2))
+    assert not torch.equal(first, layer.weight)
+    norm = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+        norm.running_var.fill_(9.0)
+    reinitialize(norm, torch.Generator().manual_seed(1))
+    assert torch.equal(norm.weight, torch.ones(4)) and torch.equal(norm.running_var, torch.ones(4))
+
+
+def test_randomized_restores_the_trained_weights_and_leaves_the_global_rng_alone() -> None:
+    model = small_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_state = torch.get_rng_state()
+    with randomized(model, ["classifier", "features.3"], seed=0, test="cascading"):
+        changed = model.state_dict()
+        assert not torch.equal(changed["classifier.weight"], before["classifier.weight"])
+        assert not torch.equal(changed["features.3.weight"], before["features.3.weight"])
+        assert torch.equal(changed["features.0.weight"], before["features.0.weight"])
+        inside = changed["classifier.weight"].clone()
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # Same seed, test and module: the same random weights at every stage of a cascade.
+    with randomized(model, ["classifier"], seed=0, test="cascading"):
+        assert torch.equal(model.state_dict()["classifier.weight"], inside)
+    with randomized(model, ["classifier"], seed=0, test="independent"):
+        assert not torch.equal(model.state_dict()["classifier.weight"], inside)

@@ -1,0 +1,181 @@
+"""Model parameter randomization (Adebayo et al. 2018, section 3.1): stages and re-initialization.
+
+Stages are derived from the model's own module tree, never from hard-coded layer names, so any
+architecture works:
+
+* a *unit* at granularity ``module`` is one module that owns parameters (Conv, Linear,
+  BatchNorm, ...); at granularity ``block`` it is a child of the root module (ResNet's
+  ``conv1``, ``layer1`` .. ``layer4``, ``fc``) with all the parameterized modules below it;
+* ``cascading`` randomizes units from the top (logits) down, keeping earlier randomizations
+  (one map set per stage, as in the paper's Figure 2); ``cascading_bottom_up`` goes the other
+  way; ``independent`` randomizes one unit at a time with all others trained.
+
+Re-initialization draws from each module's own default initializer (what ``reset_parameters``
+does), seeded per module through a ``torch.Generator`` derived from the audit seed, the test and
+the module name, so a cascade keeps the same random weights for a module at every later stage
+and the caller's global RNG is never touched. Modules hold no state after a stage: weights are
+restored from a saved copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+Granularity = Literal["module", "block"]
+ModelTest = Literal["cascading", "cascading_bottom_up", "independent"]
+MODEL_TESTS: tuple[ModelTest, ...] = ("cascading", "cascading_bottom_up", "independent")
+
+# Stated in every result: what happens to normalization layers when their unit is randomized.
+NORMALIZATION_HANDLING = (
+    "BatchNorm/LayerNorm/GroupNorm layers are reset by their own reset_parameters: weight=1, "
+    "bias=0, running_mean=0, running_var=1 (they have no random initializer). Conv and Linear "
+    "layers are re-drawn from their default initializer: kaiming_uniform(a=sqrt(5)) weights and "
+    "uniform(+-1/sqrt(fan_in)) biases."
+)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One randomizable unit: a name (a module name) and the parameterized modules it covers."""
+
+    name: str
+    modules: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One map set of a test: ``name`` is the unit randomized at this stage; ``randomized`` is
+    every module whose weights are random at this stage."""
+
+    index: int
+    name: str
+    randomized: tuple[str, ...]
+
+
+def parameterized_modules(model: nn.Module) -> list[str]:
+    """Modules that own parameters directly, in registration (forward) order."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and any(True for _ in module.parameters(recurse=False))
+    ]
+
+
+def units(model: nn.Module, granularity: Granularity) -> list[Unit]:
+    """The model's randomization units, first (input side) to last (logits)."""
+    modules = parameterized_modules(model)
+    if not modules:
+        raise ValueError("the model has no parameters to randomize")
+    if granularity == "module":
+        return [Unit(name, (name,)) for name in modules]
+    if granularity != "block":
+        raise ValueError(f"granularity must be 'module' or 'block', not {granularity!r}")
+    blocks: dict[str, list[str]] = {}
+    for name in modules:
+        blocks.setdefault(_block_of(model, name), []).append(name)
+    return [Unit(block, tuple(members)) for block, members in blocks.items()]
+
+
+def _block_of(model: nn.Module, module_name: str) -> str:
+    """The root's child holding a module. A root with a single child container (e.g. an NHWC
+    adapter wrapping a converted graph) is looked through, so blocks are the real ones."""
+    prefix = ""
+    current = model
+    while True:
+        children = list(current.named_children())
+        if len(children) != 1 or not any(True for _ in children[0][1].children()):
+            break
+        prefix += children[0][0] + "."
+        current = children[0][1]
+    return prefix + module_name[len(prefix) :].split(".")[0]
+
+
+def stages(unit_list: Sequence[Unit], test: ModelTest) -> list[Stage]:
+    """The stages of a test over ``unit_list`` (stage 0, the trained model, is implicit)."""
+    if test == "cascading":
+        order = list(reversed(unit_list))
+    elif test in ("cascading_bottom_up", "independent"):
+        order = list(unit_list)
+    else:
+        raise ValueError(f"unknown model randomization test {test!r}")
+    out: list[Stage] = []
+    accumulated: list[str] = []
+    for i, unit in enumerate(order, start=1):
+        if test == "independent":
+            out.append(Stage(i, unit.name, unit.modules))
+        else:
+            accumulated.extend(unit.modules)
+            out.append(Stage(i, unit.name, tuple(accumulated)))
+    return out
+
+
+def module_seed(seed: int, test: str, module_name: str) -> int:
+    """A stable 63-bit seed per (audit seed, test, module), independent of Python's hash."""
+    digest = hashlib.sha256(f"{seed}/{test}/{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def reinitialize(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-draw a module's parameters from its default initializer using ``generator``.
+
+    Conv and Linear follow their ``reset_parameters`` distribution exactly (drawn here so the
+    generator, not the global RNG, decides the numbers); anything else with a
+    ``reset_parameters`` runs it inside a forked, seeded global RNG, so no caller state changes.
+    """
+    if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+        weight = module.weight
+        # Drawn on the CPU from the CPU generator, then copied: same numbers on every device.
+        fresh = torch.empty(weight.shape, dtype=weight.dtype)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
+        weight.copy_(fresh)
+        if module.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(fresh)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+            bias = torch.empty(module.bias.shape, dtype=module.bias.dtype)
+            nn.init.uniform_(bias, -bound, bound, generator=generator)
+            module.bias.copy_(bias)
+        return
+    reset = getattr(module, "reset_parameters", None)
+    if reset is None:
+        raise ValueError(f"{type(module).__name__} has parameters but no reset_parameters")
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    devices = [module_device(module)] if module_device(module).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        reset()
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters(recurse=False):
+        return p.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def randomized(
+    model: nn.Module, module_names: Sequence[str], *, seed: int, test: str
+) -> Iterator[nn.Module]:
+    """Temporarily re-initialize ``module_names`` in place; restore the trained weights after."""
+    modules = dict(model.named_modules())
+    saved = {
+        name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
+        for name in module_names
+    }
+    try:
+        for name in module_names:
+            g = torch.Generator().manual_seed(module_seed(seed, test, name))
+            reinitialize(modules[name], g)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, state in saved.items():
+                modules[name].load_state_dict(state)
