@@ -1,8 +1,9 @@
 """Images per second per saliency method, ours against the reference library, same everything.
 
 Same model, same batch, same device, same work (IG steps, noise samples, Score-CAM channels);
-each timing is the median of ``--repeats`` runs after one warm-up, and both sides of a ratio are
-measured in the same run of this script. References: Captum 0.9 (gradient family, noise family,
+each timing is the median of ``--repeats`` runs after one warm-up, ours and the reference
+alternating run by run, so both sides of a ratio are measured in the same run of this script
+under the same load. References: Captum 0.9 (gradient family, noise family,
 IG, guided), pytorch-grad-cam 1.5 (Grad-CAM++, Score-CAM), Zennit (LRP), scikit-image (Sobel).
 
     .venv/bin/python bench/methods.py --arch resnet18 --size 224 --batch 8 --repeats 3
@@ -38,6 +39,23 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def paired_median_times(
+    ours: Callable[[], object], reference: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median times of both, measured alternately (ours first on even rounds, reference first
+    on odd ones), so slow drift in machine load falls on both sides of the ratio alike."""
+    ours()
+    reference()
+    t_ours, t_ref = [], []
+    for r in range(repeats):
+        order = [(ours, t_ours), (reference, t_ref)]
+        for fn, sink in order if r % 2 == 0 else reversed(order):
+            t0 = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_ref)
 
 
 def references(
@@ -148,8 +166,10 @@ def main() -> int:
             ctx = MethodContext(params=params, layer=args.layer, generator=torch.Generator())
             return compute_methods(model, x, target, [name], ctx)
 
-        t_ours = median_time(ours, args.repeats)
-        t_ref = median_time(refs[name], args.repeats) if name in refs else float("nan")
+        if name in refs:
+            t_ours, t_ref = paired_median_times(ours, refs[name], args.repeats)
+        else:
+            t_ours, t_ref = median_time(ours, args.repeats), float("nan")
         rows.append(
             {
                 "method": name,
@@ -177,8 +197,7 @@ def main() -> int:
         def refs_shared() -> object:
             return [refs[n]() for n in shared]
 
-        t_s = median_time(ours_shared, args.repeats)
-        t_r = median_time(refs_shared, args.repeats)
+        t_s, t_r = paired_median_times(ours_shared, refs_shared, args.repeats)
         shared_row = (
             f"| gradient+gradient_x_input+gradcam+gradcam_pp together | {args.batch / t_s:.2f} | "
             f"the four references one after another | {args.batch / t_r:.2f} | {t_r / t_s:.2f}x |"

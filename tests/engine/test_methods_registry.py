@@ -329,5 +329,27 @@ def test_onnx_runtime_forward_reproduces_the_module_and_refuses_what_it_cannot_c
     other = images(5, 16, seed=10)  # another batch size: the batch axis is dynamic
     with torch.no_grad():
         torch.testing.assert_close(forward(other), model(other), rtol=1e-4, atol=1e-5)
-    assert ort_forward(model, x, logits + 1.0) is None  # does not reproduce -> refused
-    assert ort_forward(model, x[:1], logits[:1]) is not None  # one image: checked with two
+    fresh = small_cnn(seed=5)  # no checked session yet
+    with torch.no_grad():
+        fresh_logits = fresh(x)
+    assert ort_forward(fresh, x, fresh_logits + 1.0) is None  # does not reproduce -> refused
+    assert ort_forward(fresh, x[:1], fresh_logits[:1]) is not None  # one image: checked on two
+
+
+def test_onnx_runtime_session_is_reused_only_while_the_weights_are_unchanged() -> None:
+    from workers.engine.methods._ort import ort_forward
+    from workers.engine.randomization import randomized
+
+    model = small_cnn(seed=4)
+    x = images(2, 16, seed=9)
+    with torch.no_grad():
+        logits = model(x)
+    first = ort_forward(model, x, logits)
+    assert first is not None and ort_forward(model, x, logits) is first
+    with randomized(model, ["classifier"], seed=0, test="cascading"):
+        with torch.no_grad():
+            random_logits = model(x)
+        inside = ort_forward(model, x, random_logits)
+        assert inside is not None and inside is not first  # in-place writes invalidate
+        torch.testing.assert_close(inside(x), random_logits, rtol=1e-4, atol=1e-5)
+    assert ort_forward(model, x, logits) is not first  # restored weights: re-exported, checked

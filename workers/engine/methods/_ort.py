@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
@@ -25,6 +26,23 @@ RTOL = 1e-4
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
+# One checked session per module, reused while its weights are the same tensors, unmodified:
+# every in-place write (a randomization stage, load_state_dict) bumps a tensor's version counter
+# and so invalidates the entry, so a stale graph can never run.
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, tuple[Hashable, Forward]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _weights_key(model: nn.Module, x: torch.Tensor) -> Hashable:
+    tensors = [*model.parameters(), *model.buffers()]
+    return (
+        tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors),
+        tuple(x.shape[1:]),
+        x.dtype,
+        torch.get_num_threads(),
+    )
+
 
 def ort_forward(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Forward | None:
     """A forward function backed by ONNX Runtime, or None where it cannot be trusted.
@@ -35,6 +53,17 @@ def ort_forward(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Forw
     """
     if x.device.type != "cpu" or getattr(model, "fixed_batch", None) is not None:
         return None
+    key = _weights_key(model, x)
+    cached = _SESSIONS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    forward = _export_and_check(model, x, logits)
+    if forward is not None:
+        _SESSIONS[model] = (key, forward)
+    return forward
+
+
+def _export_and_check(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Forward | None:
     try:
         import onnxruntime as ort
 
