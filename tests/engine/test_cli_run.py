@@ -63,26 +63,31 @@ def test_run_computes_every_method_on_a_dynamo_onnx_mobilenet(
     assert "fidelity vs ONNX Runtime" in printed and "scorecam" in printed
 
 
-def test_the_installed_command_runs_the_bundled_sample(tmp_path: Path) -> None:
+DIGITS_MODEL = REPO / "examples/reference/digits_small_cnn.onnx"
+DIGITS_IMAGES = REPO / "examples/reference/digits_images"
+
+
+def saliency_audit(*args: str | Path, timeout_s: int = 300) -> subprocess.CompletedProcess[str]:
+    """The installed console script, run as a user runs it."""
     exe = Path(sys.executable).with_name("saliency-audit")
+    return subprocess.run(
+        [str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+def test_the_installed_command_runs_the_bundled_sample(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            str(exe),
-            "run",
-            "--model",
-            str(REPO / "examples/reference/digits_small_cnn.onnx"),
-            "--images",
-            str(REPO / "examples/reference/digits_images"),
-            "--methods",
-            "gradient,gradcam,lrp,relevance_cam",
-            "--out",
-            str(out),
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = saliency_audit(
+        "run",
+        "--model",
+        DIGITS_MODEL,
+        "--images",
+        DIGITS_IMAGES,
+        "--methods",
+        "gradient,gradcam,lrp,relevance_cam",
+        "--out",
+        out,
+        "--quiet",
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())
@@ -93,31 +98,20 @@ def test_the_installed_command_runs_the_bundled_sample(tmp_path: Path) -> None:
 
 
 def test_errors_are_reported_without_a_traceback(tmp_path: Path) -> None:
-    exe = Path(sys.executable).with_name("saliency-audit")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not onnx")
     (tmp_path / "imgs").mkdir()
-    proc = subprocess.run(
-        [str(exe), "run", "--model", str(bad), "--images", str(tmp_path / "imgs")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = saliency_audit("run", "--model", bad, "--images", tmp_path / "imgs", timeout_s=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
-    proc = subprocess.run(
-        [
-            str(exe),
-            "run",
-            "--model",
-            str(REPO / "examples/reference/digits_small_cnn.onnx"),
-            "--images",
-            str(REPO / "examples/reference/digits_images"),
-            "--methods",
-            "gradient,not_a_method",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = saliency_audit(
+        "run",
+        "--model",
+        DIGITS_MODEL,
+        "--images",
+        DIGITS_IMAGES,
+        "--methods",
+        "gradient,not_a_method",
+        timeout_s=120,
     )
     assert proc.returncode == 2 and "unknown method 'not_a_method'" in proc.stderr
