@@ -65,14 +65,13 @@ def load_model(
         spec = merge_input_spec(InputSpec(), overrides)
         return load_torchvision(architecture, data, spec, num_classes)
 
-    from .onnx_convert import load_onnx
+    from .onnx_convert import graph_input_spec, load_onnx
 
     overrides = {**onnx_metadata_input_spec(data), **overrides}
     graph_overrides = {k: overrides[k] for k in GRAPH_FIELDS if k in overrides}
     if graph_overrides:
         # Size/layout given explicitly: the converter checks them against the graph.
-        derived = load_onnx(data, None).input_spec
-        loaded = load_onnx(data, merge_input_spec(derived, graph_overrides))
+        loaded = load_onnx(data, merge_input_spec(graph_input_spec(data), graph_overrides))
     else:
         loaded = load_onnx(data, None)
     return dataclasses.replace(loaded, input_spec=merge_input_spec(loaded.input_spec, overrides))

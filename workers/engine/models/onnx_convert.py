@@ -974,6 +974,15 @@ def _settle_batch(module: OnnxGraphModule, spec: InputSpec, notes: list[str]) ->
     )
 
 
+def graph_input_spec(data: bytes) -> InputSpec:
+    """The input spec the graph's input shape implies, without converting the graph."""
+    image = _image_input(_parse(data))
+    dims = _dims(image)
+    if dims is None:
+        raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
+    return _derive_spec(dims)
+
+
 def load_onnx(
     data: bytes, input_spec: InputSpec | None = None, *, sha256: str | None = None
 ) -> LoadedModel:
