@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Compute every requested saliency method (plus the control_sobel and "
             "control_random controls) on the images, check an ONNX model's converted graph "
-            "against ONNX Runtime, and write DIR/report.json and DIR/maps.npz."
+            "against ONNX Runtime, run the requested sanity checks, decide a PASS / FAIL / "
+            "INCONCLUSIVE verdict per (method, test) with the policy, and write "
+            "DIR/report.json and DIR/maps.npz."
         ),
     )
     run.add_argument("--model", required=True, type=Path, help="ONNX file, or weights with --arch")
@@ -71,10 +73,58 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON file of method parameters (ig_steps, noise_samples, noise_level, "
         "lrp_composite, ...)",
     )
+    run.add_argument(
+        "--tests",
+        type=_csv,
+        default=["cascading"],
+        help="comma-separated tests (default: cascading; 'none' for maps only; 'all' for every "
+        "test; see `saliency-audit methods`)",
+    )
+    run.add_argument(
+        "--granularity",
+        choices=("block", "module"),
+        default="block",
+        help="stages of the model randomization tests: one per child block of the model "
+        "(default) or one per parameterized module",
+    )
+    run.add_argument(
+        "--measures",
+        type=_csv,
+        default=None,
+        help="similarity measures to score (default: all)",
+    )
+    run.add_argument(
+        "--policy",
+        type=Path,
+        default=None,
+        help="verdict policy JSON file (default: the shipped policy; `saliency-audit policy` "
+        'prints it); a file with "extends": "default" overrides entries of the default',
+    )
+    run.add_argument(
+        "--train",
+        type=Path,
+        default=None,
+        help="labeled training set for data_randomization: one sub-folder of images per class",
+    )
+    run.add_argument(
+        "--random-label-model",
+        type=Path,
+        default=None,
+        help="for data_randomization: the same architecture already trained on random labels "
+        "(ONNX, or weights with --arch), compared with --model instead of training here",
+    )
+    run.add_argument(
+        "--train-recipe",
+        type=Path,
+        default=None,
+        help="JSON file overriding the data randomization training recipe (target_accuracy, "
+        "max_epochs, max_seconds, batch_size, learning_rate)",
+    )
     run.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
 
-    sub.add_parser("methods", help="list the saliency methods and their references")
+    sub.add_parser("methods", help="list the saliency methods, tests and similarity measures")
+    sub.add_parser("policy", help="print the default verdict policy (JSON)")
     return parser
 
 
@@ -102,12 +152,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import numpy as np
+    import torch
 
-    from workers.engine.images import load_image_folder, preprocess
+    from workers.engine.data_randomization import LabeledImages
+    from workers.engine.images import load_image_folder, load_labeled_folder, preprocess
     from workers.engine.methods import METHODS
     from workers.engine.models.loader import load_model
     from workers.engine.runner import run_audit
-    from workers.engine.spec import AuditSpec, MethodParams
+    from workers.engine.spec import MEASURES, TESTS, AuditSpec, MethodParams, TrainRecipe
 
     try:
         model_bytes = args.model.read_bytes()
@@ -119,7 +171,19 @@ def _run(args: argparse.Namespace) -> int:
     except TypeError as exc:
         print(f"error: invalid method parameters: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    try:
+        recipe = TrainRecipe(**_read_json(args.train_recipe, "training recipe"))
+    except TypeError as exc:
+        print(f"error: invalid training recipe: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
+    tests = args.tests
+    if tests == ["none"]:
+        tests = []
+    elif tests == ["all"]:
+        tests = list(TESTS)
+        if args.train is None and args.random_label_model is None:
+            tests.remove("data_randomization")
     spec = AuditSpec(
         methods=tuple(methods),
         layer=args.layer,
@@ -127,6 +191,11 @@ def _run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         params=params,
+        tests=tuple(tests),
+        granularity=args.granularity,
+        measures=tuple(args.measures or MEASURES),
+        policy=_read_json(args.policy, "policy") if args.policy else None,
+        training=recipe,
     )
     model = load_model(
         model_bytes,
@@ -135,6 +204,29 @@ def _run(args: argparse.Namespace) -> int:
     )
     decoded = load_image_folder(args.images, model.input_spec.channels)
     images = preprocess(decoded, model.input_spec)
+    train = None
+    if args.train is not None:
+        train_images, labels, _ = load_labeled_folder(
+            args.train, model.input_spec.channels, model.input_spec.class_names
+        )
+        train = LabeledImages(
+            preprocess(train_images, model.input_spec), torch.tensor(labels, dtype=torch.int64)
+        )
+    random_label_model = None
+    if args.random_label_model is not None:
+        try:
+            random_bytes = args.random_label_model.read_bytes()
+        except OSError as exc:
+            print(
+                f"error: cannot read model {args.random_label_model}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        random_label_model = load_model(
+            random_bytes,
+            architecture=args.arch,
+            input_spec_overrides=_read_json(args.input_spec, "input spec"),
+        )
 
     last = [0.0]
 
@@ -145,7 +237,13 @@ def _run(args: argparse.Namespace) -> int:
             last[0] = now
 
     result = run_audit(
-        model, images, spec, image_names=[d.name for d in decoded], progress=progress
+        model,
+        images,
+        spec,
+        image_names=[d.name for d in decoded],
+        train=train,
+        random_label_model=random_label_model,
+        progress=progress,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "report.json"
@@ -183,21 +281,86 @@ def format_summary(report: dict[str, Any]) -> str:
             f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
             f"{fmt(ssim.get('mean'), '.2f'):>12}"
         )
+    verdicts = report.get("verdicts") or []
+    if verdicts:
+        lines += ["", format_verdicts(report)]
+    return "\n".join(lines)
+
+
+def format_verdicts(report: dict[str, Any]) -> str:
+    """The verdict table: one row per method, one column per test, then the reasons that make
+    a verdict INCONCLUSIVE (a user's first question about one)."""
+    verdicts = report.get("verdicts") or []
+    tests = list(dict.fromkeys(v["test"] for v in verdicts))
+    methods = list(dict.fromkeys(v["method"] for v in verdicts))
+    by_key = {(v["method"], v["test"]): v for v in verdicts}
+    policy = report.get("policy") or {}
+    width = max(19, *(len(t) + 2 for t in tests))  # "INCONCLUSIVE -0.12" and a space
+    lines = [f"verdicts (policy {policy.get('name')} {policy.get('version')})"]
+    header = f"{'method':<22}" + "".join(f"{t:<{width}}" for t in tests)
+    lines += [header, "-" * len(header)]
+    for method in methods:
+        cells = []
+        for test in tests:
+            v = by_key.get((method, test))
+            if v is None:
+                cells.append(f"{'-':<{width}}")
+                continue
+            mean = "" if v.get("mean") is None else f" {v['mean']:.2f}"
+            cells.append(f"{v['verdict'] + mean:<{width}}")
+        lines.append(f"{method:<22}" + "".join(cells))
+    rules = []
+    for test in tests:
+        rule = (policy.get("tests") or {}).get(test)
+        if rule:
+            stage = rule.get("stage")
+            rules.append(
+                f"  {test}: {rule['measure']} at {stage}, PASS when the 95% CI is "
+                f"{rule['pass_when']} {rule['threshold']}"
+            )
+    if rules:
+        lines += ["numbers are the deciding score's mean; rules:", *rules]
+    notes = sorted(
+        {
+            v["reason"].split(" (by the rule alone")[0]
+            for v in verdicts
+            if v["verdict"] == "INCONCLUSIVE"
+            and (
+                " control " in v["reason"] or "memorize" in v["reason"] or "not run" in v["reason"]
+            )
+        }
+    )
+    if notes:
+        lines += ["inconclusive because:", *(f"  {n}" for n in notes)]
     return "\n".join(lines)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
     from workers.engine.methods import METHODS
+    from workers.engine.sanity import TEST_INFO
+    from workers.engine.spec import MEASURES
 
+    print("methods:")
     for name, info in METHODS.items():
         kind = "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
-        print(f"{name:<22}{kind:<9}{info.reference}")
+        print(f"  {name:<22}{kind:<9}{info.reference}")
+    print("tests (--tests):")
+    for name, test in TEST_INFO.items():
+        print(f"  {name:<22}{test.reference}")
+    print("similarity measures (--measures): " + ", ".join(MEASURES))
+    return EXIT_OK
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from workers.engine.policy import default_document
+
+    print(json.dumps(default_document(), indent=2))
     return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "methods": cmd_methods}
+    handlers = {"run": cmd_run, "methods": cmd_methods, "policy": cmd_policy}
     return handlers[args.command](args)
 
 

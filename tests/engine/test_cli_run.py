@@ -41,7 +41,17 @@ def test_run_computes_every_method_on_a_dynamo_onnx_mobilenet(
     write_sample_photos(photos)
     out = tmp_path / "out"
     code = main(
-        ["run", "--model", str(mobilenet_dynamo_onnx), "--images", str(photos), "--out", str(out)]
+        [
+            "run",
+            "--model",
+            str(mobilenet_dynamo_onnx),
+            "--images",
+            str(photos),
+            "--out",
+            str(out),
+            "--tests",
+            "none",
+        ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -115,3 +125,54 @@ def test_errors_are_reported_without_a_traceback(tmp_path: Path) -> None:
         timeout_s=120,
     )
     assert proc.returncode == 2 and "unknown method 'not_a_method'" in proc.stderr
+
+
+def test_run_prints_verdicts_and_writes_them_for_the_papers_tests(tmp_path: Path) -> None:
+    """The issue's command: cascading, independent and data randomization on a bundled model."""
+    from examples.reference.export_training_set import export_training_set
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(DIGITS_IMAGES.iterdir())[:16]:
+        (images / path.name).write_bytes(path.read_bytes())
+    train = tmp_path / "train"
+    export_training_set("digits", train, per_class=30)
+    out = tmp_path / "out"
+    proc = saliency_audit(
+        "run",
+        "--model",
+        DIGITS_MODEL,
+        "--images",
+        images,
+        "--methods",
+        "gradient,gradcam,guided_backprop",
+        "--tests",
+        "cascading,independent,data_randomization",
+        "--train",
+        train,
+        "--out",
+        out,
+        "--quiet",
+        timeout_s=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    verdicts = report["verdicts"]
+    methods = ["gradient", "gradcam", "guided_backprop", "control_sobel", "control_random"]
+    tests = ["cascading", "independent", "data_randomization"]
+    assert {(v["method"], v["test"]) for v in verdicts} == {(m, t) for m in methods for t in tests}
+    for v in verdicts:
+        assert v["verdict"] in ("PASS", "FAIL", "INCONCLUSIVE") and v["reason"]
+        assert v["policy_version"] == report["policy"]["version"]
+    assert {v["verdict"] for v in verdicts if v["method"] == "control_sobel"} == {"FAIL"}
+    training = report["tests"]["data_randomization"]["details"]
+    assert training["permuted_labels_run"]["n_train"] == 300
+    cascading = report["tests"]["cascading"]
+    assert [s["name"] for s in cascading["stages"]] == ["fc", "block3", "block2", "block1"]
+    assert all(len(s["values"]) == 16 for s in cascading["scores"])
+    printed = proc.stdout
+    assert "verdicts (policy" in printed
+    assert "cascading" in printed and "data_randomization" in printed
+    table = printed.split("verdicts (policy", 1)[1]
+    for method in methods:
+        assert method in table

@@ -74,7 +74,7 @@ def test_randomized_restores_the_trained_weights_and_leaves_the_global_rng_alone
     model = small_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng_state = torch.get_rng_state()
-    with randomized(model, ["classifier", "features.3"], seed=0, test="cascading"):
+    with randomized(model, ["classifier", "features.3"], seed=0):
         changed = model.state_dict()
         assert not torch.equal(changed["classifier.weight"], before["classifier.weight"])
         assert not torch.equal(changed["features.3.weight"], before["features.3.weight"])
@@ -83,8 +83,11 @@ def test_randomized_restores_the_trained_weights_and_leaves_the_global_rng_alone
     assert torch.equal(torch.get_rng_state(), rng_state)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
-    # Same seed, test and module: the same random weights at every stage of a cascade.
-    with randomized(model, ["classifier"], seed=0, test="cascading"):
+    # Same seed and module: the same random weights at every stage and in every test, so a
+    # stage that randomizes the same modules is the same model wherever it occurs.
+    with randomized(model, ["classifier"], seed=0):
         assert torch.equal(model.state_dict()["classifier.weight"], inside)
-    with randomized(model, ["classifier"], seed=0, test="independent"):
+    with randomized(model, ["classifier"], seed=1):
+        assert not torch.equal(model.state_dict()["classifier.weight"], inside)
+    with randomized(model, ["classifier"], seed=0, draw="other"):
         assert not torch.equal(model.state_dict()["classifier.weight"], inside)

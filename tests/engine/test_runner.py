@@ -9,14 +9,20 @@ import pytest
 import torch
 
 from tests.engine.nets import images, small_cnn, tiny_mlp
+from workers.engine.data_randomization import LabeledImages
 from workers.engine.errors import SpecError
 from workers.engine.methods import METHODS
 from workers.engine.models.base import LoadedModel
 from workers.engine.result import AuditResult
 from workers.engine.runner import map_statistics, run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
+from workers.engine.spec import TESTS, AuditSpec, InputSpec, MethodParams, TrainRecipe
 
-FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16)
+FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16, smprt_samples=2)
+QUICK_TRAINING = TrainRecipe(max_epochs=3, batch_size=4)
+
+
+def _train_set() -> LabeledImages:
+    return LabeledImages(images(10, 16, seed=11), torch.arange(10) % 5)
 
 
 def _loaded(module: torch.nn.Module, size: int = 16) -> LoadedModel:
@@ -58,16 +64,25 @@ def test_every_method_runs_and_the_controls_are_always_added() -> None:
     ]
 
 
+def _without_times(result: AuditResult) -> dict[str, object]:
+    doc = {k: v for k, v in result.to_dict().items() if k != "timings_s"}
+    for m in doc["methods"].values():  # type: ignore[attr-defined]
+        m.pop("family_time_s")
+    for test in doc["tests"].values():  # type: ignore[attr-defined]
+        for run in ("permuted_labels_run", "true_labels_run"):
+            test["details"].get(run, {}).pop("seconds", None)
+    return doc
+
+
 def test_same_seed_same_numbers_bit_for_bit() -> None:
-    first = run_audit(_loaded(small_cnn()), images(5, 16), _spec())
-    second = run_audit(_loaded(small_cnn()), images(5, 16), _spec())
+    every_test = _spec(tests=TESTS, training=QUICK_TRAINING)
+    first = run_audit(_loaded(small_cnn()), images(5, 16), every_test, train=_train_set())
+    second = run_audit(_loaded(small_cnn()), images(5, 16), every_test, train=_train_set())
     for name in first.maps:
         assert np.array_equal(first.maps[name], second.maps[name]), name
-    strip = lambda r: {k: v for k, v in r.to_dict().items() if k != "timings_s"}  # noqa: E731
-    a, b = strip(first), strip(second)
-    for m in list(a["methods"]):
-        a["methods"][m].pop("family_time_s")
-        b["methods"][m].pop("family_time_s")
+    a, b = _without_times(first), _without_times(second)
+    assert set(a["tests"]) == set(TESTS)  # type: ignore[call-overload]
+    assert len(a["verdicts"]) == len(TESTS) * len(METHODS)  # type: ignore[arg-type]
     assert a == b
     other = run_audit(_loaded(small_cnn()), images(5, 16), _spec(seed=8))
     assert not np.array_equal(first.maps["control_random"], other.maps["control_random"])
@@ -87,11 +102,16 @@ def test_layer_methods_are_not_applicable_without_conv_layers() -> None:
 
 
 def test_report_roundtrips_through_json() -> None:
-    result = run_audit(_loaded(small_cnn()), images(3, 16), _spec(methods=("gradcam", "lrp")))
+    spec = _spec(
+        methods=("gradcam", "lrp"),
+        tests=("cascading", "emprt", "data_randomization"),
+        training=QUICK_TRAINING,
+    )
+    result = run_audit(_loaded(small_cnn()), images(3, 16), spec, train=_train_set())
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     again = json.loads(json.dumps(AuditResult.from_dict(document).to_dict(), allow_nan=False))
     assert again == document
-    assert document["schema_version"] == "1"
+    assert document["schema_version"] == "2"
     assert document["environment"]["torch"].startswith("2.14")
 
 
@@ -102,6 +122,13 @@ def test_bad_specs_are_refused_clearly() -> None:
         run_audit(_loaded(small_cnn()), images(2, 16), _spec(methods=("gradcam",), layer="nope"))
     with pytest.raises(SpecError, match="targets"):
         run_audit(_loaded(small_cnn()), images(2, 16), _spec(), targets=torch.tensor([0, 9]))
+    with pytest.raises(SpecError, match="unknown tests"):
+        _spec(tests=("cascading", "sideways"))
+    with pytest.raises(SpecError, match="needs a labeled training set"):
+        run_audit(_loaded(small_cnn()), images(2, 16), _spec(tests=("data_randomization",)))
+    with pytest.raises(SpecError, match="threshold"):
+        bad_policy = {"extends": "default", "tests": {"cascading": {"measure": "ssim"}}}
+        run_audit(_loaded(small_cnn()), images(2, 16), _spec(policy=bad_policy))
 
 
 def test_explicit_targets_are_explained() -> None:

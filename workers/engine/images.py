@@ -115,3 +115,47 @@ def unnormalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x * std + mean
+
+
+def load_labeled_folder(
+    root: Path, channels: int = 3, class_names: Sequence[str] | None = None
+) -> tuple[list[DecodedImage], list[int], tuple[str, ...]]:
+    """A training set laid out as one sub-folder of images per class.
+
+    Labels: when the model names its classes, each folder must be one of those names and gets
+    that class's index; otherwise folder names that are all integers are the class indices, and
+    any other names are numbered in sorted order. Returns the images, their labels and the class
+    name of each label used.
+    """
+    if not root.is_dir():
+        raise ImageDecodeError(f"{root}: not a directory", image=str(root))
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) < 2:
+        raise ImageDecodeError(
+            f"{root}: a training set needs one sub-folder of images per class (found "
+            f"{len(folders)} sub-folders)",
+            image=str(root),
+        )
+    names = [f.name for f in folders]
+    if class_names:
+        unknown = [n for n in names if n not in class_names]
+        if unknown:
+            raise ImageDecodeError(
+                f"{root}: class folders {unknown} are not among the model's classes "
+                f"{list(class_names)}",
+                image=str(root),
+            )
+        index = {n: list(class_names).index(n) for n in names}
+    elif all(n.isdigit() for n in names):
+        index = {n: int(n) for n in names}
+    else:
+        index = {n: i for i, n in enumerate(names)}
+    images: list[DecodedImage] = []
+    labels: list[int] = []
+    for folder in folders:
+        for path in list_image_files(folder):
+            images.append(decode_image(path.read_bytes(), f"{folder.name}/{path.name}", channels))
+            labels.append(index[folder.name])
+        if len(images) > MAX_IMAGES * 10:
+            raise ImageDecodeError(f"{root}: more than {MAX_IMAGES * 10} training images")
+    return images, labels, tuple(names)

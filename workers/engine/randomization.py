@@ -11,10 +11,11 @@ architecture works:
   way; ``independent`` randomizes one unit at a time with all others trained.
 
 Re-initialization draws from each module's own default initializer (what ``reset_parameters``
-does), seeded per module through a ``torch.Generator`` derived from the audit seed, the test and
-the module name, so a cascade keeps the same random weights for a module at every later stage
-and the caller's global RNG is never touched. Modules hold no state after a stage: weights are
-restored from a saved copy.
+does), seeded per module through a ``torch.Generator`` derived from the audit seed and the
+module name only, so a module gets the same random weights at every stage of a cascade and in
+every test of an audit (a stage of one test that randomizes the same modules as a stage of
+another is the same model, and its maps are computed once), and the caller's global RNG is never
+touched. Modules hold no state after a stage: weights are restored from a saved copy.
 """
 
 from __future__ import annotations
@@ -117,9 +118,12 @@ def stages(unit_list: Sequence[Unit], test: ModelTest) -> list[Stage]:
     return out
 
 
-def module_seed(seed: int, test: str, module_name: str) -> int:
-    """A stable 63-bit seed per (audit seed, test, module), independent of Python's hash."""
-    digest = hashlib.sha256(f"{seed}/{test}/{module_name}".encode()).digest()
+RANDOM_DRAW = "randomized"
+
+
+def module_seed(seed: int, draw: str, module_name: str) -> int:
+    """A stable 63-bit seed per (audit seed, draw, module), independent of Python's hash."""
+    digest = hashlib.sha256(f"{seed}/{draw}/{module_name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -162,9 +166,12 @@ def module_device(module: nn.Module) -> torch.device:
 
 @contextmanager
 def randomized(
-    model: nn.Module, module_names: Sequence[str], *, seed: int, test: str
+    model: nn.Module, module_names: Sequence[str], *, seed: int, draw: str = RANDOM_DRAW
 ) -> Iterator[nn.Module]:
-    """Temporarily re-initialize ``module_names`` in place; restore the trained weights after."""
+    """Temporarily re-initialize ``module_names`` in place; restore the trained weights after.
+
+    ``draw`` names the family of random weights: every test of an audit uses the default one,
+    so a module is re-drawn identically wherever it is randomized."""
     modules = dict(model.named_modules())
     saved = {
         name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
@@ -172,7 +179,7 @@ def randomized(
     }
     try:
         for name in module_names:
-            g = torch.Generator().manual_seed(module_seed(seed, test, name))
+            g = torch.Generator().manual_seed(module_seed(seed, draw, name))
             reinitialize(modules[name], g)
         yield model
     finally:

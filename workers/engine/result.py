@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+
+VerdictValue = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 
 MethodStatus = Literal["ok", "not_applicable"]
 
@@ -82,6 +84,98 @@ class MethodResult:
 
 
 @dataclass(frozen=True)
+class Score:
+    """One (method, test, stage, measure) score: per-image values, their mean, a seeded
+    bootstrap 95% interval of the mean and n (images with a defined value)."""
+
+    method: str
+    test: str
+    stage: str
+    stage_index: int
+    measure: str
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    n_undefined: int
+    values: tuple[float | None, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of a test: ``name`` is the unit randomized at this stage (a module name), and
+    ``randomized`` every module whose weights are random at it."""
+
+    index: int
+    name: str
+    randomized: tuple[str, ...] = ()
+
+
+@dataclass
+class TestResult:
+    """What one test measured. ``status`` is ``ok``, or ``not_run`` with the ``reason``."""
+
+    __test__: ClassVar[bool] = False  # a result, not a pytest test class
+
+    test: str
+    description: str
+    reference: str
+    status: Literal["ok", "not_run"] = "ok"
+    reason: str | None = None
+    granularity: str | None = None
+    stages: list[StageInfo] = field(default_factory=list)
+    scores: list[Score] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    # first images' maps per stage and method, for heatmap grids; not part of the JSON document
+    example_maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "test": self.test,
+            "description": self.description,
+            "reference": self.reference,
+            "status": self.status,
+            "reason": self.reason,
+            "granularity": self.granularity,
+            "stages": [asdict(s) for s in self.stages],
+            "scores": [asdict(s) for s in self.scores],
+            "details": self.details,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestResult:
+        return cls(
+            **{
+                **data,
+                "stages": [
+                    StageInfo(**{**s, "randomized": tuple(s["randomized"])}) for s in data["stages"]
+                ],
+                "scores": [Score(**{**s, "values": tuple(s["values"])}) for s in data["scores"]],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """PASS / FAIL / INCONCLUSIVE for one (method, test), with the evidence and the rule."""
+
+    method: str
+    test: str
+    verdict: VerdictValue
+    reason: str
+    measure: str | None = None
+    stage: str | None = None
+    threshold: float | None = None
+    pass_when: str | None = None
+    mean: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int = 0
+    is_control: bool = False
+    policy_version: str | None = None
+
+
+@dataclass(frozen=True)
 class ImageRecord:
     name: str
     target: int
@@ -99,6 +193,9 @@ class AuditResult:
     fidelity: dict[str, Any] | None = None
     environment: dict[str, str] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    tests: dict[str, TestResult] = field(default_factory=dict)
+    verdicts: list[Verdict] = field(default_factory=list)
+    policy: dict[str, Any] | None = None
     schema_version: str = SCHEMA_VERSION
     # method name -> (N, H, W) float32 maps; not part of the JSON document
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -106,6 +203,7 @@ class AuditResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
+            "verdicts": [asdict(v) for v in self.verdicts],
             "spec": self.spec,
             "model": self.model,
             "fidelity": self.fidelity,
@@ -113,6 +211,8 @@ class AuditResult:
             "methods": {k: asdict(v) for k, v in self.methods.items()},
             "environment": self.environment,
             "timings_s": self.timings_s,
+            "policy": self.policy,
+            "tests": {k: v.to_dict() for k, v in self.tests.items()},
         }
 
     @classmethod
@@ -141,5 +241,8 @@ class AuditResult:
             fidelity=data.get("fidelity"),
             environment=data.get("environment", {}),
             timings_s=data.get("timings_s", {}),
+            tests={k: TestResult.from_dict(v) for k, v in data.get("tests", {}).items()},
+            verdicts=[Verdict(**v) for v in data.get("verdicts", [])],
+            policy=data.get("policy"),
             schema_version=version,
         )

@@ -1,8 +1,10 @@
 """The one entry point of the engine: ``run_audit(model, images, spec, progress=...)``.
 
-This part computes every requested saliency method on every image (each method family once per
-batch, so methods that share passes share them), checks an ONNX model's converted graph against
-ONNX Runtime first, and summarizes the maps. The randomization tests build on the same loop.
+It checks an ONNX model's converted graph against ONNX Runtime, computes every requested
+saliency method on every image with the trained model (each method family once per batch, so
+methods that share passes share them), runs the requested sanity checks against those maps
+(:mod:`.sanity`, :mod:`.data_randomization`), and decides a verdict per (method, test) with the
+policy (:mod:`.policy`).
 """
 
 from __future__ import annotations
@@ -10,32 +12,35 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
 
-from . import similarity
-from .errors import NotApplicableError, SpecError
-from .methods import METHODS, MethodContext, compute_methods, method_info, resolve_layer
+from . import sanity, similarity
+from .data_randomization import LabeledImages, data_randomization
+from .errors import SpecError
+from .maps import MapSet, compute_maps, methods_to_run
+from .methods import METHODS, resolve_layer
 from .methods.integrated import baseline_for_input_spec
 from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
+from .policy import decide, load_policy
 from .result import (
     AuditResult,
     ImageRecord,
     MapStatistics,
     MethodResult,
     ScoreSummary,
+    TestResult,
     finite_or_none,
 )
-from .spec import AuditSpec
-from .stats import key_seed
+from .spec import MODEL_RANDOMIZATION_TESTS, AuditSpec
+
+__all__ = ["MapSet", "compute_maps", "methods_to_run", "run_audit"]
 
 ProgressCallback = Callable[[float, str], None]
-
-CONTROLS: tuple[str, ...] = ("control_sobel", "control_random")
 
 
 def _no_progress(fraction: float, step: str) -> None:
@@ -50,18 +55,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SpecError("device 'cuda' requested but no CUDA device is available")
     return dev
-
-
-def methods_to_run(requested: Sequence[str]) -> list[str]:
-    """The requested methods (validated, de-duplicated) plus the two controls every run has."""
-    names = [method_info(n).name for n in dict.fromkeys(requested)]
-    return names + [c for c in CONTROLS if c not in names]
-
-
-def batch_generator(seed: int, batch_start: int) -> torch.Generator:
-    """One generator per batch, derived from the audit seed and the batch's first image index,
-    so a run is reproducible for a given (seed, batch_size) whatever else runs in the process."""
-    return torch.Generator().manual_seed(key_seed(seed, "batch", str(batch_start)) >> 1)
 
 
 def map_statistics(maps: np.ndarray, native_channels: int) -> MapStatistics:
@@ -87,80 +80,6 @@ def map_statistics(maps: np.ndarray, native_channels: int) -> MapStatistics:
     )
 
 
-@dataclass
-class MapSet:
-    """The maps of one model state: method -> (N, H, W) float32, channels reduced."""
-
-    maps: dict[str, np.ndarray]
-    native_channels: dict[str, int]
-    not_applicable: dict[str, str]
-    family_time: dict[str, float]
-    by_family: dict[str, list[str]]
-
-
-def compute_maps(
-    module: torch.nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    names: Sequence[str],
-    spec: AuditSpec,
-    layer: str | None,
-    *,
-    device: torch.device,
-    baseline: torch.Tensor | None = None,
-    random_control_key: str = "",
-    progress: ProgressCallback = _no_progress,
-) -> MapSet:
-    """Every method in ``names`` on every image, batch by batch, each family once per batch.
-
-    Noise draws depend only on (seed, batch), so the maps of two model states (a randomization
-    stage and the trained model) see the same noise; ``control_random`` also mixes in
-    ``random_control_key``, because a random map that never changes would not be random.
-    """
-    n = int(images.shape[0])
-    by_family: dict[str, list[str]] = {}
-    for name in names:
-        by_family.setdefault(METHODS[name].family, []).append(name)
-    family_time = dict.fromkeys(by_family, 0.0)
-    collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    native_channels: dict[str, int] = {}
-    not_applicable: dict[str, str] = {}
-    steps = len(by_family) * ((n + spec.batch_size - 1) // spec.batch_size)
-    done = 0
-    for start in range(0, n, spec.batch_size):
-        x = images[start : start + spec.batch_size].to(device)
-        t = targets[start : start + spec.batch_size].to(device)
-        for family, members in by_family.items():
-            progress(done / steps, f"{family}: images {start + 1}-{start + len(x)}")
-            seed = spec.seed
-            if family == METHODS["control_random"].family and random_control_key:
-                seed = key_seed(spec.seed, random_control_key)
-            ctx = MethodContext(
-                params=spec.params,
-                layer=layer,
-                generator=batch_generator(seed, start),
-                baseline=baseline,
-            )
-            t0 = time.perf_counter()
-            results = compute_methods(module, x, t, members, ctx)
-            family_time[family] += time.perf_counter() - t0
-            for name, value in results.items():
-                if isinstance(value, NotApplicableError):
-                    not_applicable[name] = value.message
-                    continue
-                native_channels[name] = int(value.shape[1])
-                reduced = similarity.reduce_channels(value.float(), spec.params.map_reduction)
-                collected[name].append(reduced.detach().cpu().numpy().astype(np.float32))
-            done += 1
-    return MapSet(
-        maps={name: np.concatenate(parts) for name, parts in collected.items() if parts},
-        native_channels=native_channels,
-        not_applicable=not_applicable,
-        family_time=family_time,
-        by_family=by_family,
-    )
-
-
 def run_audit(
     model: LoadedModel,
     images: torch.Tensor,
@@ -168,17 +87,28 @@ def run_audit(
     *,
     image_names: Sequence[str] | None = None,
     targets: torch.Tensor | None = None,
+    train: LabeledImages | None = None,
+    random_label_model: LoadedModel | None = None,
     progress: ProgressCallback = _no_progress,
 ) -> AuditResult:
-    """Compute ``spec.methods`` (plus the controls) on ``images`` and summarize the maps.
+    """Compute ``spec.methods`` (plus the controls) on ``images``, run ``spec.tests`` and decide
+    the verdicts.
 
     ``images`` is the preprocessed NCHW batch (see ``images.preprocess``). ``targets`` defaults
-    to the model's predicted class for each image.
+    to the model's predicted class for each image. ``train`` (a labeled training set) or
+    ``random_label_model`` (the same architecture trained on random labels) is what the
+    ``data_randomization`` test needs.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
     names = methods_to_run(spec.methods)
     lrp_composite(spec.params.lrp_composite)  # an unknown composite fails now, not mid-run
+    policy = load_policy(spec.policy)  # so does an invalid policy
+    if "data_randomization" in spec.tests and train is None and random_label_model is None:
+        raise SpecError(
+            "the data_randomization test needs a labeled training set (a folder per class) "
+            "or a model trained on random labels"
+        )
     n = int(images.shape[0])
     if n == 0:
         raise SpecError("no images to audit")
@@ -218,7 +148,20 @@ def run_audit(
     class_names = model.input_spec.class_names
 
     layer = resolve_layer(module, spec.layer, images[:1].to(device))
+    if (
+        random_label_model is not None
+        and layer is not None
+        and layer not in dict(random_label_model.module.named_modules())
+    ):
+        raise SpecError(
+            f"the random-label model has no module {layer!r}: it must have the audited "
+            "model's architecture"
+        )
 
+    weights = _progress_weights(spec, module)
+    share = 0.9 * weights["maps"] / sum(weights.values())
+    baseline = baseline_for_input_spec(model.input_spec, spec.params.ig_baseline)
+    t0 = time.perf_counter()
     mapset = compute_maps(
         module,
         images,
@@ -227,16 +170,68 @@ def run_audit(
         spec,
         layer,
         device=device,
-        baseline=baseline_for_input_spec(model.input_spec, spec.params.ig_baseline),
-        progress=lambda f, step: progress(0.05 + 0.9 * f, step),
+        baseline=baseline,
+        progress=lambda f, step: progress(0.05 + share * f, step),
     )
+    timings["maps"] = time.perf_counter() - t0
+    position = 0.05 + share
+
+    tests: dict[str, TestResult] = {}
+    states = sanity.RandomizedStates(
+        module, images, targets, names, spec, layer, mapset, device=device, baseline=baseline
+    )
+    for test in spec.tests:
+        span = 0.9 * weights[test] / sum(weights.values())
+
+        def test_progress(f: float, step: str, start: float = position, span: float = span) -> None:
+            progress(start + span * f, step)
+
+        t0 = time.perf_counter()
+        if test in MODEL_RANDOMIZATION_TESTS:
+            tests[test] = sanity.model_randomization(
+                states,
+                test=test,  # type: ignore[arg-type]
+                granularity=spec.granularity,
+                progress=test_progress,
+            )
+        elif test == "smprt":
+            tests[test] = sanity.smprt(states, test_progress)
+        elif test == "emprt":
+            tests[test] = sanity.emprt(states, test_progress)
+        elif test == "random_logit":
+            tests[test] = sanity.random_logit(states, int(probs.shape[1]), test_progress)
+        else:
+            tests[test] = data_randomization(
+                module,
+                images,
+                targets,
+                names,
+                spec,
+                layer,
+                device=device,
+                baseline=baseline,
+                num_classes=int(probs.shape[1]),
+                train=train,
+                random_label_model=(
+                    random_label_model.module if random_label_model is not None else None
+                ),
+                progress=test_progress,
+            )
+        timings[f"test_{test}"] = time.perf_counter() - t0
+        position += span
     family_time = mapset.family_time
     native_channels = mapset.native_channels
     not_applicable = mapset.not_applicable
     by_family = mapset.by_family
     timings["methods"] = sum(family_time.values())
 
-    progress(0.96, "summaries")
+    progress(0.96, "summaries and verdicts")
+    verdicts = decide(
+        policy,
+        tests,
+        {name: (METHODS[name].is_control, not_applicable.get(name)) for name in names},
+        spec.seed,
+    )
     maps = mapset.maps
     sobel = torch.from_numpy(maps["control_sobel"])
     method_results: dict[str, MethodResult] = {}
@@ -300,8 +295,29 @@ def run_audit(
         fidelity=fidelity,
         environment=environment(device),
         timings_s={k: round(v, 4) for k, v in timings.items()},
+        tests=tests,
+        verdicts=verdicts,
+        policy=policy.document,
         maps=maps,
     )
+
+
+def _progress_weights(spec: AuditSpec, module: torch.nn.Module) -> dict[str, float]:
+    """Rough cost of each part of an audit in map-set computations, for the progress bar."""
+    from .randomization import units
+
+    n_units = len(units(module, spec.granularity))
+    weights = {"maps": 1.0}
+    for test in spec.tests:
+        if test in MODEL_RANDOMIZATION_TESTS:
+            weights[test] = float(n_units)
+        elif test == "smprt":
+            weights[test] = 2.0 * spec.params.smprt_samples
+        elif test == "data_randomization":
+            weights[test] = 20.0  # training dominates; it depends on the data
+        else:
+            weights[test] = 1.0
+    return weights
 
 
 def environment(device: torch.device) -> dict[str, str]:

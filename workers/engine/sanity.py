@@ -1,142 +1,484 @@
-"""Model parameter randomization tests (Adebayo et al. 2018, section 3.1), scored per image.
+"""The sanity checks: model parameter randomization (Adebayo et al. 2018, section 3.1), its
+repairs sMPRT and eMPRT (Hedstrom et al. 2023) and Random Logit (Sixt et al. 2020), scored
+per image.
 
-For every stage of a test, the maps of the partly randomized model are compared with the maps
-of the trained model on the same images, targets and noise draws, with every similarity measure.
-Each (method, test, stage, measure) keeps its per-image scores and is reduced to a mean with a
-seeded bootstrap 95% interval and n (DOMAIN.md section 5).
+Every test compares maps of a changed model (or class) with the trained model's maps on the
+same images, targets and noise draws. Each (method, test, stage, measure) keeps its per-image
+scores and is reduced to a mean with a seeded bootstrap 95% interval and n (DOMAIN.md section
+5). The data randomization test lives in :mod:`.data_randomization`.
+
+A model state is identified by the set of modules randomized in it; every test draws a module's
+random weights the same way (:func:`.randomization.randomized`), so a state that occurs in
+several tests (the fully randomized model ends both cascades and is eMPRT's) is computed once
+per audit by :class:`RandomizedStates`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import similarity
-from .randomization import Granularity, ModelTest, Stage, randomized, stages, units
-from .runner import MapSet, compute_maps
+from .maps import MapSet, compute_maps
+from .randomization import (
+    NORMALIZATION_HANDLING,
+    Granularity,
+    ModelTest,
+    parameterized_modules,
+    randomized,
+    stages,
+    units,
+)
+from .result import Score, StageInfo, TestResult
 from .spec import AuditSpec
 from .stats import bootstrap_mean, key_seed
 
 ProgressCallback = Callable[[float, str], None]
 
+KEEP_EXAMPLES = 4  # images per stage whose maps are kept for heatmap grids
+
 
 @dataclass(frozen=True)
-class Score:
-    """One (method, test, stage, measure) similarity: per-image values and their summary."""
-
-    method: str
-    test: str
-    stage: str
-    stage_index: int
-    measure: str
-    mean: float | None
-    ci_low: float | None
-    ci_high: float | None
-    n: int
-    n_undefined: int
-    values: tuple[float | None, ...] = field(repr=False)
+class TestInfo:
+    description: str
+    reference: str
 
 
-def score_pair(
-    reference: np.ndarray,
-    other: np.ndarray,
+TEST_INFO: dict[str, TestInfo] = {
+    "cascading": TestInfo(
+        "Model parameter randomization, cascading from the logits down: one stage per unit, "
+        "earlier randomizations kept; maps compared with the trained model's.",
+        "Adebayo et al. 2018, Sanity Checks for Saliency Maps, section 3.1 (Figure 2)",
+    ),
+    "cascading_bottom_up": TestInfo(
+        "Model parameter randomization, cascading from the input up: one stage per unit, "
+        "earlier randomizations kept.",
+        "Adebayo et al. 2018, section 3.1; bottom-up order as in Quantus MPRT",
+    ),
+    "independent": TestInfo(
+        "Model parameter randomization of one unit at a time, all others trained.",
+        "Adebayo et al. 2018, section 3.1 (independent randomization)",
+    ),
+    "data_randomization": TestInfo(
+        "The architecture trained on permuted labels until it memorizes them, compared with "
+        "a copy trained on the true labels with the same recipe, on the audit images.",
+        "Adebayo et al. 2018, section 3.2",
+    ),
+    "smprt": TestInfo(
+        "Smooth MPRT: maps averaged over noisy copies of each image (shattered-gradient "
+        "noise removed) before the trained and the fully randomized model are compared.",
+        "Hedstrom et al. 2023, Sanity Checks Revisited, sMPRT (Quantus SmoothMPRT)",
+    ),
+    "emprt": TestInfo(
+        "Efficient MPRT: relative rise of the discrete entropy of each map from the trained "
+        "to the fully randomized model, (H_random - H_trained) / H_trained.",
+        "Hedstrom et al. 2023, eMPRT (Quantus EfficientMPRT, discrete_entropy)",
+    ),
+    "random_logit": TestInfo(
+        "The map for the target class compared with the map for a random other class.",
+        "Sixt et al. 2020, When Explanations Lie; Quantus RandomLogit",
+    ),
+}
+
+
+def similarity_values(
+    reference: MapSet, other: MapSet, names: Sequence[str], measures: Sequence[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image similarity of two map sets: method -> measure -> (N,) float64 (NaN where a
+    measure is undefined for an image). Measures the map size does not allow are left out."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for method in names:
+        if method not in reference.maps or method not in other.maps:
+            continue
+        a, b = torch.from_numpy(reference.maps[method]), torch.from_numpy(other.maps[method])
+        out[method] = {
+            measure: similarity.MEASURES[measure](a, b).numpy().astype(np.float64)
+            for measure in measures
+            if min(a.shape[-2:]) >= similarity.MIN_MAP_SIDE_PX[measure]
+        }
+    return out
+
+
+def make_score(
+    values: np.ndarray,
     *,
     method: str,
     test: str,
     stage: str,
     stage_index: int,
-    measures: Sequence[str],
+    measure: str,
     seed: int,
+) -> Score:
+    est = bootstrap_mean(values, key_seed(seed, method, test, stage, measure))
+    return Score(
+        method=method,
+        test=test,
+        stage=stage,
+        stage_index=stage_index,
+        measure=measure,
+        mean=est.mean,
+        ci_low=est.ci_low,
+        ci_high=est.ci_high,
+        n=est.n,
+        n_undefined=est.n_undefined,
+        values=tuple(float(v) if np.isfinite(v) else None for v in values),
+    )
+
+
+def scores_of(
+    values: dict[str, dict[str, np.ndarray]], *, test: str, stage: str, stage_index: int, seed: int
 ) -> list[Score]:
-    """Similarity of two map sets (N, H, W) with each measure the map size allows."""
-    a, b = torch.from_numpy(reference), torch.from_numpy(other)
-    out = []
-    for measure in measures:
-        if min(a.shape[-2:]) < similarity.MIN_MAP_SIDE_PX[measure]:
-            continue
-        values = similarity.MEASURES[measure](a, b).numpy()
-        est = bootstrap_mean(values, key_seed(seed, method, test, stage, measure))
-        out.append(
-            Score(
-                method=method,
-                test=test,
-                stage=stage,
-                stage_index=stage_index,
-                measure=measure,
-                mean=est.mean,
-                ci_low=est.ci_low,
-                ci_high=est.ci_high,
-                n=est.n,
-                n_undefined=est.n_undefined,
-                values=tuple(float(v) if np.isfinite(v) else None for v in values),
-            )
+    return [
+        make_score(
+            v, method=m, test=test, stage=stage, stage_index=stage_index, measure=k, seed=seed
         )
-    return out
+        for m, by_measure in values.items()
+        for k, v in by_measure.items()
+    ]
+
+
+def examples_of(maps: MapSet, k: int = KEEP_EXAMPLES) -> dict[str, np.ndarray]:
+    return {m: v[:k].copy() for m, v in maps.maps.items()}
+
+
+def discrete_entropy(maps: torch.Tensor, bins: int) -> torch.Tensor:
+    """Shannon entropy (natural log) of the histogram of each map's values: ``bins`` equal-width
+    bins over that map's [min, max], as Quantus ``discrete_entropy`` (np.histogram then
+    scipy.stats.entropy). A constant map has entropy 0. ``maps`` (N, ...) -> (N,) float64."""
+    flat = maps.reshape(maps.shape[0], -1).double()
+    lo = flat.min(dim=1, keepdim=True).values
+    hi = flat.max(dim=1, keepdim=True).values
+    span = hi - lo
+    scaled = (flat - lo) / torch.where(span > 0, span, torch.ones_like(span)) * bins
+    index = scaled.floor().clamp(0, bins - 1).long()  # np.histogram: the last bin is closed
+    counts = torch.zeros(flat.shape[0], bins, dtype=torch.float64)
+    counts.scatter_add_(1, index, torch.ones_like(flat))
+    p = counts / flat.shape[1]
+    entropy = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(dim=1)
+    return torch.where(span.squeeze(1) > 0, entropy, torch.zeros_like(entropy))
 
 
 @dataclass
-class ModelRandomizationOutcome:
-    test: str
-    granularity: str
-    stages: list[Stage]
-    scores: list[Score]
-    # first few images' maps per stage, for heatmap grids: stage name -> method -> (k, H, W)
-    example_maps: dict[str, dict[str, np.ndarray]]
+class StateEvaluation:
+    """One model state compared with the trained model: per-image similarity per method and
+    measure, per-image map entropy per method, and the first images' maps."""
+
+    similarity: dict[str, dict[str, np.ndarray]]
+    entropy: dict[str, np.ndarray]
+    examples: dict[str, np.ndarray]
+
+
+class RandomizedStates:
+    """Maps of randomized model states, each computed once per audit and compared with the
+    trained model's ``reference`` maps."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        images: torch.Tensor,
+        targets: torch.Tensor,
+        names: Sequence[str],
+        spec: AuditSpec,
+        layer: str | None,
+        reference: MapSet,
+        *,
+        device: torch.device,
+        baseline: torch.Tensor | None = None,
+    ) -> None:
+        self.module = module
+        self.baseline = baseline
+        self.images = images
+        self.targets = targets
+        self.names = list(names)
+        self.spec = spec
+        self.layer = layer
+        self.reference = reference
+        self.device = device
+        self._cache: dict[frozenset[str], StateEvaluation] = {}
+
+    def is_cached(self, randomized_modules: Sequence[str]) -> bool:
+        return frozenset(randomized_modules) in self._cache
+
+    def evaluate(
+        self, randomized_modules: Sequence[str], progress: ProgressCallback
+    ) -> StateEvaluation:
+        key = frozenset(randomized_modules)
+        if key not in self._cache:
+            with randomized(self.module, list(randomized_modules), seed=self.spec.seed):
+                maps = compute_maps(
+                    self.module,
+                    self.images,
+                    self.targets,
+                    self.names,
+                    self.spec,
+                    self.layer,
+                    device=self.device,
+                    baseline=self.baseline,
+                    random_control_key="randomized/" + "|".join(sorted(key)),
+                    progress=progress,
+                )
+            self._cache[key] = StateEvaluation(
+                similarity=similarity_values(self.reference, maps, self.names, self.spec.measures),
+                entropy=map_entropy(maps, self.spec.params.emprt_bins),
+                examples=examples_of(maps),
+            )
+        return self._cache[key]
+
+
+def map_entropy(maps: MapSet, bins: int) -> dict[str, np.ndarray]:
+    return {m: discrete_entropy(torch.from_numpy(v), bins).numpy() for m, v in maps.maps.items()}
 
 
 def model_randomization(
-    module: torch.nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    names: Sequence[str],
-    spec: AuditSpec,
-    layer: str | None,
-    reference: MapSet,
+    states: RandomizedStates,
     *,
     test: ModelTest,
     granularity: Granularity,
-    measures: Sequence[str],
-    device: torch.device,
-    keep_examples: int = 4,
     progress: ProgressCallback = lambda f, s: None,
-) -> ModelRandomizationOutcome:
-    """Run one model randomization test; ``reference`` holds the trained model's maps."""
-    stage_list = stages(units(module, granularity), test)
-    scores: list[Score] = []
-    examples: dict[str, dict[str, np.ndarray]] = {}
+) -> TestResult:
+    """One model parameter randomization test: a score per stage, method and measure."""
+    stage_list = stages(units(states.module, granularity), test)
+    info = TEST_INFO[test]
+    result = TestResult(
+        test=test,
+        description=info.description,
+        reference=info.reference,
+        granularity=granularity,
+        stages=[StageInfo(s.index, s.name, s.randomized) for s in stage_list],
+        details={
+            "normalization_handling": NORMALIZATION_HANDLING,
+            "stage_zero": "the trained model (every score compares a stage with it)",
+        },
+    )
     for i, stage in enumerate(stage_list):
         label = f"{test} stage {stage.index}/{len(stage_list)} ({stage.name})"
 
         def stage_progress(f: float, step: str, i: int = i, label: str = label) -> None:
             progress((i + f) / len(stage_list), f"{label}: {step}")
 
-        with randomized(module, stage.randomized, seed=spec.seed, test=test):
-            current = compute_maps(
-                module,
-                images,
-                targets,
-                names,
-                spec,
-                layer,
-                device=device,
-                random_control_key=f"{test}/{stage.index}",
-                progress=stage_progress,
+        evaluation = states.evaluate(stage.randomized, stage_progress)
+        result.example_maps[stage.name] = evaluation.examples
+        result.scores += scores_of(
+            evaluation.similarity,
+            test=test,
+            stage=stage.name,
+            stage_index=stage.index,
+            seed=states.spec.seed,
+        )
+    return result
+
+
+FULL_RANDOMIZATION = "full_randomization"
+
+
+def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+    """eMPRT: per image, (H(random map) - H(trained map)) / H(trained map) with H the discrete
+    entropy of the map's value histogram; the random model has every parameterized module
+    re-initialized. Undefined (left out of the mean, counted) where the trained map is constant.
+    """
+    info = TEST_INFO["emprt"]
+    everything = tuple(parameterized_modules(states.module))
+    evaluation = states.evaluate(everything, progress)
+    trained = map_entropy(states.reference, states.spec.params.emprt_bins)
+    result = TestResult(
+        test="emprt",
+        description=info.description,
+        reference=info.reference,
+        stages=[StageInfo(1, FULL_RANDOMIZATION, everything)],
+        details={
+            "measure": "entropy_rise = (H_random - H_trained) / H_trained, natural log",
+            "histogram_bins": states.spec.params.emprt_bins,
+            "normalization_handling": NORMALIZATION_HANDLING,
+            "entropy_trained_mean": {m: float(np.mean(v)) for m, v in trained.items()},
+            "entropy_random_mean": {m: float(np.mean(v)) for m, v in evaluation.entropy.items()},
+        },
+    )
+    result.example_maps[FULL_RANDOMIZATION] = evaluation.examples
+    for method, before in trained.items():
+        after = evaluation.entropy.get(method)
+        if after is None:
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rise = np.where(
+                before > 0, (after - before) / np.where(before > 0, before, 1.0), np.nan
             )
-        examples[stage.name] = {m: v[:keep_examples] for m, v in current.maps.items()}
-        for method in names:
-            if method not in reference.maps or method not in current.maps:
-                continue
-            scores += score_pair(
-                reference.maps[method],
-                current.maps[method],
+        result.scores.append(
+            make_score(
+                rise,
                 method=method,
-                test=test,
-                stage=stage.name,
-                stage_index=stage.index,
-                measures=measures,
-                seed=spec.seed,
+                test="emprt",
+                stage=FULL_RANDOMIZATION,
+                stage_index=1,
+                measure="entropy_rise",
+                seed=states.spec.seed,
             )
-    return ModelRandomizationOutcome(test, granularity, stage_list, scores, examples)
+        )
+    return result
+
+
+def noisy_copies(images: torch.Tensor, level: float, samples: int, seed: int) -> list[torch.Tensor]:
+    """sMPRT's inputs: ``samples - 1`` noisy copies of each image, noise sigma =
+    ``level * (max - min)`` of that image, and the clean images last (as Quantus SmoothMPRT)."""
+    span = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
+    out = []
+    for k in range(samples - 1):
+        g = torch.Generator().manual_seed(key_seed(seed, "smprt_noise", str(k)) >> 1)
+        noise = torch.randn(images.shape, generator=g, dtype=images.dtype)
+        out.append(images + noise * level * span)
+    out.append(images)
+    return out
+
+
+def smoothed_maps(
+    module: torch.nn.Module,
+    copies: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    names: Sequence[str],
+    spec: AuditSpec,
+    layer: str | None,
+    *,
+    device: torch.device,
+    baseline: torch.Tensor | None,
+    random_control_key: str,
+    progress: ProgressCallback,
+) -> MapSet:
+    """Maps averaged over the noisy copies of the images (sMPRT's denoised explanations)."""
+    total: dict[str, np.ndarray] = {}
+    last: MapSet | None = None
+    for k, x in enumerate(copies):
+
+        def copy_progress(f: float, step: str, k: int = k) -> None:
+            progress((k + f) / len(copies), f"noisy copy {k + 1}/{len(copies)}: {step}")
+
+        last = compute_maps(
+            module,
+            x,
+            targets,
+            names,
+            spec,
+            layer,
+            device=device,
+            baseline=baseline,
+            random_control_key=f"{random_control_key}/{k}",
+            progress=copy_progress,
+        )
+        for method, maps in last.maps.items():
+            total[method] = total.get(method, 0.0) + maps.astype(np.float64)
+    assert last is not None
+    averaged = {m: (v / len(copies)).astype(np.float32) for m, v in total.items()}
+    return MapSet(
+        maps=averaged,
+        native_channels=last.native_channels,
+        not_applicable=last.not_applicable,
+        family_time=last.family_time,
+        by_family=last.by_family,
+    )
+
+
+def smprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+    """sMPRT at full randomization: noise-averaged maps of the trained model vs noise-averaged
+    maps of the model with every parameterized module re-initialized, same noise draws (Quantus
+    SmoothMPRT with ``skip_layers=True``, i.e. its last correlation)."""
+    info = TEST_INFO["smprt"]
+    params = states.spec.params
+    copies = noisy_copies(
+        states.images, params.smprt_noise_level, params.smprt_samples, states.spec.seed
+    )
+    common = dict(
+        targets=states.targets,
+        names=states.names,
+        spec=states.spec,
+        layer=states.layer,
+        device=states.device,
+        baseline=states.baseline,
+    )
+    trained = smoothed_maps(
+        states.module,
+        copies,
+        random_control_key="smprt/trained",
+        progress=lambda f, s: progress(0.5 * f, f"trained model: {s}"),
+        **common,  # type: ignore[arg-type]
+    )
+    everything = tuple(parameterized_modules(states.module))
+    with randomized(states.module, everything, seed=states.spec.seed):
+        random = smoothed_maps(
+            states.module,
+            copies,
+            random_control_key="smprt/random",
+            progress=lambda f, s: progress(0.5 + 0.5 * f, f"random model: {s}"),
+            **common,  # type: ignore[arg-type]
+        )
+    result = TestResult(
+        test="smprt",
+        description=info.description,
+        reference=info.reference,
+        stages=[StageInfo(1, FULL_RANDOMIZATION, everything)],
+        details={
+            "samples": params.smprt_samples,
+            "noise_level": params.smprt_noise_level,
+            "noise": "sigma = noise_level * (max(x) - min(x)) per image; the last sample is the "
+            "clean image (as Quantus SmoothMPRT)",
+            "normalization_handling": NORMALIZATION_HANDLING,
+        },
+    )
+    result.example_maps["trained"] = examples_of(trained)
+    result.example_maps[FULL_RANDOMIZATION] = examples_of(random)
+    result.scores = scores_of(
+        similarity_values(trained, random, states.names, states.spec.measures),
+        test="smprt",
+        stage=FULL_RANDOMIZATION,
+        stage_index=1,
+        seed=states.spec.seed,
+    )
+    return result
+
+
+def other_classes(targets: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+    """For each image a class drawn uniformly from the ``num_classes - 1`` others (seeded)."""
+    g = torch.Generator().manual_seed(key_seed(seed, "random_logit") >> 1)
+    offset = torch.randint(1, num_classes, targets.shape, generator=g)
+    return (targets.cpu() + offset) % num_classes
+
+
+def random_logit(
+    states: RandomizedStates, num_classes: int, progress: ProgressCallback = lambda f, s: None
+) -> TestResult:
+    """Random Logit: the trained model's map for the target vs its map for a random other
+    class, same images. Class-sensitive methods give dissimilar maps."""
+    info = TEST_INFO["random_logit"]
+    result = TestResult(
+        test="random_logit",
+        description=info.description,
+        reference=info.reference,
+        stages=[StageInfo(1, "random_class")],
+    )
+    if num_classes < 2:
+        result.status = "not_run"
+        result.reason = "the model has a single output class"
+        return result
+    others = other_classes(states.targets, num_classes, states.spec.seed)
+    maps = compute_maps(
+        states.module,
+        states.images,
+        others,
+        states.names,
+        states.spec,
+        states.layer,
+        device=states.device,
+        baseline=states.baseline,
+        random_control_key="random_logit",
+        progress=progress,
+    )
+    result.details = {"other_classes": [int(c) for c in others]}
+    result.example_maps["random_class"] = examples_of(maps)
+    result.scores = scores_of(
+        similarity_values(states.reference, maps, states.names, states.spec.measures),
+        test="random_logit",
+        stage="random_class",
+        stage_index=1,
+        seed=states.spec.seed,
+    )
+    return result
