@@ -31,7 +31,7 @@ from workers.engine.data_randomization import LabeledImages  # noqa: E402
 from workers.engine.images import load_image_folder, load_labeled_folder, preprocess  # noqa: E402
 from workers.engine.methods import METHODS  # noqa: E402
 from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.policy import Rule, _evidence, decide, load_policy  # noqa: E402
+from workers.engine.policy import Rule, decide, evidence, load_policy  # noqa: E402
 from workers.engine.result import AuditResult  # noqa: E402
 from workers.engine.runner import run_audit  # noqa: E402
 from workers.engine.spec import MEASURES, TESTS, AuditSpec  # noqa: E402
@@ -104,7 +104,7 @@ def tables(reports: dict[str, dict[str, Any]]) -> str:
                 for name, sel in cols:
                     result = parsed[name].tests[test]
                     rule = Rule(measure, sel, 0.0, "below")
-                    ev = _evidence([s for s in result.scores if s.method == method], rule, 0)
+                    ev = evidence([s for s in result.scores if s.method == method], rule, 0)
                     cells.append("-" if ev is None or ev.mean is None else f"{ev.mean:.2f}")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

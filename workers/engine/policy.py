@@ -79,7 +79,6 @@ def load_policy(document: dict[str, Any] | None = None) -> Policy:
             "tests": {**base["tests"], **doc.get("tests", {})},
             "controls": {**base["controls"], **doc.get("controls", {})},
         }
-        doc.setdefault("extends", None)
         doc["extends"] = "default"
     unknown = set(doc) - _TOP_KEYS
     if unknown:
@@ -161,7 +160,7 @@ def _stage_label(stage: str | dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True)
-class _Evidence:
+class Evidence:
     stage: str
     mean: float | None
     ci_low: float | None
@@ -169,7 +168,7 @@ class _Evidence:
     n: int
 
 
-def _evidence(scores: list[Score], rule: Rule, seed: int) -> _Evidence | None:
+def evidence(scores: list[Score], rule: Rule, seed: int) -> Evidence | None:
     """The deciding number for one method under ``rule``, from its scores in one test."""
     chosen = sorted((s for s in scores if s.measure == rule.measure), key=lambda s: s.stage_index)
     if not chosen:
@@ -186,7 +185,7 @@ def _evidence(scores: list[Score], rule: Rule, seed: int) -> _Evidence | None:
         est = bootstrap_mean(
             per_image, key_seed(seed, first.method, first.test, "mean_over_stages", rule.measure)
         )
-        return _Evidence("mean_over_stages", est.mean, est.ci_low, est.ci_high, est.n)
+        return Evidence("mean_over_stages", est.mean, est.ci_low, est.ci_high, est.n)
     if stage == "first":
         score = chosen[0]
     elif stage == "last" or not isinstance(stage, dict):
@@ -202,10 +201,10 @@ def _evidence(scores: list[Score], rule: Rule, seed: int) -> _Evidence | None:
         if not named:
             return None
         score = named[0]
-    return _Evidence(score.stage, score.mean, score.ci_low, score.ci_high, score.n)
+    return Evidence(score.stage, score.mean, score.ci_low, score.ci_high, score.n)
 
 
-def _decide_one(ev: _Evidence, rule: Rule) -> tuple[VerdictValue, str]:
+def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
     if ev.mean is None or ev.ci_low is None or ev.ci_high is None:
         return "INCONCLUSIVE", f"{rule.measure} is undefined for every image"
     below = "below" if rule.pass_when == "below" else "above"
@@ -277,7 +276,7 @@ def decide(
                     **common,
                 )
                 continue
-            ev = _evidence([s for s in test.scores if s.method == method], rule, seed)
+            ev = evidence([s for s in test.scores if s.method == method], rule, seed)
             detail: dict[str, Any] = dict(
                 measure=rule.measure,
                 threshold=rule.threshold,

@@ -199,9 +199,6 @@ class RandomizedStates:
         self.device = device
         self._cache: dict[frozenset[str], StateEvaluation] = {}
 
-    def is_cached(self, randomized_modules: Sequence[str]) -> bool:
-        return frozenset(randomized_modules) in self._cache
-
     def evaluate(
         self, randomized_modules: Sequence[str], progress: ProgressCallback
     ) -> StateEvaluation:
