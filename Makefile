@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo-output
 
-.PHONY: env test lint typecheck unit demo format clean
+.PHONY: env services test lint typecheck unit demo format clean
 
 env: $(STAMP)
 
@@ -23,16 +23,20 @@ lint: env
 typecheck: env
 	$(BIN)/mypy
 
-unit: env
+# the service tests need PostgreSQL and Redis on 127.0.0.1: started here if they are down
+services:
+	@bash tests/start_services.sh
+
+unit: env services
 	$(BIN)/pytest
 
 # ruff, mypy, then the whole suite; pytest's exit code 5 (no tests ran) fails like any other.
 test: lint typecheck unit
 
+# the embedded service (SQLite, artifact folder, a worker needing no broker server), a real
+# audit of the bundled sample model over HTTP, the report in $(DEMO_OUT)
 demo: env
-	$(BIN)/saliency-audit run --model examples/reference/shapes_small_resnet.onnx \
-		--images examples/reference/shapes_images --out $(DEMO_OUT)
-	@echo "report: $(DEMO_OUT)/report.json"
+	$(BIN)/python examples/demo_service.py --out $(DEMO_OUT)
 
 format: env
 	$(BIN)/ruff check --fix .

@@ -125,6 +125,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("methods", help="list the saliency methods, tests and similarity measures")
     sub.add_parser("policy", help="print the default verdict policy (JSON)")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the HTTP API (with no configuration: embedded SQLite, artifact folder and a "
+        "worker process that needs no broker server)",
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
+    worker_flag = serve.add_mutually_exclusive_group()
+    worker_flag.add_argument(
+        "--worker",
+        dest="with_worker",
+        action="store_true",
+        default=None,
+        help="start a worker process beside the API (the default in embedded mode)",
+    )
+    worker_flag.add_argument(
+        "--no-worker", dest="with_worker", action="store_false", help="the API alone"
+    )
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(
+        dest="keys_command", required=True
+    )
+    create = keys.add_parser("create", help="create a key for a tenant (created if new); prints it")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--label", default=None)
+    revoke = keys.add_parser("revoke", help="revoke a key by its prefix (sak_PREFIX_...)")
+    revoke.add_argument("prefix")
+
+    database = sub.add_parser("db", help="database schema (Alembic migrations)")
+    db_sub = database.add_subparsers(dest="db_command", required=True)
+    upgrade = db_sub.add_parser("upgrade", help="migrate to a revision (default: head)")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_sub.add_parser("downgrade", help="migrate down to a revision (e.g. base)")
+    downgrade.add_argument("revision")
+    db_sub.add_parser("current", help="print the current revision")
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="re-enqueue audits whose broker message was lost or whose worker died",
+    )
+    reconcile.add_argument("--once", action="store_true", help="one pass, then exit")
+    reconcile.add_argument(
+        "--interval", type=float, default=None, help="seconds between passes (default: config)"
+    )
     return parser
 
 
@@ -358,9 +404,93 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config() -> Any:
+    from .config import Config, ConfigError
+
+    try:
+        return Config.from_env()
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .embedded import serve
+
+    config = _config()
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return serve(config, args.host, args.port, args.with_worker, args.threads)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .auth import create_key, revoke_key
+    from .db import Database
+
+    database = Database.from_config(_config())
+    with database.session() as session:
+        if args.keys_command == "create":
+            key, tenant = create_key(session, args.tenant, args.label)
+            print(key)
+            print(
+                f"(tenant {tenant.name}, id {tenant.id}; the key is shown only now)",
+                file=sys.stderr,
+            )
+            return EXIT_OK
+        if not revoke_key(session, args.prefix):
+            print(f"error: no active key with prefix {args.prefix!r}", file=sys.stderr)
+            return EXIT_ERROR
+    print(f"revoked {args.prefix}")
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from . import db
+
+    url = _config().resolved_database_url
+    if args.db_command == "upgrade":
+        db.upgrade(url, args.revision)
+    elif args.db_command == "downgrade":
+        db.downgrade(url, args.revision)
+    print(f"database at revision {db.current_revision(url) or 'base'}")
+    return EXIT_OK
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import logging
+
+    from .db import Database
+    from .jobs import Enqueuer, broker_probe, reconcile
+
+    config = _config()
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    database = Database.from_config(config)
+    enqueue = Enqueuer(config)
+    probe = broker_probe(config)
+    interval = args.interval if args.interval is not None else config.reconcile_interval_s
+    while True:
+        report = reconcile(database, enqueue, probe)
+        print(json.dumps(report.to_dict()), flush=True)
+        if args.once:
+            return EXIT_OK
+        time.sleep(interval)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "methods": cmd_methods, "policy": cmd_policy}
+    handlers = {
+        "run": cmd_run,
+        "methods": cmd_methods,
+        "policy": cmd_policy,
+        "serve": cmd_serve,
+        "keys": cmd_keys,
+        "db": cmd_db,
+        "reconcile": cmd_reconcile,
+    }
     return handlers[args.command](args)
 
 

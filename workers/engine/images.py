@@ -17,14 +17,25 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
+from .image_files import ALLOWED_FORMATS, ALLOWED_SUFFIXES, MAX_IMAGES, MAX_PIXELS, class_indices
 from .spec import InputSpec
 
-ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "WEBP", "TIFF", "GIF")
-ALLOWED_SUFFIXES: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-)
-MAX_PIXELS = 40_000_000  # per image, checked before decoding (about 6300 x 6300)
-MAX_IMAGES = 10_000
+# The limits and the labeling rule live in the torch-free image_files module (the API process
+# applies them to uploads); they stay importable from here for existing callers.
+__all__ = [
+    "ALLOWED_FORMATS",
+    "ALLOWED_SUFFIXES",
+    "MAX_IMAGES",
+    "MAX_PIXELS",
+    "DecodedImage",
+    "class_indices",
+    "decode_image",
+    "list_image_files",
+    "load_image_folder",
+    "load_labeled_folder",
+    "preprocess",
+    "unnormalize",
+]
 
 
 @dataclass(frozen=True)
@@ -137,19 +148,7 @@ def load_labeled_folder(
             image=str(root),
         )
     names = [f.name for f in folders]
-    if class_names:
-        unknown = [n for n in names if n not in class_names]
-        if unknown:
-            raise ImageDecodeError(
-                f"{root}: class folders {unknown} are not among the model's classes "
-                f"{list(class_names)}",
-                image=str(root),
-            )
-        index = {n: list(class_names).index(n) for n in names}
-    elif all(n.isdigit() for n in names):
-        index = {n: int(n) for n in names}
-    else:
-        index = {n: i for i, n in enumerate(names)}
+    index = class_indices(names, class_names, source=str(root))
     images: list[DecodedImage] = []
     labels: list[int] = []
     for folder in folders:

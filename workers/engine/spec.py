@@ -189,3 +189,23 @@ class AuditSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditSpec:
+        """The inverse of :meth:`to_dict` (how the service stores a spec and hands it to a
+        worker); unknown fields and parameters are a :class:`SpecError`."""
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SpecError(f"unknown audit spec fields: {sorted(unknown)}")
+        kwargs = dict(data)
+        for key in ("methods", "tests", "measures"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        for key, kind in (("params", MethodParams), ("training", TrainRecipe)):
+            value = kwargs.get(key)
+            if isinstance(value, dict):
+                try:
+                    kwargs[key] = kind(**value)
+                except TypeError as exc:
+                    raise SpecError(f"invalid {key}: {exc}") from None
+        return cls(**kwargs)

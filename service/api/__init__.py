@@ -1,0 +1,1 @@
+"""One blueprint per resource: models, datasets, audits, and meta (methods, health, docs)."""

@@ -1,0 +1,433 @@
+"""``/v1/audits``: submit, follow, cancel, and fetch results.
+
+``POST`` validates the request against the engine's own rules (methods, tests, measures,
+policy: all torch-free), writes the audit row, commits, and only then enqueues (the
+job-lifecycle rule of ARCHITECTURE.md); it answers 202 with ``Location`` and ``Retry-After``.
+An ``Idempotency-Key`` makes a retried submission safe: the same key with the same body gives
+the same audit, the same key with another body is a 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request, send_file, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from workers.engine.catalogue import check_methods
+from workers.engine.errors import SpecError
+from workers.engine.policy import load_policy
+from workers.engine.spec import MEASURES, TESTS, AuditSpec
+
+from ..app import state
+from ..artifacts import ArtifactMissing
+from ..models import (
+    AUDIT_STATES,
+    FINAL_STATES,
+    Audit,
+    AuditArtifact,
+    DatasetRecord,
+    ModelRecord,
+    ResultRow,
+    VerdictRow,
+    utcnow,
+)
+from ..problems import ApiError
+from .common import check_keys, get_owned, iso, json_body, paginated, tenant_id
+
+bp = Blueprint("audits", __name__, url_prefix="/v1/audits")
+
+BODY_KEYS = {
+    "model_id",
+    "dataset_id",
+    "train_dataset_id",
+    "methods",
+    "tests",
+    "layers",
+    "policy",
+    "seed",
+    "granularity",
+    "measures",
+    "params",
+    "training",
+    "batch_size",
+}
+RETRY_AFTER_S = 2
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _str_list(body: dict[str, Any], key: str, default: list[str] | None) -> list[str]:
+    value = body.get(key, default)
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ApiError(422, "invalid_field", f"{key} must be a list of strings")
+    return list(dict.fromkeys(value))
+
+
+def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
+    """The request as the engine's ``AuditSpec.to_dict()``: what the audit row stores and the
+    worker runs. Every rule is the engine's, so the API refuses exactly what a worker would."""
+    methods = _str_list(body, "methods", None)
+    if not methods:
+        raise ApiError(422, "invalid_field", "methods must name at least one saliency method")
+    check_methods(methods)
+    tests = _str_list(body, "tests", ["cascading"])
+    if tests == ["all"]:
+        tests = [t for t in TESTS if t != "data_randomization" or body.get("train_dataset_id")]
+    layers = _str_list(body, "layers", None)
+    if len(layers) > 1:
+        raise ApiError(
+            422,
+            "invalid_field",
+            "layers: one layer for the CAM family and Relevance-CAM per audit (per-layer "
+            "analysis over several layers is not available yet)",
+        )
+    seed = body.get("seed", 0)
+    batch_size = body.get("batch_size", 16)
+    for key, value in (("seed", seed), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ApiError(422, "invalid_field", f"{key} must be an integer")
+    policy = body.get("policy")
+    if policy is not None:
+        if not isinstance(policy, dict):
+            raise ApiError(422, "invalid_policy", "policy must be a JSON object")
+        try:
+            load_policy(policy)
+        except SpecError as exc:
+            raise ApiError(422, "invalid_policy", exc.message) from None
+    for key in ("params", "training"):
+        if body.get(key) is not None and not isinstance(body[key], dict):
+            raise ApiError(422, "invalid_field", f"{key} must be a JSON object")
+    spec = AuditSpec.from_dict(
+        {
+            "methods": methods,
+            "tests": tests,
+            "layer": layers[0] if layers else None,
+            "seed": seed,
+            "batch_size": batch_size,
+            "device": "auto",
+            "granularity": body.get("granularity", "block"),
+            "measures": _str_list(body, "measures", list(MEASURES)),
+            "policy": policy,
+            "params": body.get("params") or {},
+            "training": body.get("training") or {},
+        }
+    )
+    return spec.to_dict()
+
+
+def request_fingerprint(body: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+
+
+def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, Any]:
+    links = {
+        "self": url_for("audits.get_audit", audit_id=audit.id),
+        "report": url_for("audits.report_json", audit_id=audit.id),
+        "results": url_for("audits.results", audit_id=audit.id),
+        "heatmaps": url_for("audits.heatmaps", audit_id=audit.id),
+        "model": url_for("models.get_model", model_id=audit.model_id),
+    }
+    body: dict[str, Any] = {
+        "id": audit.id,
+        "state": audit.state,
+        "progress": round(audit.progress or 0.0, 4),
+        "step": audit.step,
+        "attempts": audit.attempts,
+        "model_id": audit.model_id,
+        "dataset_id": audit.dataset_id,
+        "train_dataset_id": audit.train_dataset_id,
+        "spec": audit.spec,
+        "error": audit.error,
+        "cancel_requested": audit.cancel_requested,
+        "created_at": iso(audit.created_at),
+        "started_at": iso(audit.started_at),
+        "heartbeat_at": iso(audit.heartbeat_at),
+        "finished_at": iso(audit.finished_at),
+        "verdict_summary": audit.verdict_summary,
+        "links": links,
+    }
+    if verdicts is not None:
+        body["verdicts"] = [
+            {
+                "method": v.method,
+                "test": v.test,
+                "verdict": v.verdict,
+                "reason": v.reason,
+                "measure": v.measure,
+                "stage": v.stage,
+                "threshold": v.threshold,
+                "mean": v.mean,
+                "ci_low": v.ci_low,
+                "ci_high": v.ci_high,
+                "n": v.n,
+                "is_control": v.is_control,
+                "policy_version": v.policy_version,
+            }
+            for v in verdicts
+        ]
+    return body
+
+
+def _accepted(audit: Audit, replayed: bool) -> Response:
+    response = jsonify(render(audit))
+    response.status_code = 202 if audit.state not in FINAL_STATES else 200
+    response.headers["Location"] = url_for("audits.get_audit", audit_id=audit.id)
+    if audit.state not in FINAL_STATES:
+        response.headers["Retry-After"] = str(RETRY_AFTER_S)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _replay(session: Any, key: str, fingerprint: str) -> Audit | None:
+    existing = session.scalars(
+        select(Audit).where(Audit.tenant_id == tenant_id(), Audit.idempotency_key == key)
+    ).one_or_none()
+    if existing is not None and existing.request_sha256 != fingerprint:
+        raise ApiError(
+            422,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used for a different request body; use a new key",
+            audit_id=existing.id,
+        )
+    return existing
+
+
+@bp.post("")
+def submit() -> Any:
+    st = state()
+    body = json_body()
+    check_keys(body, BODY_KEYS, "audit")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 characters")
+    fingerprint = request_fingerprint(body)
+    with st.db.session() as session:
+        if key is not None and (existing := _replay(session, key, fingerprint)) is not None:
+            return _accepted(existing, replayed=True)
+    spec = engine_spec(body)
+    with st.db.session() as session:
+        for field in ("model_id", "dataset_id"):
+            if not isinstance(body.get(field), str):
+                raise ApiError(422, "invalid_field", f"{field} is required (a string id)")
+        model = session.get(ModelRecord, body["model_id"])
+        if model is None or model.tenant_id != tenant_id() or model.deleted_at is not None:
+            raise ApiError(422, "unknown_model", f"no model with id {body['model_id']!r}")
+        dataset = _dataset(session, body["dataset_id"], "dataset_id")
+        train_id = body.get("train_dataset_id")
+        if train_id is not None:
+            train = _dataset(session, train_id, "train_dataset_id")
+            if not train.labeled:
+                raise ApiError(
+                    422,
+                    "unlabeled_training_set",
+                    "train_dataset_id must be a labeled dataset (one folder of images per class)",
+                )
+        if "data_randomization" in spec["tests"] and train_id is None:
+            raise ApiError(
+                422,
+                "training_set_required",
+                "the data_randomization test needs train_dataset_id: a labeled dataset to train on",
+            )
+        audit = Audit(
+            tenant_id=tenant_id(),
+            model_id=model.id,
+            dataset_id=dataset.id,
+            train_dataset_id=train_id,
+            spec=spec,
+            state="queued",
+            step="queued",
+            idempotency_key=key,
+            request_sha256=fingerprint,
+        )
+        session.add(audit)
+        try:
+            session.commit()
+        except IntegrityError:
+            # a concurrent request with the same key won the race
+            session.rollback()
+            existing = _replay(session, key, fingerprint) if key is not None else None
+            if existing is None:
+                raise
+            return _accepted(existing, replayed=True)
+    # committed: now it may be sent (a failed send is repaired by the reconciler)
+    st.enqueue(st.db, audit.id)
+    return _accepted(audit, replayed=False)
+
+
+def _dataset(session: Any, dataset_id: Any, field: str) -> DatasetRecord:
+    row = session.get(DatasetRecord, dataset_id) if isinstance(dataset_id, str) else None
+    if row is None or row.tenant_id != tenant_id() or row.deleted_at is not None:
+        raise ApiError(422, "unknown_dataset", f"{field}: no dataset with id {dataset_id!r}")
+    return row
+
+
+@bp.get("")
+def list_audits() -> Any:
+    model_id = request.args.get("model_id")
+    state_filter = request.args.get("state")
+    if state_filter is not None and state_filter not in AUDIT_STATES:
+        raise ApiError(400, "invalid_filter", f"state must be one of {', '.join(AUDIT_STATES)}")
+    with state().db.session() as session:
+        query = select(Audit).where(Audit.tenant_id == tenant_id())
+        if model_id is not None:
+            query = query.where(Audit.model_id == model_id)
+        if state_filter is not None:
+            query = query.where(Audit.state == state_filter)
+        query = query.order_by(Audit.created_at.desc(), Audit.id)
+        return jsonify(
+            paginated(
+                session,
+                query,
+                render,
+                "audits.list_audits",
+                model_id=model_id,
+                state=state_filter,
+            )
+        )
+
+
+@bp.get("/<audit_id>")
+def get_audit(audit_id: str) -> Any:
+    with state().db.session() as session:
+        audit = get_owned(session, Audit, audit_id, "audit")
+        verdicts = None
+        if audit.state == "succeeded":
+            verdicts = session.scalars(
+                select(VerdictRow).where(VerdictRow.audit_id == audit.id).order_by(VerdictRow.id)
+            ).all()
+        response = jsonify(render(audit, list(verdicts) if verdicts is not None else None))
+        if audit.state not in FINAL_STATES:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
+
+@bp.delete("/<audit_id>")
+def cancel(audit_id: str) -> Any:
+    """Cancel: a queued audit is canceled at once; a running one stops at its next heartbeat."""
+    with state().db.session() as session:
+        audit = get_owned(session, Audit, audit_id, "audit")
+        if audit.state in FINAL_STATES:
+            raise ApiError(
+                409, "audit_finished", f"the audit already {audit.state}; nothing to cancel"
+            )
+        audit.cancel_requested = True
+        if audit.state == "queued":
+            audit.state = "canceled"
+            audit.step = "canceled"
+            audit.finished_at = utcnow()
+        session.flush()
+        response = jsonify(render(audit))
+    response.status_code = 202 if audit.state != "canceled" else 200
+    return response
+
+
+def _finished(session: Any, audit_id: str) -> Audit:
+    audit = get_owned(session, Audit, audit_id, "audit")
+    if audit.state != "succeeded":
+        raise ApiError(
+            409,
+            "audit_not_succeeded",
+            f"the audit is {audit.state}; results exist once it has succeeded",
+            state=audit.state,
+        )
+    return audit
+
+
+@bp.get("/<audit_id>/report.json")
+def report_json(audit_id: str) -> Any:
+    st = state()
+    with st.db.session() as session:
+        audit = _finished(session, audit_id)
+        sha = audit.report_sha256
+    if sha is None:
+        raise ApiError(500, "report_missing", "the audit has no stored report")
+    try:
+        handle = st.store.open(sha)
+    except ArtifactMissing:
+        raise ApiError(500, "report_missing", "the stored report file is missing") from None
+    return send_file(handle, mimetype="application/json", etag=sha, conditional=True)
+
+
+@bp.get("/<audit_id>/results")
+def results(audit_id: str) -> Any:
+    """Every score row, filterable by method, test, measure and stage."""
+    with state().db.session() as session:
+        _finished(session, audit_id)
+        query = select(ResultRow).where(ResultRow.audit_id == audit_id)
+        for key in ("method", "test", "measure", "stage"):
+            if (value := request.args.get(key)) is not None:
+                query = query.where(getattr(ResultRow, key) == value)
+        rows = session.scalars(query.order_by(ResultRow.id)).all()
+        return jsonify(
+            items=[
+                {
+                    "method": r.method,
+                    "test": r.test,
+                    "measure": r.measure,
+                    "stage": r.stage,
+                    "stage_index": r.stage_index,
+                    "mean": r.mean,
+                    "ci_low": r.ci_low,
+                    "ci_high": r.ci_high,
+                    "n": r.n,
+                    "n_undefined": r.n_undefined,
+                }
+                for r in rows
+            ]
+        )
+
+
+@bp.get("/<audit_id>/heatmaps")
+def heatmaps(audit_id: str) -> Any:
+    """The heatmap PNGs: the trained model's maps (test ``model``, stage ``trained``) and the
+    maps each test kept per stage; filterable by method, test, stage and image."""
+    with state().db.session() as session:
+        _finished(session, audit_id)
+        query = select(AuditArtifact).where(
+            AuditArtifact.audit_id == audit_id, AuditArtifact.kind == "heatmap_png"
+        )
+        for key in ("method", "test", "stage", "image"):
+            if (value := request.args.get(key)) is not None:
+                query = query.where(getattr(AuditArtifact, key) == value)
+        rows = session.scalars(query.order_by(AuditArtifact.id)).all()
+        return jsonify(
+            items=[
+                {
+                    "method": r.method,
+                    "test": r.test,
+                    "stage": r.stage,
+                    "image": r.image,
+                    "sha256": r.sha256,
+                    "url": url_for("audits.heatmap_png", audit_id=audit_id, heatmap_id=r.id),
+                }
+                for r in rows
+            ]
+        )
+
+
+@bp.get("/<audit_id>/heatmaps/<int:heatmap_id>.png")
+def heatmap_png(audit_id: str, heatmap_id: int) -> Any:
+    st = state()
+    with st.db.session() as session:
+        audit = get_owned(session, Audit, audit_id, "audit")
+        row = session.get(AuditArtifact, heatmap_id)
+        if row is None or row.audit_id != audit.id or row.kind != "heatmap_png":
+            raise ApiError(404, "not_found", f"no heatmap {heatmap_id} in audit {audit_id}")
+        sha = row.sha256
+    try:
+        handle = st.store.open(sha)
+    except ArtifactMissing:
+        raise ApiError(500, "artifact_missing", "the stored heatmap file is missing") from None
+    response = send_file(handle, mimetype="image/png", etag=sha, conditional=True)
+    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
+    return response

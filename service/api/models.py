@@ -1,0 +1,167 @@
+"""``/v1/models``: upload, list, fetch and delete classifiers.
+
+An upload is streamed to disk, checked without executing anything (``onnx.checker`` and no
+external data for ONNX, a parsed header for safetensors, a static scan of the pickle opcodes for
+``torch.save`` zips: :mod:`service.uploads`) and stored once per tenant by sha256: uploading the
+same bytes again answers 200 with the existing model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from flask import Blueprint, jsonify, url_for
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from workers.engine.errors import SpecError
+from workers.engine.spec import InputSpec
+
+from ..app import state
+from ..models import Audit, ModelRecord, utcnow
+from ..problems import ApiError
+from ..uploads import inspect_model
+from .common import (
+    check_keys,
+    file_part,
+    get_owned,
+    iso,
+    live_rows,
+    metadata_part,
+    paginated,
+    race_winner,
+    receive_upload,
+    tenant_id,
+    upload_response,
+)
+
+bp = Blueprint("models", __name__, url_prefix="/v1/models")
+METADATA_KEYS = {"name", "architecture", "input_spec", "class_names"}
+
+
+def render(row: ModelRecord) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "name": row.name,
+        "format": row.format,
+        "architecture": row.architecture,
+        "sha256": row.sha256,
+        "size_bytes": row.size_bytes,
+        "input_spec": row.input_spec,
+        "class_names": row.class_names,
+        "details": row.details,
+        "created_at": iso(row.created_at),
+        "links": {
+            "self": url_for("models.get_model", model_id=row.id),
+            "audits": url_for("audits.list_audits", model_id=row.id),
+        },
+    }
+
+
+def _input_spec_overrides(meta: dict[str, Any]) -> dict[str, Any]:
+    overrides = meta.get("input_spec") or {}
+    if not isinstance(overrides, dict):
+        raise ApiError(422, "invalid_metadata", "metadata.input_spec must be a JSON object")
+    overrides = dict(overrides)
+    class_names = meta.get("class_names")
+    if class_names is not None:
+        if not isinstance(class_names, list) or not all(isinstance(c, str) for c in class_names):
+            raise ApiError(
+                422, "invalid_metadata", "metadata.class_names must be a list of strings"
+            )
+        overrides["class_names"] = class_names
+    try:
+        # validated against the engine's own rules (every field, with the defaults filled in)
+        InputSpec.from_dict({**InputSpec().to_dict(), **overrides})
+    except (SpecError, TypeError, ValueError) as exc:
+        raise ApiError(422, "invalid_input_spec", f"metadata.input_spec: {exc}") from None
+    return overrides
+
+
+@bp.post("")
+def upload_model() -> Any:
+    st = state()
+    upload = file_part()
+    meta = metadata_part()
+    check_keys(meta, METADATA_KEYS, "model metadata")
+    architecture = meta.get("architecture")
+    if architecture is not None and not isinstance(architecture, str):
+        raise ApiError(422, "invalid_metadata", "metadata.architecture must be a string")
+    overrides = _input_spec_overrides(meta)
+    filename = upload.filename or "model"
+    name = str(meta.get("name") or filename)[:300]
+    received = receive_upload(upload, st.config.max_model_bytes)
+    try:
+        info = inspect_model(
+            received.path, filename, architecture=architecture, max_bytes=st.config.max_model_bytes
+        )
+        if info.format == "onnx" and architecture is not None:
+            raise ApiError(
+                422,
+                "architecture_not_used",
+                "metadata.architecture applies to weights files (safetensors, torch.save); "
+                "an ONNX file carries its own graph",
+            )
+        try:
+            with st.db.session() as session:
+                existing = session.scalars(
+                    select(ModelRecord).where(
+                        ModelRecord.tenant_id == tenant_id(),
+                        ModelRecord.sha256 == received.sha256,
+                    )
+                ).one_or_none()
+                if existing is not None and existing.deleted_at is None:
+                    return upload_response(render(existing), 200)
+                st.store.commit(received)
+                row = existing or ModelRecord(tenant_id=tenant_id(), sha256=received.sha256)
+                row.name = name
+                row.format = info.format
+                row.architecture = architecture if info.format != "onnx" else None
+                row.size_bytes = received.size
+                row.input_spec = overrides
+                row.class_names = overrides.get("class_names")
+                row.details = asdict(info)
+                row.created_at = utcnow()
+                row.deleted_at = None
+                session.add(row)
+                session.flush()
+                body = render(row)
+        except IntegrityError:
+            return race_winner(ModelRecord, received.sha256, render)
+    finally:
+        st.store.discard(received)  # no-op once committed
+    return upload_response(body, 201)
+
+
+@bp.get("")
+def list_models() -> Any:
+    with state().db.session() as session:
+        query = live_rows(ModelRecord)
+        return jsonify(paginated(session, query, render, "models.list_models"))
+
+
+@bp.get("/<model_id>")
+def get_model(model_id: str) -> Any:
+    with state().db.session() as session:
+        return jsonify(render(get_owned(session, ModelRecord, model_id, "model")))
+
+
+@bp.delete("/<model_id>")
+def delete_model(model_id: str) -> Any:
+    """Hide the model. Refused while an audit of it is queued or running; finished audits keep
+    their reports (the file stays in the store for them)."""
+    with state().db.session() as session:
+        row = get_owned(session, ModelRecord, model_id, "model")
+        active = session.scalars(
+            select(Audit.id).where(Audit.model_id == row.id, Audit.state.in_(("queued", "running")))
+        ).all()
+        if active:
+            raise ApiError(
+                409,
+                "model_in_use",
+                f"{len(active)} audits of this model are queued or running; cancel them first",
+                audits=list(active),
+            )
+        row.deleted_at = utcnow()
+    return "", 204

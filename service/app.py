@@ -1,0 +1,104 @@
+"""The Flask application factory: ``create_app(config)``.
+
+Nothing is global at import time: the factory builds the database pool, the artifact store and
+the enqueuer from one :class:`~service.config.Config` and keeps them in ``app.extensions``.
+A production server runs ``gunicorn 'service.app:create_app()'``; ``saliency-audit serve``
+runs the same app embedded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, current_app, g, request
+
+from .artifacts import ArtifactStore
+from .config import Config
+from .db import Database
+from .jobs import Enqueuer, broker_probe, reconcile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class State:
+    config: Config
+    db: Database
+    store: ArtifactStore
+    enqueue: Enqueuer
+
+    def reconcile_once(self) -> dict[str, list[str]]:
+        return reconcile(self.db, self.enqueue, broker_probe(self.config)).to_dict()
+
+
+def state() -> State:
+    value: State = current_app.extensions["saliency_audit"]
+    return value
+
+
+def create_app(config: Config | None = None, *, celery_app: Any | None = None) -> Flask:
+    config = config or Config.from_env()
+    app = Flask("saliency_audit")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_request_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    st = State(
+        config=config,
+        db=Database.from_config(config),
+        store=ArtifactStore(config.resolved_artifact_dir),
+        enqueue=Enqueuer(config, celery_app),
+    )
+    app.extensions["saliency_audit"] = st
+
+    from .api import audits, datasets, meta, models
+    from .problems import register_error_handlers
+
+    register_error_handlers(app)
+    for blueprint in (meta.bp, models.bp, datasets.bp, audits.bp):
+        app.register_blueprint(blueprint)
+
+    @app.before_request
+    def _authenticate() -> None:
+        # a CORS preflight (OPTIONS) carries no credentials
+        if (
+            request.path.startswith("/v1/")
+            and request.endpoint is not None
+            and request.method != "OPTIONS"
+        ):
+            from .auth import require_tenant
+
+            with st.db.session() as session:
+                require_tenant(session)
+
+    @app.after_request
+    def _headers(response: Any) -> Any:
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if getattr(g, "tenant_id", None):
+            response.headers.setdefault("Vary", "Authorization")
+        return response
+
+    if config.run_reconciler_in_api:
+        start_reconciler(st)
+    return app
+
+
+def start_reconciler(st: State) -> threading.Thread:
+    """A daemon thread that reconciles every ``reconcile_interval_s`` (embedded mode; in
+    production ``saliency-audit reconcile`` runs as its own process)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                st.reconcile_once()
+            except Exception as exc:  # a database or broker blip: try again next round
+                log.warning("reconciler pass failed: %s", exc)
+            if stop.wait(st.config.reconcile_interval_s):
+                return
+
+    thread = threading.Thread(target=loop, name="reconciler", daemon=True)
+    thread.start()
+    return thread

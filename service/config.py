@@ -1,0 +1,136 @@
+"""The one configuration object of the service, the workers and the CLI.
+
+Everything comes from the environment with the prefix ``SALIENCY_AUDIT_`` (plus the two names
+every deployment tool already speaks: ``DATABASE_URL`` and ``BROKER_URL``). With nothing set,
+the service runs *embedded*: a SQLite file database, an artifact folder and a broker that needs
+no server (Celery's SQLAlchemy transport on a second SQLite file), all under one data folder in
+the working directory. Setting ``DATABASE_URL`` to Postgres and ``BROKER_URL`` to Redis gives
+the production shape with no code change.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+PREFIX = "SALIENCY_AUDIT_"
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting in the environment cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path = Path("saliency-audit-data")
+    # None: derived from data_dir (embedded mode)
+    database_url: str | None = None
+    broker_url: str | None = None
+    artifact_dir: Path | None = None
+    queue: str = "gpu"
+    # upload limits
+    max_model_bytes: int = 2048 * MiB
+    max_dataset_bytes: int = 2048 * MiB
+    max_request_bytes: int = 2100 * MiB
+    # job lifecycle (seconds)
+    soft_time_limit_s: int = 3 * 3600
+    hard_time_limit_s: int = 3 * 3600 + 300
+    heartbeat_interval_s: float = 5.0
+    heartbeat_stale_s: float = 120.0
+    # a queued audit whose message is not in the broker is re-enqueued once it is this old
+    requeue_after_s: float = 30.0
+    max_attempts: int = 3
+    reconcile_interval_s: float = 30.0
+    # run the reconciler inside the API process (embedded mode turns it on)
+    reconcile_in_api: bool | None = None
+    page_size_max: int = 100
+    log_level: str = "INFO"
+
+    @property
+    def embedded(self) -> bool:
+        """No database and no broker configured: everything lives in ``data_dir``."""
+        return self.database_url is None and self.broker_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return normalize_database_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'saliency-audit.sqlite').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.sqlite').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def run_reconciler_in_api(self) -> bool:
+        return self.embedded if self.reconcile_in_api is None else self.reconcile_in_api
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        """Redis redelivers an unacknowledged message after this long: it must outlast the
+        longest audit (the hard time limit) or a running audit would be delivered twice."""
+        return self.hard_time_limit_s + 600
+
+    def __post_init__(self) -> None:
+        if self.hard_time_limit_s <= self.soft_time_limit_s:
+            raise ConfigError("hard_time_limit_s must be greater than soft_time_limit_s")
+        if self.heartbeat_stale_s <= 2 * self.heartbeat_interval_s:
+            raise ConfigError("heartbeat_stale_s must exceed twice heartbeat_interval_s")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be >= 1")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None and f.name in ("database_url", "broker_url"):
+                raw = env.get(f.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, raw, f.type)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_overrides(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+
+def _parse(name: str, raw: str, type_: Any) -> Any:
+    text = str(type_)
+    try:
+        if "bool" in text:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if "Path" in text:
+            return Path(raw)
+        if text == "int":
+            return int(raw)
+        if text == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{PREFIX}{name.upper()}={raw!r} is not a valid {text}") from None
+    return raw
+
+
+def normalize_database_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` (what Heroku-style tools hand out) use psycopg 3."""
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url

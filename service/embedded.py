@@ -1,0 +1,133 @@
+"""``saliency-audit serve``: the API, and in embedded mode its worker, from one command.
+
+Embedded (no ``DATABASE_URL`` / ``BROKER_URL``): the schema is brought up to date in the SQLite
+file, a real Celery worker process is started on the SQLAlchemy transport (no broker server),
+and the API runs the reconciler in a thread. With a database and broker configured, ``serve``
+runs only the API (workers are separate ``celery -A workers worker -Q gpu`` processes) unless
+``--worker`` asks for one beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from types import FrameType
+
+from .config import PREFIX, Config
+
+log = logging.getLogger(__name__)
+
+
+def config_environment(config: Config, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables that give a child process exactly this configuration."""
+    env = dict(os.environ if base is None else base)
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None:
+            env.pop(PREFIX + f.name.upper(), None)
+            continue
+        env[PREFIX + f.name.upper()] = str(value)
+    env.pop("DATABASE_URL", None)
+    env.pop("BROKER_URL", None)
+    return env
+
+
+def worker_command(config: Config, loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers",
+        "worker",
+        "-Q",
+        config.queue,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "--prefetch-multiplier",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        loglevel,
+    ]
+
+
+def start_worker(config: Config, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (kept open)
+    return subprocess.Popen(
+        worker_command(config),
+        env=config_environment(config),
+        stdout=out or None,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
+    )
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """Warm shutdown (SIGTERM lets the running task finish its step), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except (subprocess.TimeoutExpired, ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+def serve(config: Config, host: str, port: int, with_worker: bool | None, threads: int) -> int:
+    from waitress import create_server
+
+    from . import db
+    from .app import create_app
+
+    if config.embedded:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        db.upgrade(config.resolved_database_url)
+    worker = None
+    if with_worker if with_worker is not None else config.embedded:
+        log_path = config.data_dir / "worker.log"
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        worker = start_worker(config, log_path)
+        print(f"worker: pid {worker.pid}, log {log_path}", file=sys.stderr, flush=True)
+    app = create_app(config)
+    server = create_server(app, host=host, port=port, threads=threads)
+
+    def shutdown(signum: int, frame: FrameType | None) -> None:
+        server.close()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, shutdown)
+    from sqlalchemy.engine import make_url
+
+    where = (
+        str(config.data_dir.resolve())
+        if config.embedded
+        else make_url(config.resolved_database_url).render_as_string(hide_password=True)
+    )
+    mode = "embedded" if config.embedded else "external database and broker"
+    print(
+        f"saliency-audit serving on http://{host}:{server.effective_port} ({mode}; data in "
+        f"{where})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.run()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+    return 0

@@ -1,0 +1,444 @@
+"""The job lifecycle: enqueue after commit, claim, heartbeat, reconcile.
+
+The audit row is the truth. It is written (``queued``) and committed before anything is sent to
+the broker, so a broker that is down or loses the message never loses the job: the reconciler
+finds queued audits whose message is not in the broker and sends them again, and running audits
+whose heartbeat went stale (the worker died) are queued again, up to ``max_attempts`` claims;
+after that the audit fails with the reason. Every transition is one conditional UPDATE, so any
+number of reconcilers and workers can race without double-running an audit: a duplicate message
+finds the audit already claimed and does nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.orm import Session
+
+from .config import Config
+from .db import Database
+from .models import FINAL_STATES, Audit, AuditArtifact, ResultRow, VerdictRow, utcnow
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "workers.run_audit"
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------- enqueue
+
+
+class Enqueuer:
+    """Sends an audit's task to the broker and records which task id carries it."""
+
+    def __init__(self, config: Config, celery_app: Any | None = None) -> None:
+        self.config = config
+        self._app = celery_app
+
+    @property
+    def app(self) -> Any:
+        if self._app is None:
+            from workers.celery import create_celery
+
+            self._app = create_celery(self.config)
+        return self._app
+
+    def __call__(self, db: Database, audit_id: str) -> bool:
+        """Send the task (a fresh task id each time); False when the broker is unreachable,
+        which the reconciler will repair."""
+        task_id = uuid.uuid4().hex
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                args=[audit_id],
+                task_id=task_id,
+                queue=self.config.queue,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+        except Exception as exc:  # kombu raises OperationalError and friends
+            log.warning("could not enqueue audit %s: %s", audit_id, exc)
+            return False
+        with db.session() as session:
+            session.execute(
+                update(Audit)
+                .where(Audit.id == audit_id, Audit.state == "queued")
+                .values(task_id=task_id, enqueued_at=utcnow())
+            )
+        return True
+
+
+# ---------------------------------------------------------------------------------- claim
+
+
+class Claim(enum.Enum):
+    CLAIMED = "claimed"
+    MISSING = "missing"
+    FINISHED = "finished"  # succeeded, failed or canceled already
+    BUSY = "busy"  # running elsewhere with a live heartbeat
+    EXHAUSTED = "exhausted"  # the attempt cap was reached: the audit is now failed
+
+
+def _stale_before(config: Config, now: datetime) -> datetime:
+    return now - timedelta(seconds=config.heartbeat_stale_s)
+
+
+def _dead_local_worker(worker: str | None) -> bool:
+    """The previous attempt ran on this host in a process that no longer exists (its pool child
+    was killed): no need to wait for its heartbeat to go stale."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
+def claim(db: Database, audit_id: str, worker: str, config: Config) -> Claim:
+    """Take an audit for this worker: queued, or running with a stale heartbeat or a dead local
+    worker. Clears the audit's partial results from any earlier attempt in the same
+    transaction, so a re-run never duplicates rows."""
+    now = utcnow()
+    with db.session() as session:
+        audit = session.get(Audit, audit_id)
+        if audit is None:
+            return Claim.MISSING
+        if audit.state in FINAL_STATES:
+            return Claim.FINISHED
+        takeable = or_(
+            Audit.state == "queued",
+            and_(Audit.state == "running", Audit.heartbeat_at < _stale_before(config, now)),
+        )
+        if audit.state == "running" and _dead_local_worker(audit.worker):
+            takeable = or_(takeable, and_(Audit.state == "running", Audit.worker == audit.worker))
+        if audit.cancel_requested:
+            _finish_canceled(session, audit_id)
+            return Claim.FINISHED
+        if audit.attempts >= config.max_attempts:
+            failed = session.execute(
+                update(Audit)
+                .where(Audit.id == audit_id, takeable)
+                .values(
+                    state="failed",
+                    finished_at=now,
+                    step="failed",
+                    error=exhausted_error(audit.attempts, config.max_attempts, audit.worker),
+                )
+            )
+            return Claim.EXHAUSTED if failed.rowcount else Claim.BUSY  # type: ignore[attr-defined]
+        claimed = session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, takeable)
+            .values(
+                state="running",
+                attempts=Audit.attempts + 1,
+                worker=worker,
+                started_at=now,
+                heartbeat_at=now,
+                progress=0.0,
+                step="starting",
+                error=None,
+            )
+        )
+        if not claimed.rowcount:  # type: ignore[attr-defined]
+            return Claim.BUSY
+        clear_results(session, audit_id)
+    return Claim.CLAIMED
+
+
+def clear_results(session: Session, audit_id: str) -> None:
+    for table in (ResultRow, VerdictRow, AuditArtifact):
+        session.execute(delete(table).where(table.audit_id == audit_id))
+
+
+def exhausted_error(attempts: int, cap: int, worker: str | None) -> dict[str, Any]:
+    return {
+        "code": "attempts_exhausted",
+        "message": (
+            f"the worker running this audit was lost on each of {attempts} attempts (attempt "
+            f"cap {cap}; last worker {worker or 'unknown'}); the audit may crash or exhaust "
+            "its worker (memory, time limit)"
+        ),
+    }
+
+
+def _finish_canceled(session: Session, audit_id: str) -> None:
+    session.execute(
+        update(Audit)
+        .where(Audit.id == audit_id, Audit.state.not_in(FINAL_STATES))
+        .values(state="canceled", finished_at=utcnow(), step="canceled")
+    )
+
+
+# ---------------------------------------------------------------------------------- owner
+
+
+class Lost(Exception):
+    """This worker no longer owns the audit (canceled, or taken over after a stale heartbeat)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Ownership:
+    """What a running attempt writes: heartbeats, progress, and its end state, each guarded by
+    ``worker`` so an attempt that was superseded cannot overwrite its successor."""
+
+    db: Database
+    audit_id: str
+    worker: str
+
+    def _owned(self) -> Any:
+        return and_(
+            Audit.id == self.audit_id, Audit.state == "running", Audit.worker == self.worker
+        )
+
+    def heartbeat(self, progress: float | None = None, step: str | None = None) -> None:
+        """Raises :class:`Lost` when the audit was canceled or taken away."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = max(0.0, min(1.0, progress))
+        if step is not None:
+            values["step"] = step[:300]
+        with self.db.session() as session:
+            result = session.execute(update(Audit).where(self._owned()).values(**values))
+            if not result.rowcount:  # type: ignore[attr-defined]
+                raise Lost("the audit is no longer owned by this worker")
+            canceled = session.scalar(select(Audit.cancel_requested).where(self._owned()))
+        if canceled:
+            raise Lost("canceled")
+
+    def finish_canceled(self) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Audit)
+                .where(self._owned())
+                .values(state="canceled", finished_at=utcnow(), step="canceled")
+            )
+
+    def fail(self, error: dict[str, Any]) -> None:
+        with self.db.session() as session:
+            session.execute(
+                update(Audit)
+                .where(self._owned())
+                .values(state="failed", finished_at=utcnow(), step="failed", error=error)
+            )
+
+    def succeed(self, write_results: Callable[[Session], dict[str, Any]]) -> bool:
+        """Write the results and mark the audit succeeded in one transaction, only if this
+        attempt still owns it. ``write_results`` adds the rows and returns the audit columns to
+        set (report sha, verdict summary)."""
+        with self.db.session() as session:
+            owned = session.scalar(select(Audit.id).where(self._owned()).with_for_update())
+            if owned is None:
+                return False
+            clear_results(session, self.audit_id)
+            values = write_results(session)
+            session.execute(
+                update(Audit)
+                .where(self._owned())
+                .values(
+                    state="succeeded",
+                    progress=1.0,
+                    step="done",
+                    finished_at=utcnow(),
+                    heartbeat_at=utcnow(),
+                    **values,
+                )
+            )
+        return True
+
+
+# ---------------------------------------------------------------------------------- reconcile
+
+
+@dataclass
+class ReconcileReport:
+    requeued_lost_messages: list[str] = field(default_factory=list)
+    requeued_stale: list[str] = field(default_factory=list)
+    failed_exhausted: list[str] = field(default_factory=list)
+    canceled: list[str] = field(default_factory=list)
+    # re-queued in the database but not sent: the broker is down; the next pass retries
+    enqueue_failed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {
+            "requeued_lost_messages": self.requeued_lost_messages,
+            "requeued_stale": self.requeued_stale,
+            "failed_exhausted": self.failed_exhausted,
+            "canceled": self.canceled,
+            "enqueue_failed": self.enqueue_failed,
+        }
+
+
+def reconcile(
+    db: Database, enqueue: Enqueuer, broker_has_task: Callable[[str], bool | None]
+) -> ReconcileReport:
+    """One pass: repair running audits whose worker died and queued audits whose broker
+    message is gone. ``broker_has_task(task_id)`` answers True/False, or None when the broker
+    cannot be asked (then a queued audit is re-sent once it is ``requeue_after_s`` old; a
+    duplicate message is harmless)."""
+    config = enqueue.config
+    now = utcnow()
+    report = ReconcileReport()
+    to_enqueue: list[str] = []
+    with db.session() as session:
+        stale = session.scalars(
+            select(Audit).where(
+                Audit.state == "running",
+                or_(
+                    Audit.heartbeat_at < _stale_before(config, now),
+                    Audit.heartbeat_at.is_(None),
+                ),
+            )
+        ).all()
+        for audit in stale:
+            guard = and_(
+                Audit.id == audit.id,
+                Audit.state == "running",
+                Audit.worker == audit.worker,
+                or_(Audit.heartbeat_at == audit.heartbeat_at, Audit.heartbeat_at.is_(None)),
+            )
+            if audit.cancel_requested:
+                values: dict[str, Any] = {"state": "canceled", "finished_at": now}
+                bucket = report.canceled
+            elif audit.attempts >= config.max_attempts:
+                values = {
+                    "state": "failed",
+                    "finished_at": now,
+                    "step": "failed",
+                    "error": exhausted_error(audit.attempts, config.max_attempts, audit.worker),
+                }
+                bucket = report.failed_exhausted
+            else:
+                values = {
+                    "state": "queued",
+                    "step": f"re-queued: worker {audit.worker} stopped sending heartbeats",
+                    "progress": 0.0,
+                }
+                bucket = report.requeued_stale
+            if session.execute(update(Audit).where(guard).values(**values)).rowcount:  # type: ignore[attr-defined]
+                bucket.append(audit.id)
+                if values["state"] == "queued":
+                    to_enqueue.append(audit.id)
+        old = now - timedelta(seconds=config.requeue_after_s)
+        queued = session.scalars(
+            select(Audit).where(
+                Audit.state == "queued",
+                Audit.id.not_in(to_enqueue),
+                or_(Audit.enqueued_at.is_(None), Audit.enqueued_at < old),
+                Audit.created_at < old,
+            )
+        ).all()
+        for audit in queued:
+            if audit.cancel_requested:
+                _finish_canceled(session, audit.id)
+                report.canceled.append(audit.id)
+                continue
+            present = broker_has_task(audit.task_id) if audit.task_id else False
+            if present:
+                continue
+            to_enqueue.append(audit.id)
+            report.requeued_lost_messages.append(audit.id)
+    for audit_id in to_enqueue:
+        if not enqueue(db, audit_id):
+            report.enqueue_failed.append(audit_id)
+    if any(report.to_dict().values()):
+        log.info("reconciler: %s", json.dumps(report.to_dict()))
+    return report
+
+
+# ---------------------------------------------------------------------------------- broker
+
+
+def broker_probe(config: Config) -> Callable[[str], bool | None]:
+    """``has_task(task_id)``: whether the broker still holds the task, waiting or delivered
+    but unacknowledged. Knows Redis and the embedded SQLAlchemy transport; None elsewhere."""
+    url = config.resolved_broker_url
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        # kombu's Redis transport: a list per queue (and per priority step) and one hash of
+        # delivered, unacknowledged messages
+        keys = [config.queue, *(f"{config.queue}\x06\x16{p}" for p in (3, 6, 9))]
+
+        def has_task_redis(task_id: str) -> bool | None:
+            needle = task_id.encode()
+            try:
+                for key in keys:
+                    if any(needle in raw for raw in client.lrange(key, 0, -1)):
+                        return True
+                return any(needle in raw for raw in client.hvals("unacked"))
+            except redis.RedisError:
+                return None
+
+        return has_task_redis
+    if url.startswith("sqla+"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url[len("sqla+") :])
+
+        def has_task_sqla(task_id: str) -> bool | None:
+            try:
+                with engine.connect() as conn:
+                    row = conn.execute(
+                        text(
+                            "SELECT 1 FROM kombu_message WHERE visible = :v AND payload LIKE :p "
+                            "LIMIT 1"
+                        ),
+                        {"v": True, "p": f"%{task_id}%"},
+                    ).first()
+                return row is not None
+            except Exception:
+                # no table yet: nothing was ever sent
+                return False
+
+        return has_task_sqla
+    return lambda task_id: None
+
+
+def broker_ping(config: Config) -> None:
+    """Raises when the broker cannot be reached (for ``/readyz``)."""
+    url = config.resolved_broker_url
+    if url.startswith(("redis://", "rediss://")):
+        import redis
+
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    elif url.startswith("sqla+"):
+        from sqlalchemy import create_engine, text
+
+        engine = create_engine(url[len("sqla+") :])
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+    else:
+        from kombu import Connection
+
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1)

@@ -1,0 +1,244 @@
+"""SQLAlchemy 2 models: the service's state.
+
+Every row carries its tenant and every query filters by it (:mod:`service.tenancy`). The audit
+row is the truth about a job: its state, progress, heartbeat and attempts are what the API
+reports and what the reconciler acts on. Files (uploads, maps, PNGs, reports) live in the
+content-addressed artifact store and are referenced by sha256.
+
+The schema changes only through Alembic migrations (``migrations/versions``); a test checks
+that the migrations produce exactly these tables.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+AUDIT_STATES = ("queued", "running", "succeeded", "failed", "canceled")
+FINAL_STATES = ("succeeded", "failed", "canceled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware everywhere: SQLite keeps no zone, so values are stored as UTC and the
+    zone is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+            if dialect.name == "sqlite":
+                value = value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key is shown once; the row keeps its public prefix (for lookup) and the sha256
+    of the whole key (compared in constant time)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ModelRecord(Base):
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_models_tenant_sha"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(300))
+    format: Mapped[str] = mapped_column(String(20))  # onnx | safetensors | torch
+    architecture: Mapped[str | None] = mapped_column(String(100))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    input_spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # user overrides
+    class_names: Mapped[list[Any] | None] = mapped_column(JSON)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what the check found
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # deleted models disappear from the API; audits that used them keep their reports
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class DatasetRecord(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_datasets_tenant_sha"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(300))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the uploaded archive
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    n_images: Mapped[int] = mapped_column(Integer)
+    labeled: Mapped[bool] = mapped_column(default=False)
+    has_masks: Mapped[bool] = mapped_column(default=False)
+    has_boxes: Mapped[bool] = mapped_column(default=False)
+    class_names: Mapped[list[Any] | None] = mapped_column(JSON)
+    # images: name, sha256, label, width, height, mask_sha256, boxes
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class Audit(Base):
+    __tablename__ = "audits"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_audits_tenant_idem"),
+        Index("ix_audits_state_heartbeat", "state", "heartbeat_at"),
+        Index("ix_audits_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    train_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"))
+    # the validated request: methods, tests, layers, policy, seed, ...
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), default="queued")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    step: Mapped[str | None] = mapped_column(String(300))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))  # hostname:pid of the attempt
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    report_sha256: Mapped[str | None] = mapped_column(String(64))
+    maps_sha256: Mapped[str | None] = mapped_column(String(64))
+    verdict_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # method -> verdict
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class ResultRow(Base):
+    """One score: (method, test, measure, stage) with mean, 95% CI and n."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint(
+            "audit_id", "method", "test", "measure", "stage", name="uq_results_audit_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(100))
+    test: Mapped[str] = mapped_column(String(100))
+    measure: Mapped[str] = mapped_column(String(100))
+    stage: Mapped[str] = mapped_column(String(300))
+    stage_index: Mapped[int] = mapped_column(Integer)
+    mean: Mapped[float | None] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    n_undefined: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class VerdictRow(Base):
+    __tablename__ = "verdicts"
+    __table_args__ = (UniqueConstraint("audit_id", "method", "test", name="uq_verdicts_audit_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    method: Mapped[str] = mapped_column(String(100))
+    test: Mapped[str] = mapped_column(String(100))
+    verdict: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str] = mapped_column(Text)
+    measure: Mapped[str | None] = mapped_column(String(100))
+    stage: Mapped[str | None] = mapped_column(String(300))
+    threshold: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+    is_control: Mapped[bool] = mapped_column(default=False)
+    policy_version: Mapped[str | None] = mapped_column(String(50))
+
+
+class AuditArtifact(Base):
+    """A file an audit produced: report.json, maps.npz, one heatmap PNG per (method, test,
+    stage, image)."""
+
+    __tablename__ = "audit_artifacts"
+    __table_args__ = (
+        UniqueConstraint(
+            "audit_id", "kind", "method", "test", "stage", "image", name="uq_audit_artifacts_key"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(40))  # report_json | maps_npz | heatmap_png
+    method: Mapped[str] = mapped_column(String(100), default="")
+    test: Mapped[str] = mapped_column(String(100), default="")
+    stage: Mapped[str] = mapped_column(String(300), default="")
+    image: Mapped[str] = mapped_column(String(300), default="")
+    sha256: Mapped[str] = mapped_column(String(64))
+    media_type: Mapped[str] = mapped_column(String(100))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)

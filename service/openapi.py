@@ -1,0 +1,1485 @@
+"""The OpenAPI 3.1 description of the HTTP API (``GET /openapi.json``) and its HTML page
+(``GET /docs``).
+
+The document is plain data, built once per process from the same constants the routes use
+(the blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`,
+the engine's tests, measures, methods and dataclass fields), so an enum or a field list cannot
+drift from the code; ``tests/service/test_openapi.py`` checks the rest (every route documented,
+every rendered object valid against its schema). The HTML page is self-contained: no script,
+font or stylesheet is fetched from anywhere.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import html
+import json
+import re
+from functools import cache
+from importlib import metadata
+from typing import Any
+
+from workers.engine.catalogue import method_names
+from workers.engine.spec import MEASURES, TESTS, InputSpec, MethodParams, TrainRecipe
+
+from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
+from .api.common import DEFAULT_PAGE
+from .api.datasets import METADATA_KEYS as DATASET_METADATA_KEYS
+from .api.models import METADATA_KEYS as MODEL_METADATA_KEYS
+from .architectures import TORCHVISION_CLASSIFIERS
+from .models import AUDIT_STATES, FINAL_STATES
+from .problems import PROBLEM_JSON, TYPE_BASE
+
+Schema = dict[str, Any]
+
+TITLE = "saliency-audit"
+SCHEMAS = "#/components/schemas/"
+SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
+VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
+MODEL_FORMATS = ("onnx", "safetensors", "torch")
+
+FINAL = ", ".join(f"`{s}`" for s in FINAL_STATES)
+DESCRIPTION = f"""\
+Audits whether a saliency method depends on what an image classifier learned (the sanity
+checks of Adebayo et al. 2018: model and data randomization tests, with LRP and Relevance-CAM
+among the methods).
+
+Upload a classifier (`POST /v1/models`) and an image set (`POST /v1/datasets`), submit an
+audit (`POST /v1/audits`), follow it (`GET /v1/audits/{{audit_id}}`, honouring `Retry-After`)
+and, once it has succeeded, read its verdicts, scores, heatmaps and report.
+
+**Authentication.** Every `/v1/` route needs `Authorization: Bearer KEY` (create a key with
+`saliency-audit keys create --tenant NAME`); a tenant sees only its own resources, and another
+tenant's id answers 404 exactly like a missing one.
+
+**Job states.** An audit is `queued` -> `running` -> `succeeded` | `failed` | `canceled`.
+{FINAL} are final. Canceling a queued audit cancels it at once; a running
+audit stops at its next heartbeat. A running audit whose worker stops sending heartbeats is
+queued again (its `attempts` grow) until the attempt cap, then it fails with the error code
+`attempts_exhausted`.
+
+**Errors.** Every error is an RFC 9457 problem (`{PROBLEM_JSON}`, schema `Problem`) whose
+`code` is a stable slug (`type` is `{TYPE_BASE}` + `code`). Besides the statuses listed per
+operation, any path answers 404 (`not_found`) when nothing is routed there and 405
+(`method_not_allowed`, with an `Allow` header) for a method it does not serve; `HEAD` and
+`OPTIONS` are answered automatically wherever `GET` is served. A 503 carries `Retry-After`.
+"""
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": SCHEMAS + name}
+
+
+def _nullable(kind: str, **extra: Any) -> Schema:
+    return {"type": [kind, "null"], **extra}
+
+
+def _object(properties: dict[str, Schema], **extra: Any) -> Schema:
+    """An object whose every property is always present (what a route renders)."""
+    return {"type": "object", "properties": properties, "required": list(properties), **extra}
+
+
+DATE_TIME: Schema = {"type": "string", "format": "date-time"}
+DATE_TIME_OR_NULL: Schema = _nullable("string", format="date-time")
+SHA256: Schema = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+ID: Schema = {"type": "string", "description": "An opaque id (32 hex characters)."}
+LINK: Schema = {"type": "string", "format": "uri-reference"}
+NUMBER_OR_NULL: Schema = _nullable("number")
+
+
+def _string_list(item: Schema, what: str, *, nullable: bool = True) -> Schema:
+    """A list of names, also accepted as one comma-separated string; duplicates are dropped."""
+    kinds: list[Schema] = [
+        {"type": "array", "items": item},
+        {"type": "string", "description": f"comma-separated {what}"},
+    ]
+    if nullable:
+        kinds.append({"type": "null"})
+    return {"anyOf": kinds}
+
+
+_PY_TYPES: dict[str, Schema] = {
+    "int": {"type": "integer"},
+    "float": {"type": "number"},
+    "str": {"type": "string"},
+    "bool": {"type": "boolean"},
+}
+
+
+def _dataclass_object(cls: type, overrides: dict[str, Schema], description: str) -> Schema:
+    """The fields of an engine dataclass with their defaults; unknown fields are refused."""
+    properties: dict[str, Schema] = {}
+    for f in dataclasses.fields(cls):
+        schema = dict(overrides.get(f.name) or _PY_TYPES[str(f.type)])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+            schema["default"] = list(default) if isinstance(default, tuple) else default
+        properties[f.name] = schema
+    return {
+        "type": "object",
+        "description": description,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _schemas() -> dict[str, Schema]:
+    positive = {"type": "integer", "minimum": 1}
+    method_params = _dataclass_object(
+        MethodParams,
+        {
+            "ig_steps": positive,
+            "ig_baseline": {"type": "string", "enum": ["zero", "black"]},
+            "noise_samples": positive,
+            "noise_level": {"type": "number", "minimum": 0},
+            "scorecam_batch": positive,
+            "map_reduction": {"type": "string", "enum": ["sum", "max_abs"]},
+            "smprt_samples": positive,
+            "smprt_noise_level": {"type": "number", "minimum": 0},
+            "emprt_bins": positive,
+        },
+        "Parameters shared by the saliency methods (names follow Captum where it has one).",
+    )
+    train_recipe = _dataclass_object(
+        TrainRecipe,
+        {
+            "target_accuracy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "max_epochs": positive,
+            "max_seconds": {"type": "number", "exclusiveMinimum": 0},
+            "batch_size": positive,
+            "learning_rate": {"type": "number", "exclusiveMinimum": 0},
+        },
+        "How the data randomization test trains its two copies of the architecture.",
+    )
+    floats = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 3}
+    input_spec = _dataclass_object(
+        InputSpec,
+        {
+            "height": positive,
+            "width": positive,
+            "channels": {"type": "integer", "enum": [1, 3]},
+            "layout": {"type": "string", "enum": ["NCHW", "NHWC"]},
+            "mean": floats,
+            "std": {**floats, "items": {"type": "number", "exclusiveMinimum": 0}},
+            "value_range": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 2,
+                "maxItems": 2,
+                "description": "[low, high] with high > low",
+            },
+            "class_names": _nullable("array", items={"type": "string"}),
+        },
+        "How raw images become the model's input tensor: resized to height x width, scaled "
+        "from [0, 255] to value_range, then normalized with (x - mean) / std. Any field left "
+        "out keeps its default.",
+    )
+    model_metadata_props: dict[str, Schema] = {
+        "name": {
+            "type": "string",
+            "description": "Display name (default: the uploaded file's name); cut to 300 "
+            "characters.",
+        },
+        "architecture": {
+            "anyOf": [
+                {"type": "string", "enum": sorted(TORCHVISION_CLASSIFIERS)},
+                {"type": "null"},
+            ],
+            "description": "The torchvision classifier a weights file (safetensors or "
+            "torch.save) is for: required for those (422 architecture_required, "
+            "unknown_architecture); refused for an ONNX file, which carries its own graph "
+            "(422 architecture_not_used).",
+        },
+        "input_spec": {"anyOf": [_ref("InputSpec"), {"type": "null"}]},
+        "class_names": {
+            **_nullable("array", items={"type": "string"}),
+            "description": "The model's class names, in logit order.",
+        },
+    }
+    dataset_metadata_props: dict[str, Schema] = {
+        "name": {
+            "type": "string",
+            "description": "Display name (default: the uploaded file's name); cut to 300 "
+            "characters.",
+        },
+        "purpose": {
+            "type": "string",
+            "enum": ["audit", "training"],
+            "default": "audit",
+            "description": "'training' raises the image cap for a data randomization training set.",
+        },
+    }
+    if set(model_metadata_props) != MODEL_METADATA_KEYS:  # pragma: no cover - a code change
+        raise RuntimeError("the model metadata schema is out of date with METADATA_KEYS")
+    if set(dataset_metadata_props) != DATASET_METADATA_KEYS:  # pragma: no cover
+        raise RuntimeError("the dataset metadata schema is out of date with METADATA_KEYS")
+
+    tests_enum = [*TESTS, "all"]
+    audit_request_props: dict[str, Schema] = {
+        "model_id": {**ID, "description": "A model of this tenant (422 unknown_model)."},
+        "dataset_id": {**ID, "description": "A dataset of this tenant (422 unknown_dataset)."},
+        "train_dataset_id": {
+            **_nullable("string"),
+            "description": "A labeled dataset to train on: required by the data_randomization "
+            "test.",
+        },
+        "methods": {
+            **_string_list({"type": "string", "enum": method_names()}, "method names"),
+            "description": "Saliency methods (GET /v1/methods); at least one.",
+        },
+        "tests": {
+            **_string_list({"type": "string", "enum": tests_enum}, "test names"),
+            "default": ["cascading"],
+            "description": "Randomization tests; ['all'] (alone) runs every test, "
+            "data_randomization only when train_dataset_id is given. null or [] runs none.",
+        },
+        "layers": {
+            **_string_list({"type": "string"}, "layer names"),
+            "maxItems": 1,
+            "description": "At most one module name: the layer of the CAM family and "
+            "Relevance-CAM (default: the deepest convolution).",
+        },
+        "policy": {
+            **_nullable("object"),
+            "description": "A verdict policy document (default: default_policy of "
+            "GET /v1/methods).",
+        },
+        "seed": {"type": "integer", "default": 0},
+        "granularity": {
+            "type": "string",
+            "enum": ["module", "block"],
+            "default": "block",
+            "description": "Stages of the model randomization tests: one per parameterized "
+            "module, or one per child of the model's root.",
+        },
+        "measures": {
+            **_string_list({"type": "string", "enum": list(MEASURES)}, "measure names"),
+            "default": list(MEASURES),
+            "description": "Similarity measures to score; a non-empty subset.",
+        },
+        "params": {"anyOf": [{"$ref": SCHEMAS + "MethodParams"}, {"type": "null"}]},
+        "training": {"anyOf": [{"$ref": SCHEMAS + "TrainRecipe"}, {"type": "null"}]},
+        "batch_size": {"type": "integer", "minimum": 1, "default": 16},
+    }
+    if set(audit_request_props) != BODY_KEYS:  # pragma: no cover - a code change
+        raise RuntimeError("the audit request schema is out of date with BODY_KEYS")
+    # `layers` is a list: its maxItems belongs to the array form
+    layers = audit_request_props["layers"]
+    layers["anyOf"][0]["maxItems"] = layers.pop("maxItems")
+
+    audit_spec = _object(
+        {
+            "methods": {"type": "array", "items": {"type": "string"}},
+            "layer": _nullable("string"),
+            "seed": {"type": "integer"},
+            "batch_size": {"type": "integer"},
+            "device": {"type": "string"},
+            "params": {"$ref": SCHEMAS + "MethodParams"},
+            "fidelity_atol": {"type": "number"},
+            "tests": {"type": "array", "items": {"type": "string", "enum": list(TESTS)}},
+            "granularity": {"type": "string", "enum": ["module", "block"]},
+            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
+            "policy": _nullable("object"),
+            "training": {"$ref": SCHEMAS + "TrainRecipe"},
+        },
+        description="The validated request as the engine runs it (every default filled in).",
+    )
+    verdict = _object(
+        {
+            "method": {"type": "string"},
+            "test": {"type": "string"},
+            "verdict": {"type": "string", "enum": list(VERDICTS)},
+            "reason": {"type": "string"},
+            "measure": _nullable("string"),
+            "stage": _nullable("string"),
+            "threshold": NUMBER_OR_NULL,
+            "mean": NUMBER_OR_NULL,
+            "ci_low": NUMBER_OR_NULL,
+            "ci_high": NUMBER_OR_NULL,
+            "n": {"type": "integer", "minimum": 0},
+            "is_control": {"type": "boolean"},
+            "policy_version": _nullable("string"),
+        },
+        description="The decision for one (method, test) under the policy.",
+    )
+    audit = _object(
+        {
+            "id": ID,
+            "state": {"$ref": SCHEMAS + "AuditState"},
+            "progress": {"type": "number", "minimum": 0, "maximum": 1},
+            "step": {**_nullable("string"), "description": "What the audit is doing now."},
+            "attempts": {"type": "integer", "minimum": 0},
+            "model_id": ID,
+            "dataset_id": ID,
+            "train_dataset_id": _nullable("string"),
+            "spec": {"$ref": SCHEMAS + "AuditSpec"},
+            "error": {
+                **_nullable("object"),
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+                "description": "Why a failed audit failed.",
+            },
+            "cancel_requested": {"type": "boolean"},
+            "created_at": DATE_TIME,
+            "started_at": DATE_TIME_OR_NULL,
+            "heartbeat_at": DATE_TIME_OR_NULL,
+            "finished_at": DATE_TIME_OR_NULL,
+            "verdict_summary": {
+                **_nullable("object"),
+                "additionalProperties": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+                },
+                "description": "method -> test -> verdict, once the audit has succeeded.",
+            },
+            "links": _object(
+                {
+                    "self": LINK,
+                    "report": LINK,
+                    "results": LINK,
+                    "heatmaps": LINK,
+                    "model": LINK,
+                }
+            ),
+        },
+        description="An audit job. `verdicts` is present only in GET /v1/audits/{audit_id} "
+        "of a succeeded audit.",
+    )
+    audit["properties"]["verdicts"] = {"type": "array", "items": {"$ref": SCHEMAS + "Verdict"}}
+
+    model = _object(
+        {
+            "id": ID,
+            "name": {"type": "string"},
+            "format": {"type": "string", "enum": list(MODEL_FORMATS)},
+            "architecture": _nullable("string"),
+            "sha256": SHA256,
+            "size_bytes": {"type": "integer", "minimum": 1},
+            "input_spec": {
+                "type": "object",
+                "description": "The input spec fields given at upload (the rest keep the "
+                "InputSpec defaults).",
+            },
+            "class_names": _nullable("array", items={"type": "string"}),
+            "details": {"type": "object", "description": "What the upload check found."},
+            "created_at": DATE_TIME,
+            "links": _object({"self": LINK, "audits": LINK}),
+        },
+        description="An uploaded classifier.",
+    )
+    dataset = _object(
+        {
+            "id": ID,
+            "name": {"type": "string"},
+            "sha256": {**SHA256, "description": "Of the uploaded archive."},
+            "size_bytes": {"type": "integer", "minimum": 1},
+            "n_images": {"type": "integer", "minimum": 0},
+            "labeled": {
+                "type": "boolean",
+                "description": "One folder of images per class (a training set).",
+            },
+            "class_names": _nullable("array", items={"type": "string"}),
+            "has_masks": {"type": "boolean"},
+            "has_boxes": {"type": "boolean"},
+            "created_at": DATE_TIME,
+            "links": _object({"self": LINK}),
+        },
+        description="An uploaded image set.",
+    )
+    dataset_image = _object(
+        {
+            "name": {"type": "string"},
+            "sha256": SHA256,
+            "label": _nullable("string"),
+            "width": _nullable("integer"),
+            "height": _nullable("integer"),
+        }
+    )
+    dataset_detail = {
+        "description": "A dataset with its images.",
+        "allOf": [
+            {"$ref": SCHEMAS + "Dataset"},
+            {
+                "type": "object",
+                "properties": {"images": {"type": "array", "items": _ref("DatasetImage")}},
+                "required": ["images"],
+            },
+        ],
+    }
+    result = _object(
+        {
+            "method": {"type": "string"},
+            "test": {"type": "string"},
+            "measure": {"type": "string"},
+            "stage": {"type": "string"},
+            "stage_index": {"type": "integer"},
+            "mean": NUMBER_OR_NULL,
+            "ci_low": NUMBER_OR_NULL,
+            "ci_high": NUMBER_OR_NULL,
+            "n": {"type": "integer", "minimum": 0},
+            "n_undefined": {"type": "integer", "minimum": 0},
+        },
+        description="One score: the mean similarity over the images with its 95% bootstrap "
+        "interval.",
+    )
+    heatmap = _object(
+        {
+            "method": {"type": "string"},
+            "test": {"type": "string"},
+            "stage": {"type": "string"},
+            "image": {"type": "string"},
+            "sha256": SHA256,
+            "url": {**LINK, "description": "GET it for the image/png."},
+        }
+    )
+    method_info = _object(
+        {
+            "name": {"type": "string"},
+            "family": {"type": "string"},
+            "reference": {"type": "string"},
+            "description": {"type": "string"},
+            "needs_conv_layer": {"type": "boolean"},
+            "is_control": {"type": "boolean"},
+        }
+    )
+    test_info = _object(
+        {
+            "name": {"type": "string", "enum": list(TESTS)},
+            "description": {"type": "string"},
+            "reference": {"type": "string"},
+        }
+    )
+    catalogue = _object(
+        {
+            "methods": {"type": "array", "items": _ref("MethodInfo")},
+            "tests": {"type": "array", "items": _ref("TestInfo")},
+            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
+            "default_policy": {
+                "type": "object",
+                "description": "The verdict policy used when an audit gives none.",
+                "properties": {
+                    "format": {"type": "integer"},
+                    "name": {"type": "string"},
+                    "version": {"type": "string"},
+                    "description": {"type": "string"},
+                    "tests": {"type": "object"},
+                    "controls": {"type": "object"},
+                },
+            },
+        }
+    )
+    problem = {
+        "type": "object",
+        "description": "An RFC 9457 problem; routes add fields of their own.",
+        "properties": {
+            "type": {"type": "string", "format": "uri-reference"},
+            "title": {"type": "string"},
+            "status": {"type": "integer", "minimum": 400, "maximum": 599},
+            "detail": {"type": "string"},
+            "code": {"type": "string"},
+            "instance": _nullable("string"),
+        },
+        "required": ["type", "title", "status", "detail", "code"],
+        "additionalProperties": True,
+    }
+    return {
+        "Problem": problem,
+        "AuditState": {
+            "type": "string",
+            "enum": list(AUDIT_STATES),
+            "description": "queued -> running -> succeeded | failed | canceled.",
+        },
+        "Audit": audit,
+        "AuditSpec": audit_spec,
+        "AuditRequest": {
+            "type": "object",
+            "properties": audit_request_props,
+            "required": ["model_id", "dataset_id", "methods"],
+            "additionalProperties": False,
+        },
+        "AuditPage": _page("Audit"),
+        "Verdict": verdict,
+        "MethodParams": method_params,
+        "TrainRecipe": train_recipe,
+        "Model": model,
+        "ModelPage": _page("Model"),
+        "ModelMetadata": {
+            "type": "object",
+            "description": "The optional JSON part `metadata` of a model upload.",
+            "properties": model_metadata_props,
+            "additionalProperties": False,
+        },
+        "ModelUpload": _upload_form(
+            "ModelMetadata", "The classifier: ONNX, safetensors or a torch.save zip."
+        ),
+        "InputSpec": input_spec,
+        "Dataset": dataset,
+        "DatasetDetail": dataset_detail,
+        "DatasetImage": dataset_image,
+        "DatasetPage": _page("Dataset"),
+        "DatasetMetadata": {
+            "type": "object",
+            "description": "The optional JSON part `metadata` of a dataset upload.",
+            "properties": dataset_metadata_props,
+            "additionalProperties": False,
+        },
+        "DatasetUpload": _upload_form("DatasetMetadata", "A zip or tar archive of images."),
+        "Result": result,
+        "ResultList": _object({"items": {"type": "array", "items": _ref("Result")}}),
+        "Heatmap": heatmap,
+        "HeatmapList": _object({"items": {"type": "array", "items": _ref("Heatmap")}}),
+        "MethodInfo": method_info,
+        "TestInfo": test_info,
+        "Catalogue": catalogue,
+        "Health": _object({"status": {"type": "string", "const": "ok"}}),
+        "Ready": _object(
+            {
+                "status": {"type": "string", "const": "ready"},
+                "checks": _object(
+                    {
+                        "database": {"type": "string", "const": "ok"},
+                        "broker": {"type": "string", "const": "ok"},
+                    }
+                ),
+            }
+        ),
+    }
+
+
+def _page(item: str) -> Schema:
+    return _object(
+        {
+            "items": {"type": "array", "items": _ref(item)},
+            "total": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+            "offset": {"type": "integer", "minimum": 0},
+            "next": {
+                **_nullable("string", format="uri-reference"),
+                "description": "The next page, or null on the last one.",
+            },
+        },
+        description=f"A page of {item} objects, newest first.",
+    )
+
+
+def _upload_form(metadata_schema: str, what: str) -> Schema:
+    return {
+        "type": "object",
+        "properties": {
+            "file": {
+                "type": "string",
+                "contentMediaType": "application/octet-stream",
+                "description": what,
+            },
+            "metadata": {
+                "$ref": SCHEMAS + metadata_schema,
+                "description": "JSON (a form field or a file part), at most 1 MiB.",
+            },
+        },
+        "required": ["file"],
+    }
+
+
+# --- parameters, headers, responses ---------------------------------------------------------
+
+
+def _path_param(name: str, what: str, schema: Schema | None = None) -> Schema:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": what,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _query(name: str, what: str, schema: Schema | None = None) -> Schema:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": what,
+        "schema": schema or {"type": "string"},
+    }
+
+
+PARAMETERS: dict[str, Schema] = {
+    "ModelId": _path_param("model_id", "A model id."),
+    "DatasetId": _path_param("dataset_id", "A dataset id."),
+    "AuditId": _path_param("audit_id", "An audit id."),
+    "HeatmapId": _path_param(
+        "heatmap_id", "A heatmap id (from the heatmaps list).", {"type": "integer", "minimum": 0}
+    ),
+    "Limit": _query(
+        "limit",
+        "Page size: 1 to the server's page_size_max (SALIENCY_AUDIT_PAGE_SIZE_MAX, 100 by "
+        "default).",
+        {"type": "integer", "minimum": 1, "default": DEFAULT_PAGE},
+    ),
+    "Offset": _query("offset", "Items to skip.", {"type": "integer", "minimum": 0, "default": 0}),
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes a retried submission safe: the same key with the same body "
+        "answers the same audit (with Idempotent-Replayed: true); the same key with another "
+        "body is a 422 idempotency_key_reused.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY},
+    },
+}
+
+HEADERS: dict[str, Schema] = {
+    "Location": {
+        "description": "The resource's URL.",
+        "schema": {"type": "string", "format": "uri-reference"},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before polling again.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "Idempotent-Replayed": {
+        "description": "Present when the Idempotency-Key matched an earlier submission.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+    "ETag": {
+        "description": "The file's sha256; send it back in If-None-Match for a 304.",
+        "schema": {"type": "string"},
+    },
+    "Allow": {"description": "The methods the path serves.", "schema": {"type": "string"}},
+}
+
+
+def _header(name: str) -> Schema:
+    return {"$ref": "#/components/headers/" + name}
+
+
+def _json(schema: Schema, description: str, headers: list[str] | None = None) -> Schema:
+    response: Schema = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        response["headers"] = {h: _header(h) for h in headers}
+    return response
+
+
+def _problem(
+    description: str, status: int, codes: list[str], extra: dict[str, Schema] | None = None
+) -> Schema:
+    """A problem response with the codes this route can answer for ``status``."""
+    detail: Schema = {
+        "properties": {
+            "status": {"const": status},
+            "code": {"type": "string", "enum": codes},
+            **(extra or {}),
+        }
+    }
+    response: Schema = {
+        "description": f"{description} (code: {', '.join(codes)})",
+        "content": {PROBLEM_JSON: {"schema": {"allOf": [_ref("Problem"), detail]}}},
+    }
+    if status == 503:
+        response["headers"] = {"Retry-After": _header("Retry-After")}
+    return response
+
+
+RESPONSES: dict[str, Schema] = {
+    "Unauthorized": _problem(
+        "No valid 'Authorization: Bearer KEY'", 401, ["unauthenticated", "invalid_key"]
+    ),
+    "NotFound": _problem("No such resource for this tenant", 404, ["not_found"]),
+    "MethodNotAllowed": {
+        **_problem("The path does not serve this method", 405, ["method_not_allowed"]),
+        "headers": {"Allow": _header("Allow")},
+    },
+    "InternalError": _problem("An unexpected error (logged)", 500, ["internal_error"]),
+    "ServiceUnavailable": _problem(
+        "The database is unreachable; retry after Retry-After", 503, ["database_unavailable"]
+    ),
+    "NotModified": {
+        "description": "Not modified (If-None-Match matched the ETag).",
+        "headers": {"ETag": _header("ETag")},
+    },
+}
+
+
+def _common(*names: str) -> dict[str, Schema]:
+    status = {
+        "NotFound": "404",
+        "Unauthorized": "401",
+        "InternalError": "500",
+        "ServiceUnavailable": "503",
+        "NotModified": "304",
+    }
+    return {status[n]: {"$ref": "#/components/responses/" + n} for n in names}
+
+
+def _v1(responses: dict[str, Schema]) -> dict[str, Schema]:
+    """Every /v1/ route authenticates against the database: 401, 500 and 503 apply."""
+    return dict(
+        sorted(
+            {**_common("Unauthorized", "InternalError", "ServiceUnavailable"), **responses}.items()
+        )
+    )
+
+
+def _param(name: str) -> Schema:
+    return {"$ref": "#/components/parameters/" + name}
+
+
+_PAGE_400 = _problem("limit or offset out of range or not an integer", 400, ["invalid_pagination"])
+_CONFLICT_FIELDS: dict[str, Schema] = {
+    "audits": {"type": "array", "items": {"type": "string"}, "description": "The audit ids."}
+}
+_NOT_SUCCEEDED = _problem(
+    "The audit has not succeeded (yet)",
+    409,
+    ["audit_not_succeeded"],
+    {"state": {"$ref": SCHEMAS + "AuditState"}},
+)
+
+
+# What the upload checks of :mod:`service.uploads` refuse (besides the route's own checks):
+# status -> codes, for a model file and for a dataset archive.
+MODEL_REJECTIONS: dict[int, list[str]] = {
+    413: ["file_too_large"],
+    415: ["unsupported_format"],
+    422: [
+        "architecture_required",
+        "empty_file",
+        "invalid_onnx",
+        "invalid_safetensors",
+        "invalid_torch_file",
+        "onnx_external_data",
+        "unknown_architecture",
+        "unsafe_pickle",
+        "unsupported_pickle",
+    ],
+}
+DATASET_REJECTIONS: dict[int, list[str]] = {
+    413: ["archive_too_large", "too_many_images"],
+    415: ["unsupported_format"],
+    422: [
+        "corrupt_archive",
+        "decompression_bomb",
+        "duplicate_member",
+        "empty_file",
+        "encrypted_member",
+        "image_too_large",
+        "invalid_boxes",
+        "invalid_image",
+        "invalid_layout",
+        "invalid_mask",
+        "link_member",
+        "nested_archive",
+        "no_images",
+        "special_member",
+        "too_deep",
+        "unexpected_member",
+        "unknown_image",
+        "unsafe_path",
+    ],
+}
+# what the routes themselves refuse before or around those checks
+MODEL_ROUTE_422 = [
+    "unknown_fields",
+    "invalid_metadata",
+    "invalid_input_spec",
+    "architecture_not_used",
+    "empty_file",
+]
+DATASET_ROUTE_422 = ["unknown_fields", "invalid_metadata", "empty_file"]
+UPLOAD_EXTRA: dict[str, Schema] = {
+    "limit_bytes": {"type": "integer", "description": "payload_too_large: the file limit."},
+    "size": {"type": "integer", "description": "file_too_large: the file's size."},
+    "limit": {"type": "integer", "description": "file_too_large: the limit."},
+    "member": {"type": "string", "description": "The offending archive member."},
+    "architecture": {"type": "string", "description": "unknown_architecture: the name."},
+    "suggestions": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "unknown_architecture: close torchvision names.",
+    },
+}
+
+
+def _codes(*groups: list[str]) -> list[str]:
+    return list(dict.fromkeys(code for group in groups for code in group))
+
+
+def _upload_operation(
+    kind: str,
+    schema: str,
+    form: str,
+    route_422: list[str],
+    rejections: dict[int, list[str]],
+    description: str,
+    tag: str,
+) -> Schema:
+    return {
+        "tags": [tag],
+        "operationId": f"upload_{kind}",
+        "summary": f"Upload a {kind}",
+        "description": description,
+        "security": SECURITY,
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": _ref(form),
+                    "encoding": {"metadata": {"contentType": "application/json"}},
+                }
+            },
+        },
+        "responses": _v1(
+            {
+                "201": _json(_ref(schema), f"The {kind} was stored.", ["Location"]),
+                "200": _json(
+                    _ref(schema),
+                    f"This tenant already has a {kind} with the same bytes (sha256): that "
+                    f"{kind} is answered and nothing is stored.",
+                    ["Location"],
+                ),
+                "400": _problem(
+                    "No 'file' part, or a 'metadata' part that is not a JSON object",
+                    400,
+                    ["missing_file", "invalid_metadata", "bad_request"],
+                ),
+                "413": _problem(
+                    "The file, the metadata part or the whole request is over its limit",
+                    413,
+                    _codes(["payload_too_large", "metadata_too_large"], rejections[413]),
+                    UPLOAD_EXTRA,
+                ),
+                "415": _problem(
+                    f"The {kind} file's format is not recognized",
+                    415,
+                    rejections[415],
+                    UPLOAD_EXTRA,
+                ),
+                "422": _problem(
+                    f"The metadata or the {kind} file is refused",
+                    422,
+                    _codes(route_422, rejections[422]),
+                    UPLOAD_EXTRA,
+                ),
+            }
+        ),
+    }
+
+
+def _paths() -> dict[str, Schema]:
+    list_page = [_param("Limit"), _param("Offset")]
+    audit_responses_headers = ["Location", "Retry-After", "Idempotent-Replayed"]
+    return {
+        "/healthz": {
+            "get": {
+                "tags": ["health"],
+                "operationId": "healthz",
+                "summary": "Liveness: the process is up",
+                "description": "No dependency is checked; no authentication.",
+                "responses": {
+                    "200": _json(_ref("Health"), "Up."),
+                    **_common("InternalError"),
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "tags": ["health"],
+                "operationId": "readyz",
+                "summary": "Readiness: the database and the broker are reachable",
+                "description": "No authentication.",
+                "responses": {
+                    "200": _json(_ref("Ready"), "Ready."),
+                    **_common("InternalError"),
+                    "503": _problem(
+                        "A dependency is unreachable",
+                        503,
+                        ["not_ready"],
+                        {
+                            "checks": {
+                                "type": "object",
+                                "properties": {
+                                    "database": {"type": "string"},
+                                    "broker": {"type": "string"},
+                                },
+                                "description": "'ok' or 'unreachable: <error type>' each.",
+                            }
+                        },
+                    ),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "tags": ["discovery"],
+                "operationId": "openapi",
+                "summary": "This OpenAPI 3.1 document",
+                "responses": {
+                    "200": _json({"type": "object"}, "The document."),
+                    **_common("InternalError"),
+                },
+            }
+        },
+        "/docs": {
+            "get": {
+                "tags": ["discovery"],
+                "operationId": "docs",
+                "summary": "This document as a self-contained HTML page",
+                "responses": {
+                    "200": {
+                        "description": "The page.",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    **_common("InternalError"),
+                },
+            }
+        },
+        "/v1/methods": {
+            "get": {
+                "tags": ["discovery"],
+                "operationId": "methods",
+                "summary": "Saliency methods, tests, similarity measures, default policy",
+                "security": SECURITY,
+                "responses": _v1({"200": _json(_ref("Catalogue"), "The catalogue.")}),
+            }
+        },
+        "/v1/models": {
+            "post": _upload_operation(
+                "model",
+                "Model",
+                "ModelUpload",
+                MODEL_ROUTE_422,
+                MODEL_REJECTIONS,
+                "multipart/form-data with the binary part `file` (ONNX, safetensors or a "
+                "torch.save zip) and the optional JSON part `metadata` (keys: "
+                f"{', '.join(sorted(MODEL_METADATA_KEYS))}). The file is checked without "
+                "executing anything and stored once per tenant by sha256.",
+                "models",
+            ),
+            "get": {
+                "tags": ["models"],
+                "operationId": "list_models",
+                "summary": "List models, newest first",
+                "security": SECURITY,
+                "parameters": list_page,
+                "responses": _v1(
+                    {"200": _json(_ref("ModelPage"), "A page of models."), "400": _PAGE_400}
+                ),
+            },
+        },
+        "/v1/models/{model_id}": {
+            "parameters": [_param("ModelId")],
+            "get": {
+                "tags": ["models"],
+                "operationId": "get_model",
+                "summary": "Fetch a model",
+                "security": SECURITY,
+                "responses": _v1(
+                    {"200": _json(_ref("Model"), "The model."), **_common("NotFound")}
+                ),
+            },
+            "delete": {
+                "tags": ["models"],
+                "operationId": "delete_model",
+                "summary": "Delete (hide) a model",
+                "description": "Refused while an audit of it is queued or running; finished "
+                "audits keep their reports.",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "204": {"description": "Deleted."},
+                        **_common("NotFound"),
+                        "409": _problem(
+                            "Audits of this model are queued or running",
+                            409,
+                            ["model_in_use"],
+                            _CONFLICT_FIELDS,
+                        ),
+                    }
+                ),
+            },
+        },
+        "/v1/datasets": {
+            "post": _upload_operation(
+                "dataset",
+                "Dataset",
+                "DatasetUpload",
+                DATASET_ROUTE_422,
+                DATASET_REJECTIONS,
+                "multipart/form-data with the binary part `file` (a zip or tar archive) and "
+                "the optional JSON part `metadata` (keys: "
+                f"{', '.join(sorted(DATASET_METADATA_KEYS))}). Images at the archive's root "
+                "make an audit set; one folder of images per class a labeled set; `masks/` "
+                "and `boxes.json` add localization ground truth. Every member is checked "
+                "before anything is stored.",
+                "datasets",
+            ),
+            "get": {
+                "tags": ["datasets"],
+                "operationId": "list_datasets",
+                "summary": "List datasets, newest first",
+                "security": SECURITY,
+                "parameters": list_page,
+                "responses": _v1(
+                    {"200": _json(_ref("DatasetPage"), "A page of datasets."), "400": _PAGE_400}
+                ),
+            },
+        },
+        "/v1/datasets/{dataset_id}": {
+            "parameters": [_param("DatasetId")],
+            "get": {
+                "tags": ["datasets"],
+                "operationId": "get_dataset",
+                "summary": "Fetch a dataset with its image list",
+                "security": SECURITY,
+                "responses": _v1(
+                    {"200": _json(_ref("DatasetDetail"), "The dataset."), **_common("NotFound")}
+                ),
+            },
+            "delete": {
+                "tags": ["datasets"],
+                "operationId": "delete_dataset",
+                "summary": "Delete (hide) a dataset",
+                "description": "Refused while an audit using it is queued or running.",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "204": {"description": "Deleted."},
+                        **_common("NotFound"),
+                        "409": _problem(
+                            "Audits using this dataset are queued or running",
+                            409,
+                            ["dataset_in_use"],
+                            _CONFLICT_FIELDS,
+                        ),
+                    }
+                ),
+            },
+        },
+        "/v1/audits": {
+            "post": {
+                "tags": ["audits"],
+                "operationId": "submit_audit",
+                "summary": "Submit an audit",
+                "description": "Validated against the engine's own rules, stored, then "
+                f"enqueued. Poll the Location every Retry-After ({RETRY_AFTER_S}) seconds.",
+                "security": SECURITY,
+                "parameters": [_param("IdempotencyKey")],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AuditRequest")}},
+                },
+                "responses": _v1(
+                    {
+                        "202": _json(
+                            _ref("Audit"),
+                            "Accepted: the audit is queued (or, replayed, not final yet).",
+                            audit_responses_headers,
+                        ),
+                        "200": _json(
+                            _ref("Audit"),
+                            "A replayed Idempotency-Key whose audit is already final.",
+                            audit_responses_headers,
+                        ),
+                        "400": _problem(
+                            "The body is not a JSON object, or a bad Idempotency-Key",
+                            400,
+                            ["invalid_json", "invalid_idempotency_key", "bad_request"],
+                        ),
+                        "413": _problem(
+                            "The request is over the server's limit", 413, ["payload_too_large"]
+                        ),
+                        "415": _problem(
+                            "Not Content-Type: application/json", 415, ["unsupported_media_type"]
+                        ),
+                        "422": _problem(
+                            "The request is refused",
+                            422,
+                            [
+                                "unknown_fields",
+                                "invalid_field",
+                                "invalid_policy",
+                                "invalid_spec",
+                                "unknown_model",
+                                "unknown_dataset",
+                                "unlabeled_training_set",
+                                "training_set_required",
+                                "idempotency_key_reused",
+                            ],
+                            {
+                                "audit_id": {
+                                    "type": "string",
+                                    "description": "idempotency_key_reused: the key's audit.",
+                                },
+                                "unknown": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "invalid_spec: the unknown method names.",
+                                },
+                            },
+                        ),
+                    }
+                ),
+            },
+            "get": {
+                "tags": ["audits"],
+                "operationId": "list_audits",
+                "summary": "List audits, newest first",
+                "security": SECURITY,
+                "parameters": [
+                    *list_page,
+                    _query("model_id", "Only the audits of this model."),
+                    _query("state", "Only the audits in this state.", _ref("AuditState")),
+                ],
+                "responses": _v1(
+                    {
+                        "200": _json(_ref("AuditPage"), "A page of audits."),
+                        "400": _problem(
+                            "Bad pagination or state filter",
+                            400,
+                            ["invalid_pagination", "invalid_filter"],
+                        ),
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}": {
+            "parameters": [_param("AuditId")],
+            "get": {
+                "tags": ["audits"],
+                "operationId": "get_audit",
+                "summary": "Fetch an audit (with its verdicts once it has succeeded)",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": _json(
+                            _ref("Audit"),
+                            "The audit; Retry-After is set while it is not final.",
+                            ["Retry-After"],
+                        ),
+                        **_common("NotFound"),
+                    }
+                ),
+            },
+            "delete": {
+                "tags": ["audits"],
+                "operationId": "cancel_audit",
+                "summary": "Cancel an audit",
+                "description": "A queued audit is canceled at once; a running one stops at "
+                "its next heartbeat.",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": _json(_ref("Audit"), "Canceled (it was queued)."),
+                        "202": _json(
+                            _ref("Audit"),
+                            "Cancel requested (it is running): cancel_requested is true.",
+                        ),
+                        **_common("NotFound"),
+                        "409": _problem("The audit is already final", 409, ["audit_finished"]),
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}/report.json": {
+            "parameters": [_param("AuditId")],
+            "get": {
+                "tags": ["results"],
+                "operationId": "audit_report",
+                "summary": "The full report of a succeeded audit",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": _json(
+                            {"type": "object", "description": "The engine's report."},
+                            "The report.",
+                            ["ETag"],
+                        ),
+                        **_common("NotModified", "NotFound"),
+                        "409": _NOT_SUCCEEDED,
+                        "500": _problem(
+                            "The stored report is missing, or an unexpected error",
+                            500,
+                            ["report_missing", "internal_error"],
+                        ),
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}/results": {
+            "parameters": [_param("AuditId")],
+            "get": {
+                "tags": ["results"],
+                "operationId": "audit_results",
+                "summary": "Every score row of a succeeded audit",
+                "security": SECURITY,
+                "parameters": [
+                    _query(k, f"Only rows with this {k}.")
+                    for k in ("method", "test", "measure", "stage")
+                ],
+                "responses": _v1(
+                    {
+                        "200": _json(_ref("ResultList"), "The scores."),
+                        **_common("NotFound"),
+                        "409": _NOT_SUCCEEDED,
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}/heatmaps": {
+            "parameters": [_param("AuditId")],
+            "get": {
+                "tags": ["results"],
+                "operationId": "audit_heatmaps",
+                "summary": "The heatmap PNGs of a succeeded audit",
+                "description": "The trained model's maps (test `model`, stage `trained`) and "
+                "the maps each test kept per stage.",
+                "security": SECURITY,
+                "parameters": [
+                    _query(k, f"Only heatmaps with this {k}.")
+                    for k in ("method", "test", "stage", "image")
+                ],
+                "responses": _v1(
+                    {
+                        "200": _json(_ref("HeatmapList"), "The heatmaps."),
+                        **_common("NotFound"),
+                        "409": _NOT_SUCCEEDED,
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}/heatmaps/{heatmap_id}.png": {
+            "parameters": [_param("AuditId"), _param("HeatmapId")],
+            "get": {
+                "tags": ["results"],
+                "operationId": "audit_heatmap_png",
+                "summary": "One heatmap image",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": {
+                            "description": "The PNG (cacheable: immutable).",
+                            "headers": {"ETag": _header("ETag")},
+                            "content": {
+                                "image/png": {
+                                    "schema": {
+                                        "type": "string",
+                                        "contentMediaType": "image/png",
+                                    }
+                                }
+                            },
+                        },
+                        **_common("NotModified", "NotFound"),
+                        "500": _problem(
+                            "The stored PNG is missing, or an unexpected error",
+                            500,
+                            ["artifact_missing", "internal_error"],
+                        ),
+                    }
+                ),
+            },
+        },
+    }
+
+
+def _version() -> str:
+    try:
+        return metadata.version("saliency-audit")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+@cache
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+        "info": {
+            "title": TITLE,
+            "version": _version(),
+            "description": DESCRIPTION,
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "tags": [
+            {"name": "models", "description": "Classifiers to audit."},
+            {"name": "datasets", "description": "Image sets to audit on (or train on)."},
+            {"name": "audits", "description": "Audit jobs."},
+            {"name": "results", "description": "What a succeeded audit produced."},
+            {"name": "discovery", "description": "What the service offers."},
+            {"name": "health", "description": "Probes."},
+        ],
+        "paths": _paths(),
+        "components": {
+            "schemas": _schemas(),
+            "parameters": PARAMETERS,
+            "headers": HEADERS,
+            "responses": RESPONSES,
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key: 'Authorization: Bearer sak_<prefix>_<secret>'.",
+                }
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1.0 document (built once per process; a copy, safe to modify)."""
+    return copy.deepcopy(_document())
+
+
+# --- HTML -------------------------------------------------------------------------------------
+
+METHOD_ORDER = ("get", "post", "put", "patch", "delete", "head", "options")
+_REF_LINK = re.compile(r"&quot;#/components/schemas/([A-Za-z0-9_]+)&quot;")
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1100px;
+padding:1rem 2rem;color:#1d232a;line-height:1.45}
+h1{margin-bottom:.2rem}h2{border-bottom:2px solid #d0d7de;padding-bottom:.2rem;margin-top:2rem}
+.op{border:1px solid #d0d7de;border-radius:6px;margin:1rem 0;padding:.6rem 1rem}
+.method{display:inline-block;min-width:4.5rem;font-weight:700;text-transform:uppercase}
+.get{color:#0969da}.post{color:#1a7f37}.delete{color:#cf222e}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.85rem}
+pre{background:#f6f8fa;padding:.6rem;border-radius:4px;overflow-x:auto;white-space:pre-wrap}
+table{border-collapse:collapse;width:100%}td,th{border:1px solid #d0d7de;padding:.3rem .5rem;
+text-align:left;vertical-align:top}.desc{white-space:pre-wrap}nav a{margin-right:.8rem}
+"""
+
+
+def operation_anchor(method: str, path: str) -> str:
+    """The HTML id of an operation's section: ``op-get-v1-models-model_id``."""
+    return "op-" + method + "-" + re.sub(r"[^A-Za-z0-9_]+", "-", path).strip("-")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _resolve(doc: dict[str, Any], node: Any) -> Any:
+    """Follow a local ``$ref`` to a parameter, header or response (schemas stay as refs)."""
+    while isinstance(node, dict) and isinstance(node.get("$ref"), str):
+        ref: str = node["$ref"]
+        if not ref.startswith("#/components/") or ref.startswith(SCHEMAS):
+            return node
+        target: Any = doc
+        for part in ref[2:].split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def _json_block(value: Any) -> str:
+    """Pretty JSON, escaped, with schema references turned into links to their sections."""
+    text = _e(json.dumps(value, indent=2, ensure_ascii=False))
+    return (
+        "<pre>"
+        + _REF_LINK.sub(
+            lambda m: (
+                f'<a href="#schema-{m.group(1)}">&quot;#/components/schemas/{m.group(1)}&quot;</a>'
+            ),
+            text,
+        )
+        + "</pre>"
+    )
+
+
+def _operation_html(
+    doc: dict[str, Any], path: str, method: str, op: dict[str, Any], shared: list[Any]
+) -> str:
+    anchor = _e(operation_anchor(method, path))
+    parts = [
+        f'<div class="op" id="{anchor}">',
+        f'<h3><span class="method {_e(method)}">{_e(method)}</span> <code>{_e(path)}</code></h3>',
+        f"<p><strong>{_e(op.get('summary', ''))}</strong></p>",
+    ]
+    if op.get("description"):
+        parts.append(f'<p class="desc">{_e(op["description"])}</p>')
+    if op.get("security"):
+        schemes = ", ".join(name for req in op["security"] for name in req)
+        parts.append(
+            f"<p>Authentication: <code>{_e(schemes)}</code> "
+            "(<code>Authorization: Bearer KEY</code>)</p>"
+        )
+    params = [_resolve(doc, p) for p in [*shared, *op.get("parameters", [])]]
+    if params:
+        parts.append(
+            "<h4>Parameters</h4><table><tr><th>name</th><th>in</th><th>required</th>"
+            "<th>schema</th><th>description</th></tr>"
+        )
+        for p in params:
+            parts.append(
+                f"<tr><td><code>{_e(p['name'])}</code></td><td>{_e(p['in'])}</td>"
+                f"<td>{'yes' if p.get('required') else 'no'}</td>"
+                f"<td>{_json_block(p.get('schema', {}))}</td>"
+                f"<td>{_e(p.get('description', ''))}</td></tr>"
+            )
+        parts.append("</table>")
+    body = op.get("requestBody")
+    if body:
+        parts.append(f"<h4>Request body{' (required)' if body.get('required') else ''}</h4>")
+        for media, content in body.get("content", {}).items():
+            parts.append(f"<p><code>{_e(media)}</code></p>{_json_block(content)}")
+    parts.append("<h4>Responses</h4>")
+    for status, response in op.get("responses", {}).items():
+        response = _resolve(doc, response)
+        parts.append(f"<p><strong>{_e(status)}</strong> {_e(response.get('description', ''))}</p>")
+        headers = {name: _resolve(doc, h) for name, h in response.get("headers", {}).items()}
+        if headers:
+            parts.append(
+                "<p>Headers: "
+                + ", ".join(
+                    f"<code>{_e(name)}</code> ({_e(h.get('description', ''))})"
+                    for name, h in headers.items()
+                )
+                + "</p>"
+            )
+        for media, content in response.get("content", {}).items():
+            parts.append(f"<p><code>{_e(media)}</code></p>{_json_block(content.get('schema'))}")
+    parts.append("</div>")
+    return "\n".join(parts)
+
+
+@cache
+def _docs_html() -> str:
+    doc = _document()
+    info = doc["info"]
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(info['title'])} API {_e(info['version'])}</title>",
+        f"<style>{STYLE}</style></head><body>",
+        f"<h1>{_e(info['title'])} <small>{_e(info['version'])}</small></h1>",
+        f'<p>OpenAPI {_e(doc["openapi"])}: <a href="/openapi.json">/openapi.json</a></p>',
+        f'<div class="desc">{_e(info["description"])}</div>',
+        "<nav><h2>Operations</h2><ul>",
+    ]
+    operations: list[tuple[str, str, dict[str, Any], list[Any]]] = []
+    for path, item in doc["paths"].items():
+        for method in METHOD_ORDER:
+            if method in item:
+                operations.append((path, method, item[method], item.get("parameters", [])))
+    for path, method, op, _ in operations:
+        out.append(
+            f'<li><a href="#{_e(operation_anchor(method, path))}">{_e(method.upper())} '
+            f"{_e(path)}</a> {_e(op.get('summary', ''))}</li>"
+        )
+    out.append("</ul></nav><h2>Endpoints</h2>")
+    out.extend(_operation_html(doc, *entry) for entry in operations)
+    out.append("<h2>Schemas</h2>")
+    for name, schema in doc["components"]["schemas"].items():
+        out.append(f'<h3 id="schema-{_e(name)}">{_e(name)}</h3>{_json_block(schema)}')
+    out.append("<h2>Security</h2>")
+    out.append(_json_block(doc["components"]["securitySchemes"]))
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def docs_html() -> str:
+    """A self-contained HTML page rendered from :func:`openapi_document`."""
+    return _docs_html()

@@ -1,0 +1,75 @@
+"""A torch-free description of what the engine offers: methods, tests, measures.
+
+The API process must not import torch, yet clients discover the methods from it
+(``GET /v1/methods``) and submissions are validated against them. The registry itself lives in
+:mod:`.methods` and :mod:`.sanity` (torch); this module reads ``catalogue.json``, which
+``python -m workers.engine.catalogue --write`` regenerates from the registry, and a test checks
+that the two agree, so the file cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from .errors import SpecError
+
+
+@cache
+def catalogue() -> dict[str, Any]:
+    text = resources.files(__package__).joinpath("catalogue.json").read_text()
+    value: dict[str, Any] = json.loads(text)
+    return value
+
+
+def method_names() -> list[str]:
+    return [m["name"] for m in catalogue()["methods"]]
+
+
+def control_names() -> list[str]:
+    return [m["name"] for m in catalogue()["methods"] if m["is_control"]]
+
+
+def check_methods(names: list[str]) -> None:
+    known = method_names()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SpecError(
+            f"unknown methods {unknown}; known methods: {', '.join(known)}", unknown=unknown
+        )
+
+
+def build_from_registry() -> dict[str, Any]:
+    """What ``catalogue.json`` must contain (imports the torch registry)."""
+    from dataclasses import asdict
+
+    from .methods import METHODS
+    from .sanity import TEST_INFO
+    from .spec import MEASURES
+
+    return {
+        "methods": [asdict(info) for info in METHODS.values()],
+        "tests": [
+            {"name": name, "description": t.description, "reference": t.reference}
+            for name, t in TEST_INFO.items()
+        ],
+        "measures": list(MEASURES),
+    }
+
+
+def main(argv: list[str]) -> int:
+    data = json.dumps(build_from_registry(), indent=2) + "\n"
+    if argv[1:] == ["--write"]:
+        path = resources.files(__package__).joinpath("catalogue.json")
+        with resources.as_file(path) as real:
+            real.write_text(data)
+        return 0
+    sys.stdout.write(data)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,68 @@
+"""Heatmap PNGs of saliency maps.
+
+A map with negative values is drawn on a diverging scale (blue - white - red, symmetric about
+zero, scaled by the largest |value|), a non-negative map on a sequential one (black - red -
+yellow - white, scaled by its maximum), so zero always means "no attribution". Small maps are
+enlarged with nearest-neighbour interpolation to at least ``min_side_px`` so that pixels stay
+visible. An all-zero (or non-finite) map renders as the colour of zero.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+# anchor colours (position in [0, 1], RGB) of the two scales
+_DIVERGING = ((0.0, (33, 102, 172)), (0.5, (247, 247, 247)), (1.0, (178, 24, 43)))
+_SEQUENTIAL = (
+    (0.0, (0, 0, 0)),
+    (0.4, (190, 30, 20)),
+    (0.75, (250, 200, 40)),
+    (1.0, (255, 255, 255)),
+)
+
+
+def _lookup(anchors: tuple[tuple[float, tuple[int, int, int]], ...]) -> NDArray[np.uint8]:
+    positions = np.array([a[0] for a in anchors])
+    colours = np.array([a[1] for a in anchors], dtype=np.float64)
+    grid = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(grid, positions, colours[:, c]) for c in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+DIVERGING_LUT = _lookup(_DIVERGING)
+SEQUENTIAL_LUT = _lookup(_SEQUENTIAL)
+
+
+def colourize(saliency: NDArray[np.floating]) -> NDArray[np.uint8]:
+    """(H, W) map -> (H, W, 3) uint8 RGB on the scale that fits its sign."""
+    values = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if values.ndim != 2:
+        raise ValueError(f"a heatmap needs a 2-D map, got shape {values.shape}")
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    scale = peak if peak > 0 else 1.0
+    if (values < 0).any():
+        index = np.round((values / scale + 1.0) / 2.0 * 255.0)
+        lut = DIVERGING_LUT
+    else:
+        index = np.round(values / scale * 255.0)
+        lut = SEQUENTIAL_LUT
+    return lut[np.clip(index, 0, 255).astype(np.intp)]
+
+
+def heatmap_png(saliency: NDArray[np.floating], min_side_px: int = 128) -> bytes:
+    rgb = colourize(saliency)
+    image = Image.fromarray(rgb, mode="RGB")
+    side = min(image.size)
+    if 0 < side < min_side_px:
+        factor = -(-min_side_px // side)
+        image = image.resize(
+            (image.width * factor, image.height * factor), Image.Resampling.NEAREST
+        )
+    out = io.BytesIO()
+    # fixed settings and no metadata: the same map gives the same bytes (and sha256)
+    image.save(out, format="PNG", optimize=False, compress_level=6)
+    return out.getvalue()
