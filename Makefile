@@ -23,9 +23,11 @@ lint: env
 typecheck: env
 	$(BIN)/mypy
 
-# the service tests need PostgreSQL and Redis on 127.0.0.1: started here if they are down
+# the service tests need PostgreSQL and Redis on 127.0.0.1: started here if they are down;
+# the report tests need pdftoppm and Chromium: installed here if they are missing
 services:
 	@bash tests/start_services.sh
+	@bash tests/install_tools.sh
 
 unit: env services
 	$(BIN)/pytest

@@ -5,7 +5,8 @@ It starts ``saliency-audit serve`` with a fresh data folder (SQLite, artifact fo
 worker on the SQLAlchemy transport: no server to install), creates an API key, uploads
 ``examples/reference/shapes_small_resnet.onnx`` and the bundled shape images, submits an audit
 of every method with the cascading randomization test, follows its progress, prints the
-method and verdict tables, writes ``report.json`` to the output folder and stops the service.
+method and verdict tables, writes ``report.json``, ``report.pdf`` and ``report.html`` to the
+output folder and stops the service.
 """
 
 from __future__ import annotations
@@ -131,7 +132,19 @@ def main() -> int:
         (out / "report.json").write_bytes(report)
         print()
         print(format_summary(client.report(audit["id"])))
-        print(f"\nwrote {out / 'report.json'}; service log in {out / 'service.log'}")
+        # the PDF and HTML reports are rendered on the CPU queue right after the audit
+        deadline = time.monotonic() + 300
+        while client.audit(audit["id"])["documents_state"] not in ("ready", "failed"):
+            if time.monotonic() > deadline:
+                print("error: the reports were not rendered in time", file=sys.stderr)
+                return 1
+            time.sleep(1.0)
+        written = [out / "report.json"]
+        for path, name in (("report.pdf", "report.pdf"), ("report", "report.html")):
+            data = client._request("GET", f"/v1/audits/{audit['id']}/{path}").content
+            (out / name).write_bytes(data)
+            written.append(out / name)
+        print(f"\nwrote {', '.join(map(str, written))}; service log in {out / 'service.log'}")
         return 0
     finally:
         server.send_signal(signal.SIGTERM)

@@ -52,11 +52,11 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
     )
     app.extensions["saliency_audit"] = st
 
-    from .api import audits, datasets, meta, models
+    from .api import audits, datasets, meta, metrics, models
     from .problems import register_error_handlers
 
     register_error_handlers(app)
-    for blueprint in (meta.bp, models.bp, datasets.bp, audits.bp):
+    for blueprint in (meta.bp, metrics.bp, models.bp, datasets.bp, audits.bp):
         app.register_blueprint(blueprint)
 
     @app.before_request

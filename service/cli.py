@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .gate import add_gate_arguments, run_gate
+
 EXIT_OK = 0
 EXIT_ERROR = 2
 
@@ -56,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--layer", default=None, help="module name for CAM methods (default: last conv)"
     )
+    run.add_argument(
+        "--layers",
+        type=_csv,
+        default=None,
+        help="module names the `layers` analysis explains (default: the output of every block)",
+    )
+    run.add_argument(
+        "--masks",
+        type=Path,
+        default=None,
+        help="folder of ground-truth object masks (one per image, same file stem, nonzero = "
+        "object): the `layers` analysis then scores localization (IoU, pointing game)",
+    )
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--batch-size", type=int, default=16)
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -78,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_csv,
         default=["cascading"],
         help="comma-separated tests (default: cascading; 'none' for maps only; 'all' for every "
-        "test; see `saliency-audit methods`)",
+        "sanity check; 'layers' for the per-layer heatmap analysis; see `saliency-audit "
+        "methods`)",
     )
     run.add_argument(
         "--granularity",
@@ -154,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default=None)
     revoke = keys.add_parser("revoke", help="revoke a key by its prefix (sak_PREFIX_...)")
     revoke.add_argument("prefix")
+    secret = keys.add_parser(
+        "webhook-secret",
+        help="print the tenant's webhook signing secret (created if it has none)",
+    )
+    secret.add_argument("--tenant", required=True)
+    secret.add_argument("--rotate", action="store_true", help="replace it with a new one")
 
     database = sub.add_parser("db", help="database schema (Alembic migrations)")
     db_sub = database.add_subparsers(dest="db_command", required=True)
@@ -171,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--interval", type=float, default=None, help="seconds between passes (default: config)"
     )
+
+    gate = sub.add_parser(
+        "gate",
+        help="release gate for CI: audit a model on a running service; exit 0 PASS, 1 FAIL, 2 "
+        "error / timeout / INCONCLUSIVE",
+        description=(
+            "Upload a model and images to a saliency-audit service (or reuse what it already "
+            "holds, found by sha256), run an audit with an idempotency key derived from the "
+            "files and the request (a re-run attaches to the same audit), wait with a progress "
+            "bar, print the verdict table and exit 0 when every --require-d method PASSes "
+            "every test, 1 when one FAILs, 2 on an error, a timeout or an INCONCLUSIVE verdict "
+            "(see --inconclusive)."
+        ),
+    )
+    add_gate_arguments(gate)
     return parser
 
 
@@ -201,11 +238,24 @@ def _run(args: argparse.Namespace) -> int:
     import torch
 
     from workers.engine.data_randomization import LabeledImages
-    from workers.engine.images import load_image_folder, load_labeled_folder, preprocess
+    from workers.engine.images import (
+        load_image_folder,
+        load_labeled_folder,
+        load_mask_folder,
+        masks_tensor,
+        preprocess,
+    )
     from workers.engine.methods import METHODS
     from workers.engine.models.loader import load_model
     from workers.engine.runner import run_audit
-    from workers.engine.spec import MEASURES, TESTS, AuditSpec, MethodParams, TrainRecipe
+    from workers.engine.spec import (
+        ANALYSES,
+        MEASURES,
+        TESTS,
+        AuditSpec,
+        MethodParams,
+        TrainRecipe,
+    )
 
     try:
         model_bytes = args.model.read_bytes()
@@ -227,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     if tests == ["none"]:
         tests = []
     elif tests == ["all"]:
-        tests = list(TESTS)
+        tests = [t for t in TESTS if t not in ANALYSES]
         if args.train is None and args.random_label_model is None:
             tests.remove("data_randomization")
     spec = AuditSpec(
@@ -242,6 +292,7 @@ def _run(args: argparse.Namespace) -> int:
         measures=tuple(args.measures or MEASURES),
         policy=_read_json(args.policy, "policy") if args.policy else None,
         training=recipe,
+        layers=tuple(args.layers) if args.layers else None,
     )
     model = load_model(
         model_bytes,
@@ -250,6 +301,11 @@ def _run(args: argparse.Namespace) -> int:
     )
     decoded = load_image_folder(args.images, model.input_spec.channels)
     images = preprocess(decoded, model.input_spec)
+    masks = None
+    if args.masks is not None:
+        masks = masks_tensor(
+            load_mask_folder(args.masks, [d.name for d in decoded]), model.input_spec
+        )
     train = None
     if args.train is not None:
         train_images, labels, _ = load_labeled_folder(
@@ -289,6 +345,7 @@ def _run(args: argparse.Namespace) -> int:
         image_names=[d.name for d in decoded],
         train=train,
         random_label_model=random_label_model,
+        masks=masks,
         progress=progress,
     )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -327,9 +384,46 @@ def format_summary(report: dict[str, Any]) -> str:
             f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
             f"{fmt(ssim.get('mean'), '.2f'):>12}"
         )
+    if "layers" in (report.get("tests") or {}):
+        lines += ["", format_layers(report["tests"]["layers"])]
     verdicts = report.get("verdicts") or []
     if verdicts:
         lines += ["", format_verdicts(report)]
+    return "\n".join(lines)
+
+
+LAYER_METRIC_TITLES = {
+    "average_drop": "Average Drop % (lower is better)",
+    "average_increase": "Average Increase % (higher is better)",
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "iou": "localization IoU (higher is better)",
+    "pointing_game": "pointing game hits (higher is better)",
+}
+
+
+def format_layers(test: dict[str, Any]) -> str:
+    """The per-layer analysis as one small table per metric: layers down, methods across."""
+    details = test.get("details") or {}
+    methods = details.get("methods") or []
+    layers = [row["label"] for row in details.get("layers") or []]
+    by_key = {(s["stage"], s["method"], s["measure"]): s for s in test["scores"]}
+    beats = details.get("beats_random") or {}
+    lines = ["per-layer analysis (mean over images; * = beats control_random at that layer)"]
+    for metric in details.get("metrics") or []:
+        lines += ["", LAYER_METRIC_TITLES.get(metric, metric)]
+        header = f"{'layer':<14}" + "".join(f"{m:>16}" for m in methods)
+        lines += [header, "-" * len(header)]
+        for layer in layers:
+            cells = []
+            for method in methods:
+                score = by_key.get((layer, method, metric))
+                if score is None or score["mean"] is None:
+                    cells.append(f"{'-':>16}")
+                    continue
+                mark = "*" if (beats.get(layer) or {}).get(method, {}).get(metric) else " "
+                cells.append(f"{score['mean']:>15.3g}{mark}")
+            lines.append(f"{layer:<14}" + "".join(cells))
     return "\n".join(lines)
 
 
@@ -429,7 +523,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from .auth import create_key, revoke_key
     from .db import Database
 
-    database = Database.from_config(_config())
+    config = _config()
+    if config.embedded:
+        # the embedded SQLite file may not exist yet: keys come before the first `serve`
+        from . import db
+
+        db.upgrade(config.resolved_database_url)
+    database = Database.from_config(config)
     with database.session() as session:
         if args.keys_command == "create":
             key, tenant = create_key(session, args.tenant, args.label)
@@ -438,6 +538,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 f"(tenant {tenant.name}, id {tenant.id}; the key is shown only now)",
                 file=sys.stderr,
             )
+            return EXIT_OK
+        if args.keys_command == "webhook-secret":
+            from sqlalchemy import select
+
+            from .models import Tenant
+            from .webhooks import new_secret
+
+            found = session.scalars(select(Tenant).where(Tenant.name == args.tenant)).first()
+            if found is None:
+                print(f"error: no tenant {args.tenant!r}", file=sys.stderr)
+                return EXIT_ERROR
+            if found.webhook_secret is None or args.rotate:
+                found.webhook_secret = new_secret()
+            print(found.webhook_secret)
             return EXIT_OK
         if not revoke_key(session, args.prefix):
             print(f"error: no active key with prefix {args.prefix!r}", file=sys.stderr)
@@ -490,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": cmd_keys,
         "db": cmd_db,
         "reconcile": cmd_reconcile,
+        "gate": run_gate,
     }
     return handlers[args.command](args)
 

@@ -32,6 +32,8 @@ class Config:
     broker_url: str | None = None
     artifact_dir: Path | None = None
     queue: str = "gpu"
+    # reports (PDF, HTML) and webhook deliveries run here, on CPU workers
+    cpu_queue: str = "cpu"
     # upload limits
     max_model_bytes: int = 2048 * MiB
     max_dataset_bytes: int = 2048 * MiB
@@ -44,10 +46,20 @@ class Config:
     # a queued audit whose message is not in the broker is re-enqueued once it is this old
     requeue_after_s: float = 30.0
     max_attempts: int = 3
+    # split an audit's method families into this many parts that any worker can compute
+    # (workers/parts.py); 1 runs every audit in one piece
+    audit_parts: int = 1
     reconcile_interval_s: float = 30.0
     # run the reconciler inside the API process (embedded mode turns it on)
     reconcile_in_api: bool | None = None
     page_size_max: int = 100
+    # webhooks: attempts with exponential backoff (backoff_s, 2 x, 4 x, ...), each with a timeout
+    webhook_max_attempts: int = 6
+    webhook_backoff_s: float = 2.0
+    webhook_timeout_s: float = 10.0
+    # deliver to loopback and private addresses too (off: a tenant must not reach the
+    # service's own network through it)
+    webhook_allow_private: bool = False
     log_level: str = "INFO"
 
     @property
@@ -88,6 +100,8 @@ class Config:
             raise ConfigError("heartbeat_stale_s must exceed twice heartbeat_interval_s")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be >= 1")
+        if self.audit_parts < 1:
+            raise ConfigError("audit_parts must be >= 1")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -39,7 +39,11 @@ def config_environment(config: Config, base: Mapping[str, str] | None = None) ->
     return env
 
 
-def worker_command(config: Config, loglevel: str = "INFO") -> list[str]:
+def worker_command(
+    config: Config, queues: list[str] | None = None, loglevel: str = "INFO"
+) -> list[str]:
+    """A Celery worker on ``queues`` (default: the audit queue and the CPU queue, as the
+    embedded service runs one worker for everything)."""
     return [
         sys.executable,
         "-m",
@@ -48,7 +52,7 @@ def worker_command(config: Config, loglevel: str = "INFO") -> list[str]:
         "workers",
         "worker",
         "-Q",
-        config.queue,
+        ",".join(queues or [config.queue, config.cpu_queue]),
         "--pool",
         "prefork",
         "--concurrency",
@@ -62,10 +66,12 @@ def worker_command(config: Config, loglevel: str = "INFO") -> list[str]:
     ]
 
 
-def start_worker(config: Config, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def start_worker(
+    config: Config, log_path: Path | None = None, queues: list[str] | None = None
+) -> subprocess.Popen[bytes]:
     out = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (kept open)
     return subprocess.Popen(
-        worker_command(config),
+        worker_command(config, queues),
         env=config_environment(config),
         stdout=out or None,
         stderr=subprocess.STDOUT if out else None,

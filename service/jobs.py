@@ -27,11 +27,15 @@ from sqlalchemy.orm import Session
 
 from .config import Config
 from .db import Database
-from .models import FINAL_STATES, Audit, AuditArtifact, ResultRow, VerdictRow, utcnow
+from .models import FINAL_STATES, Audit, AuditArtifact, AuditPart, ResultRow, VerdictRow, utcnow
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "workers.run_audit"
+RENDER_TASK = "workers.render_reports"
+WEBHOOK_TASK = "workers.deliver_webhook"
+# a report render or webhook still pending this long after the audit ended was lost
+FOLLOW_UP_LOST_AFTER_S = 600.0
 
 
 def worker_identity() -> str:
@@ -66,21 +70,27 @@ class Enqueuer:
             self._app = create_celery(self.config)
         return self._app
 
-    def __call__(self, db: Database, audit_id: str) -> bool:
-        """Send the task (a fresh task id each time); False when the broker is unreachable,
-        which the reconciler will repair."""
-        task_id = uuid.uuid4().hex
+    def send(self, task: str, audit_id: str, queue: str, task_id: str | None = None) -> bool:
+        """Send one task; False (logged) when the broker is unreachable."""
         try:
             self.app.send_task(
-                TASK_NAME,
+                task,
                 args=[audit_id],
-                task_id=task_id,
-                queue=self.config.queue,
+                task_id=task_id or uuid.uuid4().hex,
+                queue=queue,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
         except Exception as exc:  # kombu raises OperationalError and friends
-            log.warning("could not enqueue audit %s: %s", audit_id, exc)
+            log.warning("could not send %s for audit %s: %s", task, audit_id, exc)
+            return False
+        return True
+
+    def __call__(self, db: Database, audit_id: str) -> bool:
+        """Send the audit's task (a fresh task id each time); False when the broker is
+        unreachable, which the reconciler will repair."""
+        task_id = uuid.uuid4().hex
+        if not self.send(TASK_NAME, audit_id, self.config.queue, task_id):
             return False
         with db.session() as session:
             session.execute(
@@ -89,6 +99,26 @@ class Enqueuer:
                 .values(task_id=task_id, enqueued_at=utcnow())
             )
         return True
+
+
+def announce_finished(db: Database, enqueue: Enqueuer, audit_id: str) -> None:
+    """After an audit reached a final state: render its reports (when it succeeded) and
+    deliver its webhook (when it has one), both on the CPU queue. A send that fails leaves
+    the state ``pending``, which the reconciler sends again."""
+    with db.session() as session:
+        audit = session.get(Audit, audit_id)
+        if audit is None or audit.state not in FINAL_STATES:
+            return
+        render = audit.state == "succeeded" and audit.documents_state in (None, "pending")
+        if render:
+            audit.documents_state = "pending"
+        hook = audit.webhook_url is not None and audit.webhook_state in (None, "pending")
+        if hook:
+            audit.webhook_state = "pending"
+    if render:
+        enqueue.send(RENDER_TASK, audit_id, enqueue.config.cpu_queue)
+    if hook:
+        enqueue.send(WEBHOOK_TASK, audit_id, enqueue.config.cpu_queue)
 
 
 # ---------------------------------------------------------------------------------- claim
@@ -167,8 +197,11 @@ def claim(db: Database, audit_id: str, worker: str, config: Config) -> Claim:
     return Claim.CLAIMED
 
 
-def clear_results(session: Session, audit_id: str) -> None:
-    for table in (ResultRow, VerdictRow, AuditArtifact):
+def clear_results(session: Session, audit_id: str, *, parts: bool = True) -> None:
+    """Delete an audit's result rows (and, at a new claim, the parts of an earlier attempt;
+    the final write keeps the parts it was merged from)."""
+    tables: tuple[Any, ...] = (ResultRow, VerdictRow, AuditArtifact)
+    for table in (*tables, AuditPart) if parts else tables:
         session.execute(delete(table).where(table.audit_id == audit_id))
 
 
@@ -255,7 +288,7 @@ class Ownership:
             owned = session.scalar(select(Audit.id).where(self._owned()).with_for_update())
             if owned is None:
                 return False
-            clear_results(session, self.audit_id)
+            clear_results(session, self.audit_id, parts=False)
             values = write_results(session)
             session.execute(
                 update(Audit)
@@ -283,6 +316,8 @@ class ReconcileReport:
     canceled: list[str] = field(default_factory=list)
     # re-queued in the database but not sent: the broker is down; the next pass retries
     enqueue_failed: list[str] = field(default_factory=list)
+    # finished audits whose report render or webhook message was lost, sent again
+    follow_ups_resent: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, list[str]]:
         return {
@@ -291,6 +326,7 @@ class ReconcileReport:
             "failed_exhausted": self.failed_exhausted,
             "canceled": self.canceled,
             "enqueue_failed": self.enqueue_failed,
+            "follow_ups_resent": self.follow_ups_resent,
         }
 
 
@@ -366,6 +402,19 @@ def reconcile(
     for audit_id in to_enqueue:
         if not enqueue(db, audit_id):
             report.enqueue_failed.append(audit_id)
+    for audit_id in report.failed_exhausted + report.canceled:
+        announce_finished(db, enqueue, audit_id)
+    with db.session() as session:
+        lost = session.scalars(
+            select(Audit.id).where(
+                Audit.state.in_(FINAL_STATES),
+                Audit.finished_at < now - timedelta(seconds=FOLLOW_UP_LOST_AFTER_S),
+                or_(Audit.documents_state == "pending", Audit.webhook_state == "pending"),
+            )
+        ).all()
+    for audit_id in lost:
+        announce_finished(db, enqueue, audit_id)
+        report.follow_ups_resent.append(audit_id)
     if any(report.to_dict().values()):
         log.info("reconciler: %s", json.dumps(report.to_dict()))
     return report

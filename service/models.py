@@ -82,6 +82,8 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # signs webhook deliveries (HMAC-SHA256); shown by `saliency-audit keys webhook-secret`
+    webhook_secret: Mapped[str | None] = mapped_column(String(100))
 
 
 class ApiKey(Base):
@@ -166,11 +168,39 @@ class Audit(Base):
     report_sha256: Mapped[str | None] = mapped_column(String(64))
     maps_sha256: Mapped[str | None] = mapped_column(String(64))
     verdict_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # method -> verdict
+    # the PDF and HTML reports, rendered on the CPU queue after the audit succeeded:
+    # pending -> ready | failed (with documents_error)
+    documents_state: Mapped[str | None] = mapped_column(String(20))
+    documents_error: Mapped[str | None] = mapped_column(Text)
+    # POSTed (HMAC-signed) when the audit ends: pending -> delivered | failed
+    webhook_url: Mapped[str | None] = mapped_column(String(2000))
+    webhook_state: Mapped[str | None] = mapped_column(String(20))
+    webhook_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    webhook_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditPart(Base):
+    """One share of a split audit (a group of method families), computed by whichever worker
+    claims it; the audit's own worker merges the parts (:mod:`workers.engine.merge`)."""
+
+    __tablename__ = "audit_parts"
+    __table_args__ = (UniqueConstraint("audit_id", "part_index", name="uq_audit_parts_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), index=True)
+    part_index: Mapped[int] = mapped_column(Integer)
+    methods: Mapped[list[Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(20), default="queued")  # queued|running|done
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    result_sha256: Mapped[str | None] = mapped_column(String(64))  # the part's report + maps
 
 
 class ResultRow(Base):

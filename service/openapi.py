@@ -21,6 +21,7 @@ from importlib import metadata
 from typing import Any
 
 from workers.engine.catalogue import method_names
+from workers.engine.result import SCHEMA_VERSION
 from workers.engine.spec import MEASURES, TESTS, InputSpec, MethodParams, TrainRecipe
 
 from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
@@ -30,6 +31,8 @@ from .api.models import METADATA_KEYS as MODEL_METADATA_KEYS
 from .architectures import TORCHVISION_CLASSIFIERS
 from .models import AUDIT_STATES, FINAL_STATES
 from .problems import PROBLEM_JSON, TYPE_BASE
+from .webhooks import MAX_URL as MAX_WEBHOOK_URL
+from .webhooks import SIGNATURE_HEADER
 
 Schema = dict[str, Any]
 
@@ -38,6 +41,13 @@ SCHEMAS = "#/components/schemas/"
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 MODEL_FORMATS = ("onnx", "safetensors", "torch")
+# the audit's PDF and HTML reports (null until it has succeeded) and its webhook (null until
+# it has ended): the values service.jobs and workers.tasks write
+DOCUMENTS_STATES = ("pending", "ready", "failed")
+WEBHOOK_STATES = ("pending", "delivered", "failed")
+# what service.webhooks.sign() writes: t=<unix seconds>,v1=<hex HMAC-SHA256>
+SIGNATURE_PATTERN = "^t=[0-9]+,v1=[0-9a-f]{64}$"
+REPORT_SCHEMA_PATH = "/v1/schemas/report.json"
 
 FINAL = ", ".join(f"`{s}`" for s in FINAL_STATES)
 DESCRIPTION = f"""\
@@ -64,6 +74,18 @@ queued again (its `attempts` grow) until the attempt cap, then it fails with the
 operation, any path answers 404 (`not_found`) when nothing is routed there and 405
 (`method_not_allowed`, with an `Allow` header) for a method it does not serve; `HEAD` and
 `OPTIONS` are answered automatically wherever `GET` is served. A 503 carries `Retry-After`.
+
+**Reports.** A succeeded audit's `report.json` follows the JSON Schema (draft 2020-12) served at
+`GET {REPORT_SCHEMA_PATH}`, versioned with the report's `schema_version` (now
+`{SCHEMA_VERSION}`). Its PDF (`report.pdf`) and HTML (`report`) reports are rendered afterwards
+on a CPU worker (the audit's `documents_state`: `pending` -> `ready` | `failed`); until they
+are ready those routes answer 409 `report_rendering` with `Retry-After`.
+
+**Webhooks.** An audit submitted with `webhook_url` is POSTed to it (JSON, schema
+`WebhookEvent`) when it ends, signed with the tenant's webhook secret in
+`{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex>`, the hex HMAC-SHA256 of `"<t>.<raw body>"`.
+Delivery is at least once (deduplicate on `delivery_id`); the audit's `webhook` tells how it
+went.
 """
 
 
@@ -234,11 +256,15 @@ def _schemas() -> dict[str, Schema]:
             "description": "Randomization tests; ['all'] (alone) runs every test, "
             "data_randomization only when train_dataset_id is given. null or [] runs none.",
         },
+        "layer": {
+            **_nullable("string"),
+            "description": "The module of the CAM family and Relevance-CAM in the sanity "
+            "checks (default: the deepest convolution).",
+        },
         "layers": {
             **_string_list({"type": "string"}, "layer names"),
-            "maxItems": 1,
-            "description": "At most one module name: the layer of the CAM family and "
-            "Relevance-CAM (default: the deepest convolution).",
+            "description": "Modules the `layers` analysis explains (default: the output of "
+            "every block, shallow to deep).",
         },
         "policy": {
             **_nullable("object"),
@@ -261,12 +287,25 @@ def _schemas() -> dict[str, Schema]:
         "params": {"anyOf": [{"$ref": SCHEMAS + "MethodParams"}, {"type": "null"}]},
         "training": {"anyOf": [{"$ref": SCHEMAS + "TrainRecipe"}, {"type": "null"}]},
         "batch_size": {"type": "integer", "minimum": 1, "default": 16},
+        "webhook_url": {
+            "anyOf": [
+                {
+                    "type": "string",
+                    "format": "uri",
+                    "pattern": "^[Hh][Tt][Tt][Pp][Ss]?://",
+                    "maxLength": MAX_WEBHOOK_URL,
+                },
+                {"type": "null"},
+            ],
+            "description": "An http(s) URL (no credentials) to POST a signed `WebhookEvent` to "
+            "when the audit ends (the submission's `auditFinished` callback). Unless the server "
+            "allows private addresses, a host that resolves to a loopback, private, "
+            "link-local or reserved address is refused (422 invalid_webhook_url), at "
+            "submission and again at delivery.",
+        },
     }
     if set(audit_request_props) != BODY_KEYS:  # pragma: no cover - a code change
         raise RuntimeError("the audit request schema is out of date with BODY_KEYS")
-    # `layers` is a list: its maxItems belongs to the array form
-    layers = audit_request_props["layers"]
-    layers["anyOf"][0]["maxItems"] = layers.pop("maxItems")
 
     audit_spec = _object(
         {
@@ -282,6 +321,7 @@ def _schemas() -> dict[str, Schema]:
             "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
             "policy": _nullable("object"),
             "training": {"$ref": SCHEMAS + "TrainRecipe"},
+            "layers": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
         },
         description="The validated request as the engine runs it (every default filled in).",
     )
@@ -303,6 +343,19 @@ def _schemas() -> dict[str, Schema]:
         },
         description="The decision for one (method, test) under the policy.",
     )
+    verdict_summary: Schema = {
+        **_nullable("object"),
+        "additionalProperties": {
+            "type": "object",
+            "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+        },
+        "description": "method -> test -> verdict, once the audit has succeeded.",
+    }
+    audit_error: Schema = {
+        **_nullable("object"),
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        "description": "Why a failed audit failed.",
+    }
     audit = _object(
         {
             "id": ID,
@@ -314,31 +367,32 @@ def _schemas() -> dict[str, Schema]:
             "dataset_id": ID,
             "train_dataset_id": _nullable("string"),
             "spec": {"$ref": SCHEMAS + "AuditSpec"},
-            "error": {
-                **_nullable("object"),
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                "description": "Why a failed audit failed.",
-            },
+            "error": audit_error,
             "cancel_requested": {"type": "boolean"},
             "created_at": DATE_TIME,
             "started_at": DATE_TIME_OR_NULL,
             "heartbeat_at": DATE_TIME_OR_NULL,
             "finished_at": DATE_TIME_OR_NULL,
-            "verdict_summary": {
-                **_nullable("object"),
-                "additionalProperties": {
-                    "type": "object",
-                    "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
-                },
-                "description": "method -> test -> verdict, once the audit has succeeded.",
+            "verdict_summary": verdict_summary,
+            "documents_state": {
+                "type": ["string", "null"],
+                "enum": [*DOCUMENTS_STATES, None],
+                "description": "The PDF and HTML reports: null until the audit has succeeded, "
+                "then pending (rendering on a CPU worker) -> ready | failed.",
+            },
+            "webhook": {
+                "anyOf": [_ref("AuditWebhook"), {"type": "null"}],
+                "description": "null when the audit was submitted without webhook_url.",
             },
             "links": _object(
                 {
                     "self": LINK,
-                    "report": LINK,
+                    "report": {**LINK, "description": "report.json"},
                     "results": LINK,
                     "heatmaps": LINK,
                     "model": LINK,
+                    "pdf": {**LINK, "description": "The PDF report."},
+                    "html": {**LINK, "description": "The HTML report."},
                 }
             ),
         },
@@ -346,6 +400,98 @@ def _schemas() -> dict[str, Schema]:
         "of a succeeded audit.",
     )
     audit["properties"]["verdicts"] = {"type": "array", "items": {"$ref": SCHEMAS + "Verdict"}}
+    audit_webhook = _object(
+        {
+            "url": {"type": "string", "format": "uri"},
+            "state": {
+                "type": ["string", "null"],
+                "enum": [*WEBHOOK_STATES, None],
+                "description": "null until the audit ends; pending while deliveries are tried; "
+                "delivered (a 2xx answer) or failed (every attempt used up).",
+            },
+            "attempts": {"type": "integer", "minimum": 0},
+            "error": {
+                **_nullable("string"),
+                "description": "What the last failed attempt got (an HTTP status or a network "
+                "error).",
+            },
+        },
+        description="The completion webhook of an audit submitted with webhook_url.",
+    )
+    webhook_event = _object(
+        {
+            "event": {"type": "string", "const": "audit.finished"},
+            "delivery_id": {
+                "type": "string",
+                "description": "`<audit_id>:<state>`: the same for every retry of one "
+                "delivery, so a receiver deduplicates on it.",
+            },
+            "audit_id": ID,
+            "state": {"type": "string", "enum": list(FINAL_STATES)},
+            "model_id": ID,
+            "dataset_id": ID,
+            "verdict_summary": verdict_summary,
+            "error": audit_error,
+            "finished_at": DATE_TIME_OR_NULL,
+            "links": _object(
+                {
+                    "audit": LINK,
+                    "report": {**LINK, "description": "report.json"},
+                    "pdf": {**LINK, "description": "The PDF report (409 until rendered)."},
+                }
+            ),
+        },
+        description=f"The body POSTed to an audit's webhook_url when it ends, signed in "
+        f"{SIGNATURE_HEADER} (see the auditFinished callback of POST /v1/audits).",
+    )
+    nullable_verdict: Schema = {"type": ["string", "null"], "enum": [*VERDICTS, None]}
+    trend_point = _object(
+        {
+            "audit_id": ID,
+            "finished_at": DATE_TIME_OR_NULL,
+            "verdicts": {
+                "type": "object",
+                "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+                "description": "test -> verdict.",
+            },
+        },
+        description="One succeeded audit's verdicts for one method.",
+    )
+    verdict_change = _object(
+        {
+            "method": {"type": "string"},
+            "test": {"type": "string"},
+            "previous": {**nullable_verdict, "description": "null: not decided then."},
+            "latest": {**nullable_verdict, "description": "null: not decided now."},
+            "changed": {"type": "boolean"},
+            "previous_mean": NUMBER_OR_NULL,
+            "latest_mean": NUMBER_OR_NULL,
+        },
+        description="One (method, test) in the last two succeeded audits.",
+    )
+    comparison = _object(
+        {
+            "previous_audit_id": ID,
+            "latest_audit_id": ID,
+            "changes": {"type": "array", "items": _ref("VerdictChange")},
+        },
+        description="The last two succeeded audits of a model, (method, test) by (method, "
+        "test); null with fewer than two.",
+    )
+    model_history = _page(
+        "Audit",
+        {
+            "trend": {
+                "type": "object",
+                "additionalProperties": {"type": "array", "items": _ref("VerdictTrendPoint")},
+                "description": "method -> its verdicts in every succeeded audit of the model, "
+                "oldest to newest (not paginated).",
+            },
+            "comparison": {"anyOf": [_ref("AuditComparison"), {"type": "null"}]},
+        },
+        description="A page of the model's audits, newest first, with the verdict trend and "
+        "what changed between its last two succeeded audits.",
+    )
 
     model = _object(
         {
@@ -424,6 +570,7 @@ def _schemas() -> dict[str, Schema]:
     )
     heatmap = _object(
         {
+            "kind": {"type": "string", "enum": ["heatmap_png", "overlay_png"]},
             "method": {"type": "string"},
             "test": {"type": "string"},
             "stage": {"type": "string"},
@@ -498,11 +645,17 @@ def _schemas() -> dict[str, Schema]:
             "additionalProperties": False,
         },
         "AuditPage": _page("Audit"),
+        "AuditWebhook": audit_webhook,
+        "WebhookEvent": webhook_event,
         "Verdict": verdict,
         "MethodParams": method_params,
         "TrainRecipe": train_recipe,
         "Model": model,
         "ModelPage": _page("Model"),
+        "ModelHistory": model_history,
+        "VerdictTrendPoint": trend_point,
+        "AuditComparison": comparison,
+        "VerdictChange": verdict_change,
         "ModelMetadata": {
             "type": "object",
             "description": "The optional JSON part `metadata` of a model upload.",
@@ -546,7 +699,9 @@ def _schemas() -> dict[str, Schema]:
     }
 
 
-def _page(item: str) -> Schema:
+def _page(
+    item: str, extra: dict[str, Schema] | None = None, description: str | None = None
+) -> Schema:
     return _object(
         {
             "items": {"type": "array", "items": _ref(item)},
@@ -557,8 +712,9 @@ def _page(item: str) -> Schema:
                 **_nullable("string", format="uri-reference"),
                 "description": "The next page, or null on the last one.",
             },
+            **(extra or {}),
         },
-        description=f"A page of {item} objects, newest first.",
+        description=description or f"A page of {item} objects, newest first.",
     )
 
 
@@ -607,6 +763,9 @@ PARAMETERS: dict[str, Schema] = {
     "ModelId": _path_param("model_id", "A model id."),
     "DatasetId": _path_param("dataset_id", "A dataset id."),
     "AuditId": _path_param("audit_id", "An audit id."),
+    "Sha256": _path_param(
+        "sha256", "The file's sha256 (hex), as listed in report.json's artifacts."
+    ),
     "HeatmapId": _path_param(
         "heatmap_id", "A heatmap id (from the heatmaps list).", {"type": "integer", "minimum": 0}
     ),
@@ -634,7 +793,7 @@ HEADERS: dict[str, Schema] = {
         "schema": {"type": "string", "format": "uri-reference"},
     },
     "Retry-After": {
-        "description": "Seconds to wait before polling again.",
+        "description": "Seconds to wait before polling (or retrying) again.",
         "schema": {"type": "integer", "minimum": 0},
     },
     "Idempotent-Replayed": {
@@ -664,9 +823,14 @@ def _json(schema: Schema, description: str, headers: list[str] | None = None) ->
 
 
 def _problem(
-    description: str, status: int, codes: list[str], extra: dict[str, Schema] | None = None
+    description: str,
+    status: int,
+    codes: list[str],
+    extra: dict[str, Schema] | None = None,
+    headers: list[str] | None = None,
 ) -> Schema:
-    """A problem response with the codes this route can answer for ``status``."""
+    """A problem response with the codes this route can answer for ``status`` (and the headers
+    it can carry: a 503 always has Retry-After, an ``ApiError(retry_after_s=...)`` too)."""
     detail: Schema = {
         "properties": {
             "status": {"const": status},
@@ -678,8 +842,9 @@ def _problem(
         "description": f"{description} (code: {', '.join(codes)})",
         "content": {PROBLEM_JSON: {"schema": {"allOf": [_ref("Problem"), detail]}}},
     }
-    if status == 503:
-        response["headers"] = {"Retry-After": _header("Retry-After")}
+    names = list(dict.fromkeys([*(["Retry-After"] if status == 503 else []), *(headers or [])]))
+    if names:
+        response["headers"] = {name: _header(name) for name in names}
     return response
 
 
@@ -736,6 +901,29 @@ _NOT_SUCCEEDED = _problem(
     409,
     ["audit_not_succeeded"],
     {"state": {"$ref": SCHEMAS + "AuditState"}},
+)
+_DOCUMENT_409 = _problem(
+    "The audit has not succeeded (yet), or it has and its reports are still being rendered "
+    f"(report_rendering, with Retry-After: {RETRY_AFTER_S})",
+    409,
+    ["audit_not_succeeded", "report_rendering"],
+    {
+        "state": {
+            "$ref": SCHEMAS + "AuditState",
+            "description": "audit_not_succeeded: the audit's state.",
+        },
+        "documents_state": {
+            **_nullable("string"),
+            "description": "report_rendering: the audit's documents_state.",
+        },
+    },
+    headers=["Retry-After"],
+)
+_DOCUMENT_500 = _problem(
+    "Rendering the reports failed (the audit's documents_state is failed), the stored file is "
+    "missing, or an unexpected error",
+    500,
+    ["report_render_failed", "artifact_missing", "internal_error"],
 )
 
 
@@ -868,6 +1056,80 @@ def _upload_operation(
     }
 
 
+def _webhook_callback() -> Schema:
+    """The POST an audit's ``webhook_url`` receives when the audit ends (service.webhooks)."""
+    return {
+        "{$request.body#/webhook_url}": {
+            "post": {
+                "operationId": "audit_finished",
+                "summary": "The audit ended: succeeded, failed or canceled",
+                "description": "Sent once the audit is final (Content-Type: application/json, "
+                "User-Agent: saliency-audit-webhook; redirects are not followed). "
+                f"{SIGNATURE_HEADER}: t=<unix seconds>,v1=<hex> where hex is "
+                'HMAC-SHA256(secret, "<t>.<raw body>"), the secret being the tenant\'s '
+                "webhook secret ('saliency-audit keys webhook-secret --tenant NAME'). A "
+                "receiver recomputes the HMAC over the raw body bytes, compares in constant "
+                "time and rejects an old t (service.webhooks.verify allows 300 s). Delivery "
+                "is at least once: a non-2xx answer or a network error is retried with "
+                "exponential backoff up to the server's webhook_max_attempts; deduplicate on "
+                "delivery_id. The audit's `webhook` shows the state, attempts and last error.",
+                "parameters": [
+                    {
+                        "name": SIGNATURE_HEADER,
+                        "in": "header",
+                        "required": True,
+                        "description": "t=<unix seconds>,v1=<hex HMAC-SHA256 of "
+                        '"<t>.<raw body>" with the tenant\'s webhook secret>.',
+                        "schema": {"type": "string", "pattern": SIGNATURE_PATTERN},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("WebhookEvent")}},
+                },
+                "responses": {
+                    "2XX": {"description": "Delivered: no further attempt."},
+                    "default": {
+                        "description": "Any other answer (or none): retried with backoff until "
+                        "the attempts run out, then the audit's webhook.state is failed."
+                    },
+                },
+            }
+        }
+    }
+
+
+def _document_operation(kind: str, media: str, summary: str, description: str) -> Schema:
+    """``report.pdf`` and ``report``: a document rendered after the audit succeeded."""
+    return {
+        "parameters": [_param("AuditId")],
+        "get": {
+            "tags": ["results"],
+            "operationId": f"audit_report_{kind}",
+            "summary": summary,
+            "description": description + " Rendered on a CPU worker once the audit has "
+            "succeeded: until then 409 audit_not_succeeded; while rendering 409 "
+            "report_rendering with Retry-After (the audit's documents_state is pending); "
+            "500 report_render_failed when rendering failed.",
+            "security": SECURITY,
+            "responses": _v1(
+                {
+                    "200": {
+                        "description": f"The {kind.upper()} report (cacheable by ETag).",
+                        "headers": {"ETag": _header("ETag")},
+                        "content": {
+                            media: {"schema": {"type": "string", "contentMediaType": media}}
+                        },
+                    },
+                    **_common("NotModified", "NotFound"),
+                    "409": _DOCUMENT_409,
+                    "500": _DOCUMENT_500,
+                }
+            ),
+        },
+    }
+
+
 def _paths() -> dict[str, Schema]:
     list_page = [_param("Limit"), _param("Offset")]
     audit_responses_headers = ["Location", "Retry-After", "Idempotent-Replayed"]
@@ -911,6 +1173,25 @@ def _paths() -> dict[str, Schema]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "tags": ["health"],
+                "operationId": "metrics",
+                "summary": "Prometheus metrics (text exposition format 0.0.4)",
+                "description": "Computed from the database and the broker at scrape time, so "
+                "every API process answers the same numbers; aggregates across tenants only "
+                "(no ids, no names): audits by state, the duration histogram of succeeded "
+                "audits, attempts, queue depths, heartbeat age, busy workers and stale running "
+                "audits. No authentication.",
+                "responses": {
+                    "200": {
+                        "description": "The metrics (Content-Type: text/plain; version=0.0.4).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_common("InternalError", "ServiceUnavailable"),
+                },
+            }
+        },
         "/openapi.json": {
             "get": {
                 "tags": ["discovery"],
@@ -943,6 +1224,43 @@ def _paths() -> dict[str, Schema]:
                 "summary": "Saliency methods, tests, similarity measures, default policy",
                 "security": SECURITY,
                 "responses": _v1({"200": _json(_ref("Catalogue"), "The catalogue.")}),
+            }
+        },
+        REPORT_SCHEMA_PATH: {
+            "get": {
+                "tags": ["discovery"],
+                "operationId": "report_schema",
+                "summary": "The JSON Schema of report.json",
+                "description": "A JSON Schema (draft 2020-12) of GET "
+                "/v1/audits/{audit_id}/report.json, versioned with the report's "
+                f"schema_version (now {SCHEMA_VERSION}; the schema's $id names it): a client "
+                "checks a report's schema_version and validates it against the schema of that "
+                "version. Cacheable (public, an hour).",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": {
+                            "description": "The schema.",
+                            "content": {
+                                "application/schema+json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "description": "A JSON Schema (draft 2020-12).",
+                                        "properties": {
+                                            "$schema": {
+                                                "const": "https://json-schema.org/draft/"
+                                                "2020-12/schema"
+                                            },
+                                            "$id": {"type": "string", "format": "uri"},
+                                            "title": {"type": "string"},
+                                        },
+                                        "required": ["$schema", "$id"],
+                                    }
+                                }
+                            },
+                        }
+                    }
+                ),
             }
         },
         "/v1/models": {
@@ -997,6 +1315,27 @@ def _paths() -> dict[str, Schema]:
                             ["model_in_use"],
                             _CONFLICT_FIELDS,
                         ),
+                    }
+                ),
+            },
+        },
+        "/v1/models/{model_id}/audits": {
+            "parameters": [_param("ModelId")],
+            "get": {
+                "tags": ["models"],
+                "operationId": "model_audits",
+                "summary": "A model's audit history: its audits, verdict trend and latest change",
+                "description": "The model's audits, newest first (paginated); `trend`: per "
+                "method, the verdicts of every succeeded audit, oldest to newest; "
+                "`comparison`: each (method, test) verdict and mean of the last two succeeded "
+                "audits (null with fewer than two).",
+                "security": SECURITY,
+                "parameters": list_page,
+                "responses": _v1(
+                    {
+                        "200": _json(_ref("ModelHistory"), "The history."),
+                        "400": _PAGE_400,
+                        **_common("NotFound"),
                     }
                 ),
             },
@@ -1064,13 +1403,16 @@ def _paths() -> dict[str, Schema]:
                 "operationId": "submit_audit",
                 "summary": "Submit an audit",
                 "description": "Validated against the engine's own rules, stored, then "
-                f"enqueued. Poll the Location every Retry-After ({RETRY_AFTER_S}) seconds.",
+                f"enqueued. Poll the Location every Retry-After ({RETRY_AFTER_S}) seconds, or "
+                "give `webhook_url` to be called when the audit ends (the `auditFinished` "
+                f"callback: a `WebhookEvent`, signed in {SIGNATURE_HEADER}).",
                 "security": SECURITY,
                 "parameters": [_param("IdempotencyKey")],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref("AuditRequest")}},
                 },
+                "callbacks": {"auditFinished": _webhook_callback()},
                 "responses": _v1(
                     {
                         "202": _json(
@@ -1106,6 +1448,7 @@ def _paths() -> dict[str, Schema]:
                                 "unknown_dataset",
                                 "unlabeled_training_set",
                                 "training_set_required",
+                                "invalid_webhook_url",
                                 "idempotency_key_reused",
                             ],
                             {
@@ -1192,11 +1535,27 @@ def _paths() -> dict[str, Schema]:
                 "security": SECURITY,
                 "responses": _v1(
                     {
-                        "200": _json(
-                            {"type": "object", "description": "The engine's report."},
-                            "The report.",
-                            ["ETag"],
-                        ),
+                        "200": {
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "description": "The engine's report, with what the "
+                                    "service adds (audit_id, dataset, links, artifacts). Its "
+                                    "JSON Schema (draft 2020-12) is served at "
+                                    f"GET {REPORT_SCHEMA_PATH}, versioned with the "
+                                    f"report's schema_version (now {SCHEMA_VERSION}).",
+                                },
+                                "The report; validate it against GET "
+                                f"{REPORT_SCHEMA_PATH} (the schema of its schema_version).",
+                                ["ETag"],
+                            ),
+                            "links": {
+                                "schema": {
+                                    "operationId": "report_schema",
+                                    "description": "The JSON Schema this report follows.",
+                                }
+                            },
+                        },
                         **_common("NotModified", "NotFound"),
                         "409": _NOT_SUCCEEDED,
                         "500": _problem(
@@ -1208,6 +1567,18 @@ def _paths() -> dict[str, Schema]:
                 ),
             },
         },
+        "/v1/audits/{audit_id}/report.pdf": _document_operation(
+            "pdf",
+            "application/pdf",
+            "The PDF report of a succeeded audit",
+            "Verdicts, scores and heatmaps, laid out for reading and printing.",
+        ),
+        "/v1/audits/{audit_id}/report": _document_operation(
+            "html",
+            "text/html",
+            "The HTML report of a succeeded audit",
+            "The same report as the PDF, as one self-contained HTML page.",
+        ),
         "/v1/audits/{audit_id}/results": {
             "parameters": [_param("AuditId")],
             "get": {
@@ -1234,18 +1605,47 @@ def _paths() -> dict[str, Schema]:
                 "tags": ["results"],
                 "operationId": "audit_heatmaps",
                 "summary": "The heatmap PNGs of a succeeded audit",
-                "description": "The trained model's maps (test `model`, stage `trained`) and "
-                "the maps each test kept per stage.",
+                "description": "The trained model's maps (test `model`, stage `trained`), "
+                "the maps each test kept per stage, and the `layers` analysis' maps laid over "
+                "their images (kind `overlay_png`).",
                 "security": SECURITY,
                 "parameters": [
                     _query(k, f"Only heatmaps with this {k}.")
-                    for k in ("method", "test", "stage", "image")
+                    for k in ("kind", "method", "test", "stage", "image")
                 ],
                 "responses": _v1(
                     {
                         "200": _json(_ref("HeatmapList"), "The heatmaps."),
                         **_common("NotFound"),
                         "409": _NOT_SUCCEEDED,
+                    }
+                ),
+            },
+        },
+        "/v1/audits/{audit_id}/artifacts/{sha256}": {
+            "parameters": [_param("AuditId"), _param("Sha256")],
+            "get": {
+                "tags": ["results"],
+                "operationId": "audit_artifact",
+                "summary": "A file the audit produced, by the sha256 report.json lists",
+                "security": SECURITY,
+                "responses": _v1(
+                    {
+                        "200": {
+                            "description": "The file, with its media type (cacheable).",
+                            "headers": {"ETag": _header("ETag")},
+                            "content": {
+                                "image/png": {"schema": {"type": "string"}},
+                                "application/json": {"schema": {"type": "object"}},
+                                "application/octet-stream": {"schema": {"type": "string"}},
+                            },
+                        },
+                        **_common("NotModified", "NotFound"),
+                        "500": _problem(
+                            "The stored file is missing, or an unexpected error",
+                            500,
+                            ["artifact_missing", "internal_error"],
+                        ),
                     }
                 ),
             },
@@ -1424,6 +1824,27 @@ def _operation_html(
         parts.append(f"<h4>Request body{' (required)' if body.get('required') else ''}</h4>")
         for media, content in body.get("content", {}).items():
             parts.append(f"<p><code>{_e(media)}</code></p>{_json_block(content)}")
+    for name, callback in op.get("callbacks", {}).items():
+        parts.append(f"<h4>Callback <code>{_e(name)}</code></h4>")
+        for expression, item in callback.items():
+            for cb_method in METHOD_ORDER:
+                if cb_method in item:
+                    cb = item[cb_method]
+                    parts.append(
+                        f'<p><span class="method {_e(cb_method)}">{_e(cb_method)}</span> '
+                        f"<code>{_e(expression)}</code> {_e(cb.get('summary', ''))}</p>"
+                    )
+                    if cb.get("description"):
+                        parts.append(f'<p class="desc">{_e(cb["description"])}</p>')
+                    parts.append(
+                        _json_block(
+                            {
+                                k: cb[k]
+                                for k in ("parameters", "requestBody", "responses")
+                                if k in cb
+                            }
+                        )
+                    )
     parts.append("<h4>Responses</h4>")
     for status, response in op.get("responses", {}).items():
         response = _resolve(doc, response)

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the API reports on purpose: ``status``, a short ``code`` and a ``detail``."""
 
-    def __init__(self, status: int, code: str, detail: str, **extra: Any) -> None:
+    def __init__(
+        self, status: int, code: str, detail: str, retry_after_s: int | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
+        self.retry_after_s = retry_after_s
         self.extra = extra
 
 
@@ -59,7 +62,10 @@ def problem(
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        return problem(exc.status, exc.code, exc.detail, **exc.extra)
+        response = problem(exc.status, exc.code, exc.detail, **exc.extra)
+        if exc.retry_after_s is not None:
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.errorhandler(UploadRejected)
     def _upload(exc: UploadRejected) -> Response:

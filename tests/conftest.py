@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# real PostgreSQL, Redis, API and worker processes for the service, reliability and security
+# tests (fixtures are created only when a test asks for them)
+pytest_plugins = ["tests.servers"]
+
 CACHE_DIR = Path(__file__).parent / ".cache"
 
 

@@ -22,7 +22,7 @@ def create_celery(config: Config) -> Celery:
     broker = config.resolved_broker_url
     if broker.startswith("sqla+sqlite:///"):
         Path(broker.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    app = Celery("saliency_audit", broker=broker, include=["workers.tasks"])
+    app = Celery("saliency_audit", broker=broker, include=["workers.tasks", "workers.parts"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -30,7 +30,12 @@ def create_celery(config: Config) -> Celery:
         worker_concurrency=1,
         worker_pool="prefork",
         task_default_queue=config.queue,
-        task_routes={"workers.run_audit": {"queue": config.queue}},
+        task_routes={
+            "workers.run_audit": {"queue": config.queue},
+            "workers.run_audit_part": {"queue": config.queue},
+            "workers.render_reports": {"queue": config.cpu_queue},
+            "workers.deliver_webhook": {"queue": config.cpu_queue},
+        },
         task_soft_time_limit=config.soft_time_limit_s,
         task_time_limit=config.hard_time_limit_s,
         # Redis redelivers an unacknowledged message after the visibility timeout; the

@@ -19,17 +19,29 @@ from functools import cache
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.artifacts import ArtifactStore
 from service.config import Config
 from service.db import Database
-from service.jobs import Claim, Lost, Ownership, claim, worker_identity
+from service.jobs import (
+    Claim,
+    Enqueuer,
+    Lost,
+    Ownership,
+    announce_finished,
+    claim,
+    worker_identity,
+)
 from service.models import Audit, AuditArtifact, DatasetRecord, ModelRecord, ResultRow, VerdictRow
 
 from .celery import app
 
 log = logging.getLogger(__name__)
 
+# the database is unreachable (a restart, a failover): worth waiting out, never a verdict
+DATABASE_DOWN = (OperationalError, InterfaceError)
 HEATMAP_IMAGES = 16  # images whose trained-model heatmaps are rendered as PNGs
 TRAINED_STAGE = "trained"
 MODEL_TEST = "model"  # the "test" of the trained model's own maps
@@ -58,7 +70,124 @@ def runtime() -> Runtime:
 
 @app.task(name="workers.run_audit", bind=True)
 def run_audit_task(self: Any, audit_id: str) -> str:
-    return execute(runtime(), audit_id)
+    rt = runtime()
+    outcome = execute(rt, audit_id)
+    if outcome in ("succeeded", "failed", "canceled", Claim.EXHAUSTED.value):
+        announce_finished(rt.db, _enqueuer(rt), audit_id)
+    return outcome
+
+
+@cache
+def _enqueuer_for(pid: int) -> Enqueuer:
+    return Enqueuer(app.conf.saliency_audit_config, app)
+
+
+def _enqueuer(rt: Runtime) -> Enqueuer:
+    """One enqueuer per process, like the runtime (sends follow-up tasks to the CPU queue)."""
+    return _enqueuer_for(os.getpid())
+
+
+@app.task(name="workers.render_reports", bind=True)
+def render_reports_task(self: Any, audit_id: str) -> str:
+    return render_documents(runtime(), audit_id)
+
+
+@app.task(name="workers.deliver_webhook", bind=True, max_retries=None)
+def deliver_webhook_task(self: Any, audit_id: str) -> str:
+    rt = runtime()
+    outcome = deliver_webhook(rt, audit_id)
+    if outcome == "retry":
+        attempt = self.request.retries
+        raise self.retry(countdown=rt.config.webhook_backoff_s * 2**attempt)
+    return outcome
+
+
+def render_documents(rt: Runtime, audit_id: str) -> str:
+    """The PDF and HTML reports of a succeeded audit, from its stored report.json and
+    pictures; idempotent (a re-run replaces the previous documents)."""
+    from workers.reports.html import render_html
+    from workers.reports.pdf import render_pdf
+
+    with rt.db.session() as session:
+        audit = session.get(Audit, audit_id)
+        if audit is None or audit.state != "succeeded" or audit.report_sha256 is None:
+            return "skipped"
+        report_sha, tenant_id = audit.report_sha256, audit.tenant_id
+    try:
+        report = json.loads(rt.store.read_bytes(report_sha))
+        documents = {
+            "report_pdf": ("application/pdf", render_pdf(report, rt.store.read_bytes)),
+            "report_html": (
+                "text/html; charset=utf-8",
+                render_html(report, rt.store.read_bytes).encode(),
+            ),
+        }
+    except Exception as exc:
+        log.exception("rendering the reports of audit %s failed", audit_id)
+        with rt.db.session() as session:
+            session.execute(
+                update(Audit)
+                .where(Audit.id == audit_id)
+                .values(documents_state="failed", documents_error=f"{type(exc).__name__}: {exc}")
+            )
+        return "failed"
+    with rt.db.session() as session:
+        session.execute(
+            delete(AuditArtifact).where(
+                AuditArtifact.audit_id == audit_id, AuditArtifact.kind.in_(list(documents))
+            )
+        )
+        for kind, (media_type, data) in documents.items():
+            session.add(
+                AuditArtifact(
+                    tenant_id=tenant_id,
+                    audit_id=audit_id,
+                    kind=kind,
+                    sha256=rt.store.put_bytes(data),
+                    media_type=media_type,
+                    size_bytes=len(data),
+                )
+            )
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id)
+            .values(documents_state="ready", documents_error=None)
+        )
+    return "ready"
+
+
+def deliver_webhook(rt: Runtime, audit_id: str) -> str:
+    """One attempt: ``delivered``, ``retry`` (attempts left) or ``failed``."""
+    from service.models import Tenant
+    from service.webhooks import payload, post
+
+    with rt.db.session() as session:
+        audit = session.get(Audit, audit_id)
+        if audit is None or audit.webhook_url is None or audit.webhook_state == "delivered":
+            return "skipped"
+        tenant = session.get(Tenant, audit.tenant_id)
+        secret = tenant.webhook_secret if tenant is not None else None
+        body, url = payload(audit), audit.webhook_url
+    if secret is None:  # set at submission; a tenant row without one cannot sign
+        outcome, detail = False, "the tenant has no webhook secret"
+    else:
+        outcome, detail = post(
+            url, secret, body, rt.config.webhook_timeout_s, rt.config.webhook_allow_private
+        )
+    with rt.db.session() as session:
+        audit = session.get(Audit, audit_id)
+        assert audit is not None
+        audit.webhook_attempts = (audit.webhook_attempts or 0) + 1
+        audit.webhook_error = None if outcome else detail
+        if outcome:
+            audit.webhook_state = "delivered"
+        elif audit.webhook_attempts >= rt.config.webhook_max_attempts:
+            audit.webhook_state = "failed"
+        attempts = audit.webhook_attempts
+    if outcome:
+        return "delivered"
+    log.warning("webhook of audit %s, attempt %d: %s", audit_id, attempts, detail)
+    return "failed" if attempts >= rt.config.webhook_max_attempts else "retry"
 
 
 class _Heartbeat(threading.Thread):
@@ -106,7 +235,11 @@ def execute(rt: Runtime, audit_id: str) -> str:
         now = time.monotonic()
         if now - last_write[0] >= 1.0:
             last_write[0] = now
-            owner.heartbeat(fraction, step)
+            try:
+                owner.heartbeat(fraction, step)
+            except DATABASE_DOWN as exc:
+                # the heartbeat thread keeps trying; the computation need not stop for it
+                log.warning("progress of %s not written: %s", audit_id, exc)
 
     try:
         _run(rt, audit_id, owner, progress)
@@ -125,6 +258,11 @@ def execute(rt: Runtime, audit_id: str) -> str:
             }
         )
         return "failed"
+    except DATABASE_DOWN:
+        # Nothing can be written now: leave the audit running; its heartbeat goes stale and
+        # the reconciler queues it again (the attempt is counted), so the audit is not lost.
+        log.exception("audit %s: the database went away", audit_id)
+        raise
     except Exception as exc:
         from workers.engine.errors import EngineError
 
@@ -143,18 +281,29 @@ def _jsonable(value: dict[str, object]) -> dict[str, Any]:
     return dict(json.loads(json.dumps(value, default=str)))
 
 
-def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
-    import numpy as np
+@dataclass
+class Inputs:
+    """What an audit (or one of its parts) runs on, loaded from the database and the store."""
+
+    spec: Any  # AuditSpec
+    model: Any  # LoadedModel
+    images: Any  # the preprocessed (N, C, H, W) tensor
+    decoded: list[Any]  # DecodedImage, for names and overlays
+    dataset: DatasetRecord
+    tenant_id: str
+    train: Any = None  # LabeledImages
+    masks: Any = None  # (N, H, W) bool tensor
+
+
+def load_inputs(rt: Runtime, audit_id: str) -> Inputs:
     import torch
 
     from workers.engine.data_randomization import LabeledImages
     from workers.engine.image_files import class_indices
     from workers.engine.images import decode_image, preprocess
     from workers.engine.models.loader import load_model
-    from workers.engine.runner import run_audit
     from workers.engine.spec import AuditSpec
 
-    progress(0.0, "loading the model and images")
     with rt.db.session() as session:
         audit = session.get(Audit, audit_id)
         assert audit is not None
@@ -181,32 +330,104 @@ def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
         ]
 
     images_decoded = decoded(dataset)
-    images = preprocess(images_decoded, model.input_spec)
-    train = None
+    inputs = Inputs(
+        spec=spec,
+        model=model,
+        images=preprocess(images_decoded, model.input_spec),
+        decoded=images_decoded,
+        dataset=dataset,
+        tenant_id=tenant_id,
+    )
+    if "layers" in spec.tests:
+        inputs.masks = _ground_truth(rt, dataset, images_decoded, model.input_spec)
     if train_set is not None:
         items = train_set.manifest["images"]
         folders = sorted({str(item["label"]) for item in items})
         index = class_indices(folders, model.input_spec.class_names)
-        train = LabeledImages(
+        inputs.train = LabeledImages(
             preprocess(decoded(train_set), model.input_spec),
             torch.tensor([index[str(item["label"])] for item in items], dtype=torch.int64),
         )
+    return inputs
 
-    result = run_audit(
-        model,
-        images,
+
+def compute(inputs: Inputs, spec: Any, progress: Any) -> Any:
+    """``run_audit`` on the loaded inputs with ``spec`` (the whole audit's, or a part's)."""
+    from workers.engine.runner import run_audit
+
+    return run_audit(
+        inputs.model,
+        inputs.images,
         spec,
-        image_names=[d.name for d in images_decoded],
-        train=train,
-        progress=lambda f, step: progress(0.02 + 0.9 * f, step),
+        image_names=[d.name for d in inputs.decoded],
+        train=inputs.train,
+        masks=inputs.masks,
+        progress=progress,
     )
+
+
+def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
+    import numpy as np
+
+    from workers.engine.merge import splittable
+
+    from .parts import run_split
+
+    progress(0.0, "loading the model and images")
+    inputs = load_inputs(rt, audit_id)
+    spec, dataset, tenant_id, images_decoded = (
+        inputs.spec,
+        inputs.dataset,
+        inputs.tenant_id,
+        inputs.decoded,
+    )
+    scaled = lambda f, step: progress(0.02 + 0.9 * f, step)  # noqa: E731
+    if rt.config.audit_parts > 1 and splittable(spec):
+        result = run_split(rt, audit_id, inputs, scaled)
+    else:
+        result = compute(inputs, spec, scaled)
     progress(0.93, "rendering heatmaps")
-    report = result.to_dict()
-    report_sha = rt.store.put_bytes((json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
+    pictures = _heatmaps(rt, tenant_id, audit_id, result, images_decoded)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **result.maps)  # type: ignore[arg-type]
+    np.savez_compressed(buffer, **result.maps)
     maps_bytes = buffer.getvalue()
     maps_sha = rt.store.put_bytes(maps_bytes)
+    report = result.to_dict()
+    report["audit_id"] = audit_id
+    with rt.db.session() as session:
+        submitted = session.scalar(select(Audit.created_at).where(Audit.id == audit_id))
+    report["created_at"] = submitted.isoformat() if submitted is not None else None
+    report["dataset"] = {
+        "id": dataset.id,
+        "name": dataset.name,
+        "sha256": dataset.sha256,
+        "n_images": dataset.n_images,
+        "labeled": dataset.labeled,
+        "has_masks": dataset.has_masks,
+        "has_boxes": dataset.has_boxes,
+    }
+    report["links"] = {
+        "audit": f"/v1/audits/{audit_id}",
+        "report_json": f"/v1/audits/{audit_id}/report.json",
+        "report_pdf": f"/v1/audits/{audit_id}/report.pdf",
+        "report_html": f"/v1/audits/{audit_id}/report",
+        "results": f"/v1/audits/{audit_id}/results",
+        "heatmaps": f"/v1/audits/{audit_id}/heatmaps",
+    }
+    report["artifacts"] = [
+        {
+            "kind": a.kind,
+            "method": a.method,
+            "test": a.test,
+            "stage": a.stage,
+            "image": a.image,
+            "sha256": a.sha256,
+            "media_type": a.media_type,
+            "url": f"/v1/audits/{audit_id}/artifacts/{a.sha256}",
+        }
+        for a in pictures
+    ]
+    report_sha = rt.store.put_bytes((json.dumps(report, indent=2, allow_nan=False) + "\n").encode())
     artifacts = [
         AuditArtifact(
             tenant_id=tenant_id,
@@ -225,7 +446,7 @@ def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
             size_bytes=len(maps_bytes),
         ),
     ]
-    artifacts += _heatmaps(rt, tenant_id, audit_id, result, [d.name for d in images_decoded])
+    artifacts += pictures
 
     progress(0.98, "storing results")
 
@@ -277,27 +498,47 @@ def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
         raise Lost("the audit is no longer owned by this worker")
 
 
+def _ground_truth(rt: Runtime, dataset: DatasetRecord, images: list[Any], spec: Any) -> Any:
+    """(N, H, W) object masks at the model's input size when every image has a mask or boxes
+    in the dataset, else None (localization needs ground truth for each image)."""
+    from workers.engine.faithfulness import boxes_to_mask
+    from workers.engine.images import decode_mask, masks_tensor
+
+    items = dataset.manifest["images"]
+    if not all(item.get("mask_sha256") or item.get("boxes") for item in items):
+        return None
+    masks = []
+    for item, image in zip(items, images, strict=True):
+        if item.get("mask_sha256"):
+            masks.append(decode_mask(rt.store.read_bytes(item["mask_sha256"]), item["name"]))
+        else:
+            height, width = image.pixels.shape[:2]
+            masks.append(boxes_to_mask(item["boxes"], height, width).numpy())
+    return masks_tensor(masks, spec)
+
+
 def _heatmaps(
-    rt: Runtime, tenant_id: str, audit_id: str, result: Any, image_names: list[str]
+    rt: Runtime, tenant_id: str, audit_id: str, result: Any, images: list[Any]
 ) -> list[AuditArtifact]:
-    """PNGs of the trained model's maps for the first images, and of every map a test kept
-    for its heatmap grids (the first images at each stage)."""
-    from workers.reports.heatmaps import heatmap_png
+    """PNGs of the trained model's maps for the first images, of every map a test kept for
+    its heatmap grids (the first images at each stage), and for the ``layers`` analysis the
+    maps laid over their images (per image, method and layer)."""
+    from workers.reports.heatmaps import heatmap_png, overlay_png
 
     rows: list[AuditArtifact] = []
 
-    def add(test: str, stage: str, method: str, maps: Any, count: int) -> None:
+    def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
         for i in range(min(count, len(maps))):
-            png = heatmap_png(maps[i])
+            png = overlay_png(maps[i], images[i].pixels) if overlay else heatmap_png(maps[i])
             rows.append(
                 AuditArtifact(
                     tenant_id=tenant_id,
                     audit_id=audit_id,
-                    kind="heatmap_png",
+                    kind="overlay_png" if overlay else "heatmap_png",
                     method=method,
                     test=test,
                     stage=stage,
-                    image=image_names[i],
+                    image=images[i].name,
                     sha256=rt.store.put_bytes(png),
                     media_type="image/png",
                     size_bytes=len(png),
@@ -305,9 +546,9 @@ def _heatmaps(
             )
 
     for method, maps in result.maps.items():
-        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES)
+        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES, overlay=False)
     for test_name, test in result.tests.items():
         for stage, by_method in test.example_maps.items():
             for method, maps in by_method.items():
-                add(test_name, stage, method, maps, len(maps))
+                add(test_name, stage, method, maps, len(maps), overlay=test_name == "layers")
     return rows

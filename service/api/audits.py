@@ -20,10 +20,11 @@ from sqlalchemy.exc import IntegrityError
 from workers.engine.catalogue import check_methods
 from workers.engine.errors import SpecError
 from workers.engine.policy import load_policy
-from workers.engine.spec import MEASURES, TESTS, AuditSpec
+from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 
 from ..app import state
 from ..artifacts import ArtifactMissing
+from ..jobs import announce_finished
 from ..models import (
     AUDIT_STATES,
     FINAL_STATES,
@@ -32,10 +33,12 @@ from ..models import (
     DatasetRecord,
     ModelRecord,
     ResultRow,
+    Tenant,
     VerdictRow,
     utcnow,
 )
 from ..problems import ApiError
+from ..webhooks import WebhookUrlError, check_url, new_secret
 from .common import check_keys, get_owned, iso, json_body, paginated, tenant_id
 
 bp = Blueprint("audits", __name__, url_prefix="/v1/audits")
@@ -46,6 +49,7 @@ BODY_KEYS = {
     "train_dataset_id",
     "methods",
     "tests",
+    "layer",
     "layers",
     "policy",
     "seed",
@@ -54,8 +58,10 @@ BODY_KEYS = {
     "params",
     "training",
     "batch_size",
+    "webhook_url",
 }
 RETRY_AFTER_S = 2
+PICTURE_KINDS = ("heatmap_png", "overlay_png")
 MAX_IDEMPOTENCY_KEY = 200
 
 
@@ -79,15 +85,15 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
     check_methods(methods)
     tests = _str_list(body, "tests", ["cascading"])
     if tests == ["all"]:
-        tests = [t for t in TESTS if t != "data_randomization" or body.get("train_dataset_id")]
+        tests = [
+            t
+            for t in TESTS
+            if t not in ANALYSES and (t != "data_randomization" or body.get("train_dataset_id"))
+        ]
     layers = _str_list(body, "layers", None)
-    if len(layers) > 1:
-        raise ApiError(
-            422,
-            "invalid_field",
-            "layers: one layer for the CAM family and Relevance-CAM per audit (per-layer "
-            "analysis over several layers is not available yet)",
-        )
+    layer = body.get("layer")
+    if layer is not None and not isinstance(layer, str):
+        raise ApiError(422, "invalid_field", "layer must be a module name (a string)")
     seed = body.get("seed", 0)
     batch_size = body.get("batch_size", 16)
     for key, value in (("seed", seed), ("batch_size", batch_size)):
@@ -108,7 +114,8 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
         {
             "methods": methods,
             "tests": tests,
-            "layer": layers[0] if layers else None,
+            "layer": layer,
+            "layers": layers or None,
             "seed": seed,
             "batch_size": batch_size,
             "device": "auto",
@@ -135,6 +142,8 @@ def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, 
         "results": url_for("audits.results", audit_id=audit.id),
         "heatmaps": url_for("audits.heatmaps", audit_id=audit.id),
         "model": url_for("models.get_model", model_id=audit.model_id),
+        "pdf": url_for("audits.report_pdf", audit_id=audit.id),
+        "html": url_for("audits.report_html", audit_id=audit.id),
     }
     body: dict[str, Any] = {
         "id": audit.id,
@@ -153,6 +162,15 @@ def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, 
         "heartbeat_at": iso(audit.heartbeat_at),
         "finished_at": iso(audit.finished_at),
         "verdict_summary": audit.verdict_summary,
+        "documents_state": audit.documents_state,
+        "webhook": {
+            "url": audit.webhook_url,
+            "state": audit.webhook_state,
+            "attempts": audit.webhook_attempts or 0,
+            "error": audit.webhook_error,
+        }
+        if audit.webhook_url
+        else None,
         "links": links,
     }
     if verdicts is not None:
@@ -211,11 +229,19 @@ def submit() -> Any:
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise ApiError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-200 characters")
     fingerprint = request_fingerprint(body)
+    spec = engine_spec(body)
+    webhook_url = body.get("webhook_url")
+    if webhook_url is not None:
+        if not isinstance(webhook_url, str):
+            raise ApiError(422, "invalid_field", "webhook_url must be a string")
+        try:
+            check_url(webhook_url, st.config.webhook_allow_private)
+        except WebhookUrlError as exc:
+            raise ApiError(422, "invalid_webhook_url", str(exc)) from None
     with st.db.session() as session:
+        # one transaction for the replay check, the lookups and the insert
         if key is not None and (existing := _replay(session, key, fingerprint)) is not None:
             return _accepted(existing, replayed=True)
-    spec = engine_spec(body)
-    with st.db.session() as session:
         for field in ("model_id", "dataset_id"):
             if not isinstance(body.get(field), str):
                 raise ApiError(422, "invalid_field", f"{field} is required (a string id)")
@@ -248,7 +274,12 @@ def submit() -> Any:
             step="queued",
             idempotency_key=key,
             request_sha256=fingerprint,
+            webhook_url=webhook_url,
         )
+        if webhook_url is not None:
+            tenant = session.get(Tenant, tenant_id())
+            if tenant is not None and tenant.webhook_secret is None:
+                tenant.webhook_secret = new_secret()
         session.add(audit)
         try:
             session.commit()
@@ -327,7 +358,24 @@ def cancel(audit_id: str) -> Any:
             audit.finished_at = utcnow()
         session.flush()
         response = jsonify(render(audit))
+    if audit.state == "canceled":
+        announce_finished(state().db, state().enqueue, audit.id)
     response.status_code = 202 if audit.state != "canceled" else 200
+    return response
+
+
+def send_stored(
+    sha256: str, media_type: str, *, immutable: bool = False, missing_code: str = "artifact_missing"
+) -> Any:
+    """A file of the artifact store as the response, with its sha256 as the ETag (a
+    conditional GET answers 304); ``immutable`` files may be cached by the client."""
+    try:
+        handle = state().store.open(sha256)
+    except ArtifactMissing:
+        raise ApiError(500, missing_code, "the stored file is missing") from None
+    response = send_file(handle, mimetype=media_type, etag=sha256, conditional=True)
+    if immutable:
+        response.headers["Cache-Control"] = "private, max-age=86400, immutable"
     return response
 
 
@@ -351,11 +399,7 @@ def report_json(audit_id: str) -> Any:
         sha = audit.report_sha256
     if sha is None:
         raise ApiError(500, "report_missing", "the audit has no stored report")
-    try:
-        handle = st.store.open(sha)
-    except ArtifactMissing:
-        raise ApiError(500, "report_missing", "the stored report file is missing") from None
-    return send_file(handle, mimetype="application/json", etag=sha, conditional=True)
+    return send_stored(sha, "application/json", missing_code="report_missing")
 
 
 @bp.get("/<audit_id>/results")
@@ -389,20 +433,23 @@ def results(audit_id: str) -> Any:
 
 @bp.get("/<audit_id>/heatmaps")
 def heatmaps(audit_id: str) -> Any:
-    """The heatmap PNGs: the trained model's maps (test ``model``, stage ``trained``) and the
-    maps each test kept per stage; filterable by method, test, stage and image."""
+    """The heatmap PNGs: the trained model's maps (test ``model``, stage ``trained``), the
+    maps each test kept per stage, and the ``layers`` analysis' overlays (kind
+    ``overlay_png``); filterable by kind, method, test, stage and image."""
     with state().db.session() as session:
         _finished(session, audit_id)
         query = select(AuditArtifact).where(
-            AuditArtifact.audit_id == audit_id, AuditArtifact.kind == "heatmap_png"
+            AuditArtifact.audit_id == audit_id,
+            AuditArtifact.kind.in_(PICTURE_KINDS),
         )
-        for key in ("method", "test", "stage", "image"):
+        for key in ("kind", "method", "test", "stage", "image"):
             if (value := request.args.get(key)) is not None:
                 query = query.where(getattr(AuditArtifact, key) == value)
         rows = session.scalars(query.order_by(AuditArtifact.id)).all()
         return jsonify(
             items=[
                 {
+                    "kind": r.kind,
                     "method": r.method,
                     "test": r.test,
                     "stage": r.stage,
@@ -421,13 +468,63 @@ def heatmap_png(audit_id: str, heatmap_id: int) -> Any:
     with st.db.session() as session:
         audit = get_owned(session, Audit, audit_id, "audit")
         row = session.get(AuditArtifact, heatmap_id)
-        if row is None or row.audit_id != audit.id or row.kind != "heatmap_png":
+        if row is None or row.audit_id != audit.id or row.kind not in PICTURE_KINDS:
             raise ApiError(404, "not_found", f"no heatmap {heatmap_id} in audit {audit_id}")
         sha = row.sha256
-    try:
-        handle = st.store.open(sha)
-    except ArtifactMissing:
-        raise ApiError(500, "artifact_missing", "the stored heatmap file is missing") from None
-    response = send_file(handle, mimetype="image/png", etag=sha, conditional=True)
-    response.headers["Cache-Control"] = "private, max-age=86400, immutable"
-    return response
+    return send_stored(sha, "image/png", immutable=True)
+
+
+@bp.get("/<audit_id>/artifacts/<sha256>")
+def artifact(audit_id: str, sha256: str) -> Any:
+    """Any file the audit produced, by the sha256 that ``report.json``'s ``artifacts`` lists."""
+    st = state()
+    with st.db.session() as session:
+        audit = get_owned(session, Audit, audit_id, "audit")
+        row = session.scalars(
+            select(AuditArtifact)
+            .where(AuditArtifact.audit_id == audit.id, AuditArtifact.sha256 == sha256)
+            .limit(1)
+        ).first()
+        if row is None:
+            raise ApiError(404, "not_found", f"no artifact {sha256} in audit {audit_id}")
+        media_type = row.media_type
+    return send_stored(sha256, media_type, immutable=True)
+
+
+def _document(audit_id: str, kind: str) -> Any:
+    st = state()
+    with st.db.session() as session:
+        audit = _finished(session, audit_id)
+        if audit.documents_state == "failed":
+            raise ApiError(
+                500,
+                "report_render_failed",
+                f"rendering the reports failed: {audit.documents_error}",
+            )
+        row = session.scalars(
+            select(AuditArtifact).where(
+                AuditArtifact.audit_id == audit.id, AuditArtifact.kind == kind
+            )
+        ).first()
+        if row is None:
+            raise ApiError(
+                409,
+                "report_rendering",
+                "the report is being rendered; retry shortly",
+                retry_after_s=RETRY_AFTER_S,
+                documents_state=audit.documents_state,
+            )
+        sha, media_type = row.sha256, row.media_type
+    return send_stored(sha, media_type)
+
+
+@bp.get("/<audit_id>/report.pdf")
+def report_pdf(audit_id: str) -> Any:
+    """The PDF report (rendered on the CPU queue once the audit succeeded: 409 until then)."""
+    return _document(audit_id, "report_pdf")
+
+
+@bp.get("/<audit_id>/report")
+def report_html(audit_id: str) -> Any:
+    """The same report as one self-contained HTML page."""
+    return _document(audit_id, "report_html")

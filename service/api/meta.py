@@ -63,3 +63,14 @@ def docs() -> Response:
     from ..openapi import docs_html
 
     return Response(docs_html(), mimetype="text/html")
+
+
+@bp.get("/v1/schemas/report.json")
+def report_schema() -> Any:
+    """The JSON Schema (2020-12) of report.json, versioned with the report's schema_version."""
+    from workers.reports.schema import report_schema as schema
+
+    response = jsonify(schema())
+    response.headers["Content-Type"] = "application/schema+json"
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response

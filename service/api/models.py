@@ -165,3 +165,69 @@ def delete_model(model_id: str) -> Any:
             )
         row.deleted_at = utcnow()
     return "", 204
+
+
+@bp.get("/<model_id>/audits")
+def model_history(model_id: str) -> Any:
+    """The model's audits, newest first (paginated), the verdict trend per method over its
+    succeeded audits (oldest to newest), and what changed between the last two."""
+    from ..models import VerdictRow
+    from .audits import render as render_audit
+
+    with state().db.session() as session:
+        row = get_owned(session, ModelRecord, model_id, "model")
+        query = (
+            select(Audit)
+            .where(Audit.tenant_id == tenant_id(), Audit.model_id == row.id)
+            .order_by(Audit.created_at.desc(), Audit.id)
+        )
+        page = paginated(session, query, render_audit, "models.model_history", model_id=row.id)
+        succeeded = session.scalars(
+            select(Audit)
+            .where(
+                Audit.tenant_id == tenant_id(),
+                Audit.model_id == row.id,
+                Audit.state == "succeeded",
+            )
+            .order_by(Audit.finished_at, Audit.id)
+        ).all()
+        trend: dict[str, list[dict[str, Any]]] = {}
+        for audit in succeeded:
+            for method, by_test in (audit.verdict_summary or {}).items():
+                trend.setdefault(method, []).append(
+                    {
+                        "audit_id": audit.id,
+                        "finished_at": iso(audit.finished_at),
+                        "verdicts": by_test,
+                    }
+                )
+        comparison = None
+        if len(succeeded) >= 2:
+            previous, latest = succeeded[-2], succeeded[-1]
+            rows = session.scalars(
+                select(VerdictRow).where(VerdictRow.audit_id.in_([previous.id, latest.id]))
+            ).all()
+            by_audit: dict[str, dict[tuple[str, str], Any]] = {previous.id: {}, latest.id: {}}
+            for v in rows:
+                by_audit[v.audit_id][(v.method, v.test)] = v
+            changes = []
+            for key in sorted(set(by_audit[previous.id]) | set(by_audit[latest.id])):
+                before, after = by_audit[previous.id].get(key), by_audit[latest.id].get(key)
+                changes.append(
+                    {
+                        "method": key[0],
+                        "test": key[1],
+                        "previous": before.verdict if before else None,
+                        "latest": after.verdict if after else None,
+                        "changed": (before.verdict if before else None)
+                        != (after.verdict if after else None),
+                        "previous_mean": before.mean if before else None,
+                        "latest_mean": after.mean if after else None,
+                    }
+                )
+            comparison = {
+                "previous_audit_id": previous.id,
+                "latest_audit_id": latest.id,
+                "changes": changes,
+            }
+    return jsonify({**page, "trend": trend, "comparison": comparison})

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from service.db import Database
-from tests.service.conftest import Api, Server, assert_problem, new_key
+from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 
 
@@ -151,7 +151,8 @@ def test_concurrent_submissions_with_one_key_create_one_audit(
         ({"params": {"ig_steps": 0}}, 422, "invalid_spec"),
         ({"params": {"warp": 9}}, 422, "invalid_spec"),
         ({"tests": ["data_randomization"]}, 422, "training_set_required"),
-        ({"layers": ["layer1", "layer2"]}, 422, "invalid_field"),
+        ({"layers": [1, 2]}, 422, "invalid_field"),
+        ({"layer": 3}, 422, "invalid_field"),
         ({"colour": "blue"}, 422, "unknown_fields"),
         ({"dataset_id": "nope"}, 422, "unknown_dataset"),
     ],

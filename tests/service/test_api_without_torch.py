@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.service.conftest import REPO
+from tests.servers import REPO
 
 SCRIPT = textwrap.dedent(
     """

@@ -24,7 +24,7 @@ from PIL import Image
 from service.config import Config
 from service.embedded import config_environment
 from service.models import ResultRow
-from tests.service.conftest import (
+from tests.servers import (
     REFERENCE,
     Api,
     Server,
@@ -228,3 +228,54 @@ def test_report_maps_match_the_engine_run_locally(
     assert local["tests"]["cascading"]["scores"] == report["tests"]["cascading"]["scores"]
     with np.load(out / "maps.npz") as maps:
         assert set(maps.files) == set(report["methods"])
+
+
+def test_the_layers_analysis_over_http_with_masks_and_overlays(
+    pg_config: Config,
+    pg_server: Server,
+    worker_factory: Callable[[Config], Worker],
+    pg_database: Any,
+) -> None:
+    from tests.service.hostile import valid_dataset_zip
+
+    worker_factory(pg_config)
+    api = Api(pg_server.url, new_key(pg_database))
+    model = api.upload_model(REFERENCE / "shapes_small_resnet.onnx")
+    dataset = api.upload_dataset(valid_dataset_zip(3, masks=True), "shapes.zip")
+    assert dataset["has_masks"]
+    audit = api.post(
+        "/v1/audits",
+        json={
+            "model_id": model["id"],
+            "dataset_id": dataset["id"],
+            "methods": ["gradcam"],
+            "tests": ["layers"],
+            "layers": ["layer1.0.relu2", "layer3.0.relu2"],
+        },
+    ).json()
+    final = api.wait(audit["id"])
+    assert final["state"] == "succeeded", final
+    report = api.get(f"/v1/audits/{audit['id']}/report.json").json()
+    table = report["tests"]["layers"]
+    assert [s["name"] for s in table["stages"]] == ["layer1.0.relu2", "layer3.0.relu2"]
+    assert {"iou", "pointing_game", "average_drop"} <= {s["measure"] for s in table["scores"]}
+    # the per-layer table is also rows, reachable per metric
+    rows = api.get(
+        f"/v1/audits/{audit['id']}/results", params={"test": "layers", "measure": "iou"}
+    ).json()["items"]
+    assert {(r["stage"], r["method"]) for r in rows} == {
+        (layer, m)
+        for layer in ("layer1.0.relu2", "layer3.0.relu2")
+        for m in ("relevance_cam", "gradcam", "gradcam_pp", "scorecam", "lrp", "control_random")
+    }
+    # overlays: one per image, method and layer, listed in the report and served by sha256
+    overlays = [a for a in report["artifacts"] if a["kind"] == "overlay_png"]
+    assert len(overlays) == 3 * 6 * 2
+    listed = api.get(f"/v1/audits/{audit['id']}/heatmaps", params={"kind": "overlay_png"}).json()[
+        "items"
+    ]
+    assert {h["sha256"] for h in listed} == {a["sha256"] for a in overlays}
+    picture = api.get(overlays[0]["url"])
+    assert picture.status_code == 200 and picture.headers["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(picture.content)).size == (128, 128)
+    assert_problem(api.get(f"/v1/audits/{audit['id']}/artifacts/{'0' * 64}"), 404, "not_found")

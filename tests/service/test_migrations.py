@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, inspect
 
 from service import db
 from service.models import Base
-from tests.service.conftest import PG_ADMIN_URL, _admin_connect
+from tests.servers import PG_ADMIN_URL, _admin_connect
 
 TABLES = {
     "tenants",
@@ -25,6 +25,7 @@ TABLES = {
     "results",
     "verdicts",
     "audit_artifacts",
+    "audit_parts",
 }
 
 

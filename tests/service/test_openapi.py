@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import dataclasses
 import html
 import io
 import json
@@ -53,13 +54,18 @@ from service.models import (
 from service.openapi import (
     DATASET_REJECTIONS,
     MODEL_REJECTIONS,
+    REPORT_SCHEMA_PATH,
+    SIGNATURE_PATTERN,
     docs_html,
     openapi_document,
     operation_anchor,
 )
 from service.problems import ApiError
+from service.webhooks import SIGNATURE_HEADER, payload, sign, verify
 from workers.engine.errors import EngineError
+from workers.engine.result import SCHEMA_VERSION
 from workers.engine.spec import AuditSpec
+from workers.reports.schema import report_schema
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "examples" / "reference"
@@ -81,6 +87,9 @@ class FakeResult:
 
     def one_or_none(self) -> Any:
         assert len(self.items) <= 1, self.items
+        return self.items[0] if self.items else None
+
+    def first(self) -> Any:
         return self.items[0] if self.items else None
 
 
@@ -248,14 +257,17 @@ def check(doc: dict[str, Any], response: TestResponse, path: str, method: str) -
     media = response.mimetype
     assert media in content, (path, method, status, media, list(content))
     schema = content[media].get("schema", {})
-    if media in ("application/json", "application/problem+json"):
+    if media in ("application/json", "application/problem+json", "application/schema+json"):
         body = response.get_json()
         validate(doc, body, schema)
         return body
     if media == "image/png":
         assert response.get_data().startswith(b"\x89PNG\r\n\x1a\n")
         return response.get_data()
-    assert media == "text/html"
+    if media == "application/pdf":
+        assert response.get_data().startswith(b"%PDF-")
+        return response.get_data()
+    assert media in ("text/html", "text/plain"), media
     return response.get_data(as_text=True)
 
 
@@ -557,7 +569,7 @@ def test_audit_request_schema_accepts_and_refuses_like_the_route(doc: dict[str, 
         {k: v for k, v in good.items() if k != "methods"},
         {**good, "colour": "red"},
         {**good, "methods": ["no_such_method"]},
-        {**good, "layers": ["a", "b"]},
+        {**good, "layer": 3},
         {**good, "seed": "1"},
         {**good, "params": {"no_such_param": 1}},
         {**good, "granularity": "layer"},
@@ -679,6 +691,9 @@ def test_unauthenticated(client: FlaskClient, doc: dict[str, Any]) -> None:
         ("/v1/models", "get", "/v1/models"),
         ("/v1/audits/{audit_id}", "delete", "/v1/audits/x"),
         ("/v1/methods", "get", "/v1/methods"),
+        ("/v1/models/{model_id}/audits", "get", "/v1/models/x/audits"),
+        ("/v1/audits/{audit_id}/report.pdf", "get", "/v1/audits/x/report.pdf"),
+        (REPORT_SCHEMA_PATH, "get", REPORT_SCHEMA_PATH),
     ):
         response = client.open(url, method=method.upper())
         assert response.status_code == 401
@@ -807,7 +822,10 @@ def test_audit_submission(client: FlaskClient, fake: FakeSession, doc: dict[str,
         ({**body, "colour": "red"}, "unknown_fields"),
         ({**body, "model_id": "missing"}, "unknown_model"),
         ({**body, "tests": ["data_randomization"]}, "training_set_required"),
-        ({**body, "layers": ["a", "b"]}, "invalid_field"),
+        ({**body, "layer": 3}, "invalid_field"),
+        ({**body, "webhook_url": 5}, "invalid_field"),
+        ({**body, "webhook_url": "ftp://hooks.example.com/x"}, "invalid_webhook_url"),
+        ({**body, "webhook_url": "http://10.0.0.1/hook"}, "invalid_webhook_url"),
         ({**body, "policy": "strict"}, "invalid_policy"),
         ([1, 2], "invalid_json"),
     ):
@@ -817,6 +835,41 @@ def test_audit_submission(client: FlaskClient, fake: FakeSession, doc: dict[str,
     assert check(doc, text, path, "post")["code"] == "unsupported_media_type"
     long_key = client.post(path, json=body, headers={"Idempotency-Key": "k" * 201})
     assert check(doc, long_key, path, "post")["code"] == "invalid_idempotency_key"
+
+
+def test_audit_submission_with_a_webhook(
+    app: Flask,
+    client: FlaskClient,
+    fake: FakeSession,
+    doc: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    st: State = app.extensions["saliency_audit"]
+    # a private host: no name is resolved, nothing is called (the enqueuer is a stand-in)
+    monkeypatch.setattr(st, "config", dataclasses.replace(st.config, webhook_allow_private=True))
+    model, dataset = add_model(fake), add_dataset(fake)
+    url = "https://hooks.internal.example/saliency"
+    body = {
+        "model_id": model.id,
+        "dataset_id": dataset.id,
+        "methods": ["gradient"],
+        "webhook_url": url,
+    }
+    validate(doc, body, doc["components"]["schemas"]["AuditRequest"])
+    accepted = client.post("/v1/audits", json=body)
+    assert accepted.status_code == 202, accepted.get_data(as_text=True)
+    audit = check(doc, accepted, "/v1/audits", "post")
+    assert audit["webhook"] == {"url": url, "state": None, "attempts": 0, "error": None}
+    assert audit["documents_state"] is None
+
+    row = fake.rows[Audit][0]
+    row.state, row.finished_at, row.error = "failed", NOW, {"code": "boom", "message": "no"}
+    row.webhook_state, row.webhook_attempts, row.webhook_error = "failed", 6, "HTTP 500"
+    polled = check(doc, client.get(audit["links"]["self"]), "/v1/audits/{audit_id}", "get")
+    assert polled["webhook"] == {"url": url, "state": "failed", "attempts": 6, "error": "HTTP 500"}
+
+    callback = doc["paths"]["/v1/audits"]["post"]["callbacks"]["auditFinished"]
+    assert list(callback) == ["{$request.body#/webhook_url}"]
 
 
 def test_audit_lifecycle(client: FlaskClient, fake: FakeSession, doc: dict[str, Any]) -> None:
@@ -894,3 +947,209 @@ def test_audit_results(
     store.delete(report)
     missing = client.get(base + "/report.json")
     assert check(doc, missing, report_path, "get")["code"] == "report_missing"
+
+
+def add_verdict(
+    session: FakeSession, audit: Audit, test: str, verdict: str, mean: float | None
+) -> VerdictRow:
+    return session.add(
+        VerdictRow(
+            tenant_id=TENANT,
+            audit_id=audit.id,
+            method="gradient",
+            test=test,
+            verdict=verdict,
+            reason="because",
+            measure="ssim" if mean is not None else None,
+            stage=None,
+            threshold=None,
+            mean=mean,
+            ci_low=None,
+            ci_high=None,
+            n=4,
+            is_control=False,
+            policy_version="1.0.0",
+        )
+    )
+
+
+def test_audit_documents(
+    app: Flask, client: FlaskClient, fake: FakeSession, doc: dict[str, Any]
+) -> None:
+    """report.pdf and report: every answer a route gives without a worker."""
+    store = app.extensions["saliency_audit"].store
+    routes = (
+        ("pdf", "/v1/audits/{audit_id}/report.pdf", "report_pdf", "application/pdf"),
+        ("html", "/v1/audits/{audit_id}/report", "report_html", "text/html; charset=utf-8"),
+    )
+    failed = add_audit(fake, "failed")
+    rendering = add_audit(fake, "succeeded", documents_state="pending")
+    broken = add_audit(
+        fake, "succeeded", documents_state="failed", documents_error="RuntimeError: no font"
+    )
+    ready = add_audit(fake, "succeeded", documents_state="ready")
+    for link, path, kind, media_type in routes:
+        data = b"%PDF-1.7\n%%EOF\n" if link == "pdf" else b"<!DOCTYPE html><title>r</title>"
+        fake.add(
+            AuditArtifact(
+                tenant_id=TENANT,
+                audit_id=ready.id,
+                kind=kind,
+                sha256=store.put_bytes(data),
+                media_type=media_type,
+                size_bytes=len(data),
+            )
+        )
+
+        def url(audit: Audit, link: str = link) -> str:
+            links = check(doc, client.get(f"/v1/audits/{audit.id}"), "/v1/audits/{audit_id}", "get")
+            return str(links["links"][link])
+
+        missing = client.get(url(failed).replace(failed.id, "nope"))
+        assert missing.status_code == 404
+        check(doc, missing, path, "get")
+
+        early = client.get(url(failed))
+        assert early.status_code == 409 and "Retry-After" not in early.headers
+        assert check(doc, early, path, "get")["code"] == "audit_not_succeeded"
+
+        wait = client.get(url(rendering))
+        assert wait.status_code == 409
+        assert wait.headers["Retry-After"] == str(audits_api.RETRY_AFTER_S)
+        problem = check(doc, wait, path, "get")
+        assert problem["code"] == "report_rendering" and problem["documents_state"] == "pending"
+
+        gave_up = client.get(url(broken))
+        assert gave_up.status_code == 500
+        assert check(doc, gave_up, path, "get")["code"] == "report_render_failed"
+
+        served = client.get(url(ready))
+        assert served.status_code == 200 and served.get_data() == data
+        check(doc, served, path, "get")
+        cached = client.get(url(ready), headers={"If-None-Match": served.headers["ETag"]})
+        assert cached.status_code == 304
+        check(doc, cached, path, "get")
+        store.delete(served.headers["ETag"].strip('"'))
+        lost = client.get(url(ready))
+        assert lost.status_code == 500
+        assert check(doc, lost, path, "get")["code"] == "artifact_missing"
+
+
+def test_model_history(client: FlaskClient, fake: FakeSession, doc: dict[str, Any]) -> None:
+    path = "/v1/models/{model_id}/audits"
+    model = add_model(fake)
+    first = add_audit(
+        fake,
+        "succeeded",
+        verdict_summary={"gradient": {"cascading": "PASS", "independent": "FAIL"}},
+    )
+    add_verdict(fake, first, "cascading", "PASS", 0.2)
+    add_verdict(fake, first, "independent", "FAIL", 0.9)
+    second = add_audit(fake, "succeeded", verdict_summary={"gradient": {"cascading": "FAIL"}})
+    add_verdict(fake, second, "cascading", "FAIL", 0.8)
+    add_audit(fake, "queued")
+
+    history = client.get(f"/v1/models/{model.id}/audits?limit=2")
+    body = check(doc, history, path, "get")
+    assert body["total"] == 3 and len(body["items"]) == 2 and body["next"]
+    audit_keys = set(doc["components"]["schemas"]["Audit"]["properties"]) - {"verdicts"}
+    assert all(set(item) == audit_keys for item in body["items"])
+    assert [p["audit_id"] for p in body["trend"]["gradient"]] == [first.id, second.id]
+    comparison = body["comparison"]
+    assert (comparison["previous_audit_id"], comparison["latest_audit_id"]) == (
+        first.id,
+        second.id,
+    )
+    changes = {c["test"]: c for c in comparison["changes"]}
+    assert changes["cascading"]["changed"] is True and changes["cascading"]["latest"] == "FAIL"
+    assert changes["independent"]["latest"] is None and changes["independent"]["changed"]
+
+    lonely = add_model(fake)
+    add_audit(fake, "succeeded", model_id=lonely.id)
+    alone = check(doc, client.get(f"/v1/models/{lonely.id}/audits"), path, "get")
+    assert alone["total"] == 1 and alone["comparison"] is None and alone["next"] is None
+
+    unknown = client.get("/v1/models/nope/audits")
+    assert unknown.status_code == 404
+    check(doc, unknown, path, "get")
+    bad_page = client.get(f"/v1/models/{model.id}/audits?limit=0")
+    assert check(doc, bad_page, path, "get")["code"] == "invalid_pagination"
+
+
+def test_report_schema_endpoint(
+    client: FlaskClient, fake: FakeSession, doc: dict[str, Any]
+) -> None:
+    response = client.get(REPORT_SCHEMA_PATH)
+    assert response.status_code == 200 and response.mimetype == "application/schema+json"
+    schema = check(doc, response, REPORT_SCHEMA_PATH, "get")
+    Draft202012Validator.check_schema(schema)
+    assert schema == report_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["properties"]["schema_version"] == {"const": SCHEMA_VERSION}
+
+    # report.json points at it (an external $ref would not be checked by the validator)
+    report = doc["paths"]["/v1/audits/{audit_id}/report.json"]["get"]["responses"]["200"]
+    assert report["content"]["application/json"]["schema"]["type"] == "object"
+    assert REPORT_SCHEMA_PATH in report["description"]
+    assert (
+        report["links"]["schema"]["operationId"]
+        == (doc["paths"][REPORT_SCHEMA_PATH]["get"]["operationId"])
+    )
+
+
+def test_webhook_event_is_what_service_webhooks_sends(
+    fake: FakeSession, doc: dict[str, Any]
+) -> None:
+    schema = doc["components"]["schemas"]["WebhookEvent"]
+    for state in ("succeeded", "failed", "canceled"):
+        audit = add_audit(fake, state, webhook_url="https://hooks.example.com/x")
+        event = payload(audit)
+        validate(doc, event, schema)
+        assert set(event) == set(schema["properties"])
+
+    callback = doc["paths"]["/v1/audits"]["post"]["callbacks"]["auditFinished"]
+    operation = callback["{$request.body#/webhook_url}"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/WebhookEvent"
+    }
+    [header] = operation["parameters"]
+    assert header["name"] == SIGNATURE_HEADER and header["in"] == "header"
+    signature = sign("whsec_test", b'{"event":"audit.finished"}', 1_700_000_000)
+    assert re.fullmatch(SIGNATURE_PATTERN, signature)
+    assert re.fullmatch(header["schema"]["pattern"], signature)
+    fresh = sign("whsec_test", b"{}", int(datetime.now(UTC).timestamp()))
+    assert verify("whsec_test", b"{}", fresh) and not verify("whsec_other", b"{}", fresh)
+
+
+def test_api_error_codes_are_documented(doc: dict[str, Any]) -> None:
+    """Every ``ApiError(status, "code")`` the routes raise is a documented (status, code)."""
+    raised: set[tuple[int, str]] = set()
+    for source in [*sorted((REPO / "service" / "api").glob("*.py")), REPO / "service" / "auth.py"]:
+        for node in ast.walk(ast.parse(source.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "ApiError"
+                and len(node.args) >= 2
+                and all(isinstance(a, ast.Constant) for a in node.args[:2])
+            ):
+                status, code = node.args[0], node.args[1]
+                assert isinstance(status, ast.Constant) and isinstance(code, ast.Constant)
+                raised.add((int(str(status.value)), str(code.value)))
+    documented: set[tuple[int, str]] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            parts = node.get("allOf")
+            if isinstance(parts, list) and parts[0] == {"$ref": "#/components/schemas/Problem"}:
+                fields = parts[1]["properties"]
+                documented.update((fields["status"]["const"], c) for c in fields["code"]["enum"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(doc)
+    assert {(409, "report_rendering"), (422, "invalid_webhook_url")} <= raised
+    assert raised - documented == set()

@@ -30,9 +30,12 @@ __all__ = [
     "DecodedImage",
     "class_indices",
     "decode_image",
+    "decode_mask",
     "list_image_files",
     "load_image_folder",
     "load_labeled_folder",
+    "load_mask_folder",
+    "masks_tensor",
     "preprocess",
     "unnormalize",
 ]
@@ -158,3 +161,39 @@ def load_labeled_folder(
         if len(images) > MAX_IMAGES * 10:
             raise ImageDecodeError(f"{root}: more than {MAX_IMAGES * 10} training images")
     return images, labels, tuple(names)
+
+
+def decode_mask(data: bytes, name: str) -> np.ndarray:
+    """A ground-truth mask image (any allowed format): nonzero pixels are the object."""
+    decoded = decode_image(data, name, channels=1)
+    return decoded.pixels > 0
+
+
+def masks_tensor(masks: Sequence[np.ndarray], spec: InputSpec) -> torch.Tensor:
+    """Boolean (H0, W0) masks at the images' own sizes -> (N, H, W) at the model's input size,
+    resized like the images (the whole image, no crop) with nearest-neighbour sampling so a
+    mask stays a set of pixels."""
+    out = []
+    for mask in masks:
+        pil = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L")
+        if pil.size != (spec.width, spec.height):
+            pil = pil.resize((spec.width, spec.height), Image.Resampling.NEAREST)
+        out.append(np.asarray(pil) > 127)
+    return torch.from_numpy(np.stack(out))
+
+
+def load_mask_folder(folder: Path, image_names: Sequence[str]) -> list[np.ndarray]:
+    """One mask per image from ``folder``, matched by file stem (``cat_1.png`` for
+    ``cat_1.jpg``); every image needs one."""
+    by_stem = {p.stem: p for p in list_image_files(folder)}
+    missing = [n for n in image_names if Path(n).stem not in by_stem]
+    if missing:
+        raise ImageDecodeError(
+            f"{folder}: no mask for {len(missing)} images ({', '.join(missing[:5])}); masks are "
+            "matched to images by file stem",
+            image=str(folder),
+        )
+    return [
+        decode_mask(by_stem[Path(n).stem].read_bytes(), by_stem[Path(n).stem].name)
+        for n in image_names
+    ]

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"  # 3: the layers analysis; the service adds dataset, links, artifacts
 
 VerdictValue = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 

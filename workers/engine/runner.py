@@ -21,6 +21,7 @@ import torch
 from . import sanity, similarity
 from .data_randomization import LabeledImages, data_randomization
 from .errors import SpecError
+from .layers import layer_analysis
 from .maps import MapSet, compute_maps, methods_to_run
 from .methods import METHODS, resolve_layer
 from .methods.integrated import baseline_for_input_spec
@@ -36,7 +37,7 @@ from .result import (
     TestResult,
     finite_or_none,
 )
-from .spec import MODEL_RANDOMIZATION_TESTS, AuditSpec
+from .spec import ANALYSES, MODEL_RANDOMIZATION_TESTS, AuditSpec
 
 __all__ = ["MapSet", "compute_maps", "methods_to_run", "run_audit"]
 
@@ -89,6 +90,7 @@ def run_audit(
     targets: torch.Tensor | None = None,
     train: LabeledImages | None = None,
     random_label_model: LoadedModel | None = None,
+    masks: torch.Tensor | None = None,
     progress: ProgressCallback = _no_progress,
 ) -> AuditResult:
     """Compute ``spec.methods`` (plus the controls) on ``images``, run ``spec.tests`` and decide
@@ -97,7 +99,8 @@ def run_audit(
     ``images`` is the preprocessed NCHW batch (see ``images.preprocess``). ``targets`` defaults
     to the model's predicted class for each image. ``train`` (a labeled training set) or
     ``random_label_model`` (the same architecture trained on random labels) is what the
-    ``data_randomization`` test needs.
+    ``data_randomization`` test needs. ``masks`` (N, H, W) booleans at the input size are the
+    objects' ground truth; with them the ``layers`` analysis scores localization too.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -200,6 +203,10 @@ def run_audit(
             tests[test] = sanity.emprt(states, test_progress)
         elif test == "random_logit":
             tests[test] = sanity.random_logit(states, int(probs.shape[1]), test_progress)
+        elif test == "layers":
+            tests[test] = layer_analysis(
+                module, images, targets, spec, device=device, masks=masks, progress=test_progress
+            )
         else:
             tests[test] = data_randomization(
                 module,
@@ -228,7 +235,7 @@ def run_audit(
     progress(0.96, "summaries and verdicts")
     verdicts = decide(
         policy,
-        tests,
+        {name: test for name, test in tests.items() if name not in ANALYSES},
         {name: (METHODS[name].is_control, not_applicable.get(name)) for name in names},
         spec.seed,
     )
@@ -315,6 +322,9 @@ def _progress_weights(spec: AuditSpec, module: torch.nn.Module) -> dict[str, flo
             weights[test] = 2.0 * spec.params.smprt_samples
         elif test == "data_randomization":
             weights[test] = 20.0  # training dominates; it depends on the data
+        elif test == "layers":
+            # per layer: four CAM methods and LRP, then 2 x steps forward passes per map
+            weights[test] = 3.0 * n_units
         else:
             weights[test] = 1.0
     return weights

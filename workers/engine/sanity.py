@@ -81,6 +81,15 @@ TEST_INFO: dict[str, TestInfo] = {
         "The map for the target class compared with the map for a random other class.",
         "Sixt et al. 2020, When Explanations Lie; Quantus RandomLogit",
     ),
+    "layers": TestInfo(
+        "Per-layer heatmaps (Relevance-CAM, Grad-CAM, Grad-CAM++, Score-CAM, LRP relevance at "
+        "the layer, and the random-map control) at the output of each block, scored for "
+        "faithfulness (Average Drop / Increase, deletion / insertion AUC) and, with masks, "
+        "localization (IoU, pointing game); an analysis, with no verdict.",
+        "Lee et al. 2021, Relevance-CAM, CVPR; Chattopadhay et al. 2018, Grad-CAM++, WACV "
+        "(Average Drop / Increase); Petsiuk et al. 2018, RISE, BMVC (deletion / insertion); "
+        "Zhang et al. 2018, IJCV (pointing game)",
+    ),
 }
 
 

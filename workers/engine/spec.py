@@ -83,6 +83,10 @@ class MethodParams:
     smprt_noise_level: float = 0.1
     # eMPRT: histogram bins of the discrete entropy of a map (Quantus discrete_entropy)
     emprt_bins: int = 100
+    # layer analysis: steps of the deletion / insertion curves (Petsiuk et al. 2018) and the
+    # threshold of the [0, 1]-normalized map for the localization IoU
+    faithfulness_steps: int = 16
+    localization_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         if self.ig_steps < 1:
@@ -103,16 +107,23 @@ class MethodParams:
             raise SpecError("smprt_noise_level must be >= 0")
         if self.emprt_bins < 2:
             raise SpecError("emprt_bins must be >= 2")
+        if self.faithfulness_steps < 1:
+            raise SpecError("faithfulness_steps must be >= 1")
+        if not 0 < self.localization_threshold < 1:
+            raise SpecError("localization_threshold must be in (0, 1)")
 
 
 # The tests an audit can run (descriptions and references: workers/engine/sanity.py TEST_INFO).
 MODEL_RANDOMIZATION_TESTS = ("cascading", "cascading_bottom_up", "independent")
+# analyses measure without deciding a verdict: the per-layer heatmaps and their faithfulness
+ANALYSES: tuple[str, ...] = ("layers",)
 TESTS: tuple[str, ...] = (
     *MODEL_RANDOMIZATION_TESTS,
     "data_randomization",
     "smprt",
     "emprt",
     "random_logit",
+    *ANALYSES,
 )
 MEASURES: tuple[str, ...] = ("spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman")
 Granularity = Literal["module", "block"]
@@ -154,7 +165,9 @@ class TrainRecipe:
 class AuditSpec:
     """What to run.
 
-    ``layer`` is a module name for the CAM family (None: the deepest conv). ``tests`` are names
+    ``layer`` is a module name for the CAM family (None: the deepest conv); ``layers`` are the
+    module names the ``layers`` analysis explains (None: the output of every block, shallow to
+    deep). ``tests`` are names
     from :data:`TESTS`; ``granularity`` decides the stages of the model randomization tests
     (one per parameterized module, or one per child of the model's root); ``measures`` are the
     similarity measures scored; ``policy`` is a policy document (None: the shipped default).
@@ -172,8 +185,11 @@ class AuditSpec:
     measures: tuple[str, ...] = MEASURES
     policy: dict[str, Any] | None = None
     training: TrainRecipe = field(default_factory=TrainRecipe)
+    layers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.layers is not None and not self.layers:
+            raise SpecError("layers must name at least one module (or be left out)")
         if not self.methods:
             raise SpecError("at least one method is required")
         if self.batch_size < 1:
@@ -198,8 +214,8 @@ class AuditSpec:
         if unknown:
             raise SpecError(f"unknown audit spec fields: {sorted(unknown)}")
         kwargs = dict(data)
-        for key in ("methods", "tests", "measures"):
-            if key in kwargs:
+        for key in ("methods", "tests", "measures", "layers"):
+            if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])
         for key, kind in (("params", MethodParams), ("training", TrainRecipe)):
             value = kwargs.get(key)

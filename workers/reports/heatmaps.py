@@ -54,8 +54,30 @@ def colourize(saliency: NDArray[np.floating]) -> NDArray[np.uint8]:
 
 
 def heatmap_png(saliency: NDArray[np.floating], min_side_px: int = 128) -> bytes:
-    rgb = colourize(saliency)
-    image = Image.fromarray(rgb, mode="RGB")
+    return _png(Image.fromarray(colourize(saliency), mode="RGB"), min_side_px)
+
+
+def overlay_png(
+    saliency: NDArray[np.floating], pixels: NDArray[np.uint8], min_side_px: int = 128
+) -> bytes:
+    """The heatmap laid over the image it explains: each pixel blends the image with the
+    map's colour, the map's weight rising with |value| / max |value| up to 0.7, so where the
+    map is zero the image shows through unchanged. ``pixels`` is the decoded image (H0, W0, 3)
+    or (H0, W0); it is resized (bilinear, the whole image, like the model's input) to the
+    map's size."""
+    values = np.nan_to_num(np.asarray(saliency, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    height, width = values.shape
+    base = Image.fromarray(np.asarray(pixels, dtype=np.uint8)).convert("RGB")
+    if base.size != (width, height):
+        base = base.resize((width, height), Image.Resampling.BILINEAR)
+    peak = float(np.abs(values).max()) if values.size else 0.0
+    weight = (np.abs(values) / peak * 0.7 if peak > 0 else np.zeros_like(values))[..., None]
+    blended = np.asarray(base, dtype=np.float64) * (1 - weight) + colourize(values) * weight
+    image = Image.fromarray(np.round(blended).astype(np.uint8), mode="RGB")
+    return _png(image, min_side_px)
+
+
+def _png(image: Image.Image, min_side_px: int) -> bytes:
     side = min(image.size)
     if 0 < side < min_side_px:
         factor = -(-min_side_px // side)

@@ -68,6 +68,10 @@ class LayerCapture:
             raise RuntimeError("the captured layer did not run in the forward pass")
         return self._activation
 
+    def reset(self) -> None:
+        """Forget the activation before the next forward pass (a model run in chunks)."""
+        self._activation = None
+
     def hook(self, _module: nn.Module, _inputs: Any, output: Any) -> torch.Tensor:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"the captured layer must return one tensor, got {type(output)!r}")

@@ -253,6 +253,50 @@ def lrp_relevance(
     return as_map(torch.cat(parts))
 
 
+def lrp_layer_relevance(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    layer: str,
+    composite_name: str,
+    *,
+    upsample: bool = True,
+) -> torch.Tensor:
+    """LRP relevance at the output of module ``layer``, summed over channels and upsampled
+    bilinearly to the input size: (N, 1, H, W) (``upsample=False``: at the layer's own size).
+
+    The same rules and initial relevance as :func:`lrp_relevance` (one-hot target logit, the
+    named composite, biases excluded), stopped at the layer instead of the input: relevance
+    at the layer's output A is the gradient at A under the rule hooks. Summed over channels,
+    each position's relevance is what that location of the layer contributes to the logit, so
+    the map conserves like the input relevance (its spatial sum is the logit, up to the
+    layers above A that absorb relevance). The BatchNorm after ``layer`` stays unmerged so
+    that A is the layer's own output, as for Relevance-CAM.
+    """
+    composite = lrp_composite(composite_name)
+    parts = []
+    with ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(evaluating(model))
+        stack.enter_context(canonized(model, lrp_canonizers(model, keep_unmerged={layer})))
+        stack.enter_context(_hooked(model, composite))
+        check_calls = stack.enter_context(_one_call_per_module(model, "lrp"))
+        capture = stack.enter_context(capture_layer(model, layer))
+        for rows in _chunks(model, x.shape[0]):
+            logits = _logits(model(input_leaf(x[rows])), target[rows])
+            check_calls()
+            one_hot = F.one_hot(target[rows].to(logits.device), logits.shape[1])
+            seed = one_hot.to(logits.dtype) * logits.detach()
+            (relevance,) = torch.autograd.grad(logits, capture.activation, grad_outputs=seed)
+            spatial_activation(capture, layer)  # a CAM-style layer: (N, K, h, w)
+            parts.append(relevance.detach().sum(dim=1, keepdim=True))
+            capture.reset()
+    relevance_map = torch.cat(parts)
+    if upsample:
+        relevance_map = upsample_bilinear(relevance_map, (x.shape[-2], x.shape[-1]))
+    return as_map(relevance_map)
+
+
 def relevance_cam(
     model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str
 ) -> torch.Tensor:
@@ -274,6 +318,7 @@ def relevance_cam(
             (relevance,) = torch.autograd.grad(logits, capture.activation, grad_outputs=seed)
             activation = spatial_activation(capture, layer)
             parts.append(cam_from_weights(relevance.mean(dim=(2, 3)), activation))
+            capture.reset()
     return as_map(upsample_bilinear(torch.cat(parts), (x.shape[-2], x.shape[-1])))
 
 

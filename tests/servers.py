@@ -1,4 +1,5 @@
-"""Fixtures of the service tests: real PostgreSQL, real Redis, real worker processes.
+"""Fixtures of the service, reliability and security tests: real PostgreSQL, real Redis,
+real API and worker processes.
 
 Each test session gets its own Postgres database (created on the server at 127.0.0.1:5432 and
 dropped afterwards) and its own Redis database number and queue name, so runs never see each
@@ -28,7 +29,7 @@ from service.config import Config
 from service.db import Database
 from service.embedded import config_environment, start_worker, stop_worker
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "examples" / "reference"
 PG_ADMIN_URL = os.environ.get("SALIENCY_AUDIT_TEST_PG", "postgresql://127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("SALIENCY_AUDIT_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -85,6 +86,8 @@ def fast_lifecycle(**overrides: Any) -> dict[str, Any]:
         "requeue_after_s": 1.0,
         "reconcile_interval_s": 1.0,
         "reconcile_in_api": False,
+        "webhook_backoff_s": 0.2,
+        "webhook_allow_private": True,
     }
     values.update(overrides)
     return values
@@ -98,6 +101,7 @@ def pg_config(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFact
         database_url=pg_url,
         broker_url=redis_url,
         queue=f"gpu-test-{secrets.token_hex(3)}",
+        cpu_queue=f"cpu-test-{secrets.token_hex(3)}",
         **fast_lifecycle(),
     )
     service_db.upgrade(config.resolved_database_url)

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from service.config import Config
 from service.db import Database
 from service.models import DatasetRecord, ModelRecord
-from tests.service.conftest import Api, Server, assert_problem, new_key
+from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.hostile import (
     HostileCase,
     hostile_datasets,
@@ -68,7 +68,7 @@ def test_hostile_upload_is_refused_and_leaves_no_trace(
 def test_an_oversized_request_is_413_before_it_is_read(
     pg_config: Config, pg_database: Database, tmp_path: Path
 ) -> None:
-    from tests.service.conftest import start_server
+    from tests.servers import start_server
 
     small = pg_config.with_overrides(
         data_dir=tmp_path, max_request_bytes=200_000, max_model_bytes=100_000

@@ -15,7 +15,7 @@ from service.config import Config
 from service.db import Database
 from service.jobs import Enqueuer, broker_probe, reconcile
 from service.models import Audit, ResultRow, VerdictRow
-from tests.service.conftest import Api, Server, Worker, new_key
+from tests.servers import Api, Server, Worker, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 
 SLOW_METHODS = ["gradient", "gradcam", "smoothgrad", "integrated_gradients", "guided_backprop"]
@@ -183,7 +183,7 @@ def test_an_audit_past_the_soft_time_limit_fails_with_the_reason(
     worker_factory: Callable[[Config], Worker],
     tmp_path: Any,
 ) -> None:
-    from tests.service.conftest import start_server
+    from tests.servers import start_server
 
     strict = pg_config.with_overrides(
         data_dir=tmp_path, soft_time_limit_s=2, hard_time_limit_s=30, queue=pg_config.queue + "-t"
