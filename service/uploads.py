@@ -225,7 +225,11 @@ def inspect_model(
     elif kind == "safetensors":
         info = _inspect_safetensors(path, filename, size)
     else:
-        info = _inspect_onnx(path, filename, size)
+        info = (
+            _inspect_onnx(path, filename, size)
+            if size < ONNX_IN_PROCESS_MAX_BYTES
+            else _inspect_onnx_isolated(path, filename, size)
+        )
     if architecture is not None:
         check_architecture(architecture)
     if info.format == "onnx":
@@ -305,6 +309,67 @@ def _value_shape(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
         else:
             dims.append(None)
     return dims
+
+
+# onnx.load and onnx.checker hold the whole protobuf in memory. Above this size the check runs
+# in a child process, so the API process's memory does not grow with the upload (the child's
+# is returned to the system when it exits).
+ONNX_IN_PROCESS_MAX_BYTES = 64 * 1024 * 1024
+ONNX_CHECK_TIMEOUT_S = 600
+
+
+def _inspect_onnx_isolated(path: Path, filename: str, size: int) -> ModelInfo:
+    """:func:`_inspect_onnx` in a child Python process; the same answers, as JSON."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service.uploads", str(path), filename, str(size)],
+            capture_output=True,
+            text=True,
+            timeout=ONNX_CHECK_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        raise UploadRejected(
+            f"{_clip(filename)}: checking the ONNX file took longer than {ONNX_CHECK_TIMEOUT_S} s",
+            code="invalid_onnx",
+        ) from None
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise UploadRejected(
+            f"{_clip(filename)}: the ONNX file could not be checked (the checker exited with "
+            f"code {done.returncode})",
+            code="invalid_onnx",
+        ) from None
+    if "rejected" in answer:
+        rejected = answer["rejected"]
+        raise UploadRejected(
+            rejected["detail"],
+            status=rejected["status"],
+            code=rejected["code"],
+            **rejected["extra"],
+        )
+    return ModelInfo(**answer["info"])
+
+
+def _check_in_child(argv: list[str]) -> int:
+    """The child side of :func:`_inspect_onnx_isolated`: one JSON answer on stdout."""
+    path, filename, size = Path(argv[0]), argv[1], int(argv[2])
+    try:
+        answer: dict[str, Any] = {"info": _inspect_onnx(path, filename, size).to_dict()}
+    except UploadRejected as exc:
+        answer = {
+            "rejected": {
+                "detail": exc.detail,
+                "status": exc.status,
+                "code": exc.code,
+                "extra": exc.extra,
+            }
+        }
+    print(json.dumps(answer))
+    return 0
 
 
 def _inspect_onnx(path: Path, filename: str, size: int) -> ModelInfo:
@@ -1792,3 +1857,9 @@ def _second_pass(
         has_boxes=fields["has_boxes"],
         total_bytes=total,
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_check_in_child(sys.argv[1:]))

@@ -108,6 +108,23 @@ def big_archive(path: Path, total_bytes: int) -> int:
     return path.stat().st_size
 
 
+def big_onnx(path: Path, total_bytes: int) -> int:
+    """A valid ONNX graph (y = x) carrying one initializer of ``total_bytes`` zeros."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.zeros(total_bytes // 4, dtype=np.float32), "big")
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializer=[weights],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path.stat().st_size
+
+
 def multipart_stream(path: Path, boundary: str, chunk: int = 1 << 20) -> Iterator[bytes]:
     yield (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
@@ -119,6 +136,46 @@ def multipart_stream(path: Path, boundary: str, chunk: int = 1 << 20) -> Iterato
     yield f"\r\n--{boundary}--\r\n".encode()
 
 
+def measure_upload(
+    server_pid: int, endpoint: str, auth: dict[str, str], upload_path: Path, size: int
+) -> dict[str, object]:
+    """Stream one file as a multipart upload and sample the API processes' RSS meanwhile."""
+    pids = api_processes(server_pid)
+    before = {p: rss_kib(p)[0] for p in pids}
+    boundary = uuid.uuid4().hex
+    growth = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        # the largest growth of any one API process (the one that receives the upload)
+        while not stop.is_set():
+            growth[0] = max(growth[0], *(rss_kib(p)[0] - before[p] for p in pids))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    t0 = time.perf_counter()
+    response = requests.post(
+        endpoint,
+        headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        data=multipart_stream(upload_path, boundary),
+        timeout=1800,
+    )
+    seconds = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
+    body = response.json()
+    return {
+        "bytes": size,
+        "status": response.status_code,
+        "n_images": body.get("n_images"),
+        "format": body.get("format"),
+        "seconds": seconds,
+        "rss_before_mib": {str(p): v / 1024 for p, v in before.items()},
+        "rss_growth_mib": growth[0] / 1024,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rates", default="50,100")
@@ -128,6 +185,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="gunicorn worker processes")
     parser.add_argument("--threads", type=int, default=8, help="threads per API process")
     parser.add_argument("--upload-gb", type=float, default=1.0)
+    parser.add_argument("--only-uploads", action="store_true", help="skip the latency runs")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -177,10 +235,11 @@ def main() -> int:
     try:
         for _ in range(100):
             try:
-                if requests.get(url + "/readyz", timeout=1).status_code == 200:
+                if requests.get(url + "/readyz", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
-                time.sleep(0.2)
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
         auth = {"Authorization": f"Bearer {key}"}
         http = requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=64, pool_maxsize=64)
@@ -219,7 +278,7 @@ def main() -> int:
                 raise RuntimeError(f"status answered {r.status_code}")
 
         open_loop(20, 2, submit)  # warm-up: pools, caches, the first audits to read
-        for rate in (float(r) for r in args.rates.split(",")):
+        for rate in (float(r) for r in args.rates.split(",") if not args.only_uploads):
             for kind, call in (("submit", submit), ("status", status)):
                 runs = []
                 for _ in range(args.repeats):
@@ -233,41 +292,17 @@ def main() -> int:
                     "median_p99_ms": statistics.median(r["p99_ms"] for r in runs),
                 }
 
-        archive_path = workdir / "big.zip"
-        size = big_archive(archive_path, int(args.upload_gb * 1e9))
-        pids = api_processes(server.pid)
-        before = {p: rss_kib(p)[0] for p in pids}
-        boundary = uuid.uuid4().hex
-        growth = [0]
-        stop = threading.Event()
-
-        def watch() -> None:
-            # the largest growth of any one API process (the one that receives the upload)
-            while not stop.is_set():
-                growth[0] = max(growth[0], *(rss_kib(p)[0] - before[p] for p in pids))
-                time.sleep(0.05)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        t0 = time.perf_counter()
-        response = requests.post(
-            url + "/v1/datasets",
-            headers={**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-            data=multipart_stream(archive_path, boundary),
-            timeout=1800,
-        )
-        upload_s = time.perf_counter() - t0
-        stop.set()
-        watcher.join()
-        results["upload"] = {
-            "bytes": size,
-            "status": response.status_code,
-            "n_images": response.json().get("n_images"),
-            "seconds": upload_s,
-            "rss_before_mib": {str(p): v / 1024 for p, v in before.items()},
-            "rss_growth_mib": growth[0] / 1024,
-        }
-        print(json.dumps(results["upload"]), flush=True)
+        for kind, endpoint, make in (
+            ("dataset", "/v1/datasets", big_archive),
+            ("model", "/v1/models", big_onnx),
+        ):
+            upload_path = workdir / ("big.zip" if kind == "dataset" else "big.onnx")
+            size = make(upload_path, int(args.upload_gb * 1e9))
+            results[f"upload_{kind}"] = measure_upload(
+                server.pid, url + endpoint, auth, upload_path, size
+            )
+            print(json.dumps({kind: results[f"upload_{kind}"]}), flush=True)
+            upload_path.unlink()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
