@@ -330,11 +330,9 @@ class ReconcileReport:
         }
 
 
-def reconcile(
-    db: Database, enqueue: Enqueuer, broker_has_task: Callable[[str], bool | None]
-) -> ReconcileReport:
+def reconcile(db: Database, enqueue: Enqueuer, broker: BrokerProbe) -> ReconcileReport:
     """One pass: repair running audits whose worker died and queued audits whose broker
-    message is gone. ``broker_has_task(task_id)`` answers True/False, or None when the broker
+    message is gone. ``broker`` answers which task ids it holds, or None when the broker
     cannot be asked (then a queued audit is re-sent once it is ``requeue_after_s`` old; a
     duplicate message is harmless)."""
     config = enqueue.config
@@ -389,12 +387,17 @@ def reconcile(
                 Audit.created_at < old,
             )
         ).all()
+        present_ids = broker.task_ids() if queued else set()
         for audit in queued:
             if audit.cancel_requested:
                 _finish_canceled(session, audit.id)
                 report.canceled.append(audit.id)
                 continue
-            present = broker_has_task(audit.task_id) if audit.task_id else False
+            present = (
+                None
+                if present_ids is None
+                else bool(audit.task_id) and audit.task_id in present_ids
+            )
             if present:
                 continue
             to_enqueue.append(audit.id)
@@ -423,51 +426,81 @@ def reconcile(
 # ---------------------------------------------------------------------------------- broker
 
 
-def broker_probe(config: Config) -> Callable[[str], bool | None]:
-    """``has_task(task_id)``: whether the broker still holds the task, waiting or delivered
-    but unacknowledged. Knows Redis and the embedded SQLAlchemy transport; None elsewhere."""
-    url = config.resolved_broker_url
-    if url.startswith(("redis://", "rediss://")):
-        import redis
+def redis_queue_keys(queue: str) -> list[str]:
+    """kombu's Redis transport keeps a list per queue and priority step (0 is the bare name)."""
+    return [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]
 
-        client = redis.Redis.from_url(url, socket_timeout=5)
-        # kombu's Redis transport: a list per queue (and per priority step) and one hash of
-        # delivered, unacknowledged messages
-        keys = [config.queue, *(f"{config.queue}\x06\x16{p}" for p in (3, 6, 9))]
 
-        def has_task_redis(task_id: str) -> bool | None:
-            needle = task_id.encode()
+def _message_task_id(raw: bytes | str) -> str | None:
+    """The Celery task id of one kombu message (its ``headers.id``), or None."""
+    try:
+        message = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    if isinstance(message, list) and message:  # Redis' unacked hash: [message, exchange, key]
+        message = message[0]
+    if not isinstance(message, dict):
+        return None
+    task_id = (message.get("headers") or {}).get("id") or (message.get("properties") or {}).get(
+        "correlation_id"
+    )
+    return str(task_id) if task_id else None
+
+
+class BrokerProbe:
+    """Which task ids the broker still holds, waiting or delivered but unacknowledged. Knows
+    Redis and the embedded SQLAlchemy transport; elsewhere it cannot tell (None).
+
+    :meth:`task_ids` reads the broker once, so a reconciler pass costs one scan of the queue
+    whatever the number of queued audits; calling the probe with one id is the same test."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.url = config.resolved_broker_url
+        self._engine: Any = None
+
+    def task_ids(self) -> set[str] | None:
+        if self.url.startswith(("redis://", "rediss://")):
+            import redis
+
+            client = redis.Redis.from_url(self.url, socket_timeout=5)
             try:
-                for key in keys:
-                    if any(needle in raw for raw in client.lrange(key, 0, -1)):
-                        return True
-                return any(needle in raw for raw in client.hvals("unacked"))
+                raws = [
+                    raw
+                    for key in redis_queue_keys(self.config.queue)
+                    for raw in client.lrange(key, 0, -1)
+                ]
+                raws += client.hvals("unacked")
             except redis.RedisError:
                 return None
+            finally:
+                client.close()
+        elif self.url.startswith("sqla+"):
+            from sqlalchemy import create_engine, text
 
-        return has_task_redis
-    if url.startswith("sqla+"):
-        from sqlalchemy import create_engine, text
-
-        engine = create_engine(url[len("sqla+") :])
-
-        def has_task_sqla(task_id: str) -> bool | None:
+            if self._engine is None:
+                self._engine = create_engine(self.url[len("sqla+") :])
             try:
-                with engine.connect() as conn:
-                    row = conn.execute(
-                        text(
-                            "SELECT 1 FROM kombu_message WHERE visible = :v AND payload LIKE :p "
-                            "LIMIT 1"
-                        ),
-                        {"v": True, "p": f"%{task_id}%"},
-                    ).first()
-                return row is not None
-            except Exception:
-                # no table yet: nothing was ever sent
-                return False
+                with self._engine.connect() as conn:
+                    raws = list(
+                        conn.execute(
+                            text("SELECT payload FROM kombu_message WHERE visible = :v"),
+                            {"v": True},
+                        ).scalars()
+                    )
+            except Exception:  # no table yet: nothing was ever sent
+                return set()
+        else:
+            return None
+        return {task_id for raw in raws if (task_id := _message_task_id(raw)) is not None}
 
-        return has_task_sqla
-    return lambda task_id: None
+    def __call__(self, task_id: str) -> bool | None:
+        ids = self.task_ids()
+        return None if ids is None else task_id in ids
+
+
+def broker_probe(config: Config) -> BrokerProbe:
+    return BrokerProbe(config)
 
 
 def broker_ping(config: Config) -> None:

@@ -186,7 +186,7 @@ def run_split(rt: Any, audit_id: str, inputs: Any, progress: Any) -> Any:
     merge."""
     from workers.engine.merge import merge_results, split_methods
 
-    from .tasks import _enqueuer
+    from .tasks import enqueuer
 
     spec = inputs.spec
     groups = split_methods(spec, rt.config.audit_parts)
@@ -201,7 +201,7 @@ def run_split(rt: Any, audit_id: str, inputs: Any, progress: Any) -> Any:
                     state="queued",
                 )
             )
-    enqueue = _enqueuer(rt)
+    enqueue = enqueuer()
     for _ in groups[1:]:
         enqueue.send(PART_TASK, audit_id, rt.config.queue)
     worker = worker_identity()

@@ -73,7 +73,7 @@ def run_audit_task(self: Any, audit_id: str) -> str:
     rt = runtime()
     outcome = execute(rt, audit_id)
     if outcome in ("succeeded", "failed", "canceled", Claim.EXHAUSTED.value):
-        announce_finished(rt.db, _enqueuer(rt), audit_id)
+        announce_finished(rt.db, enqueuer(), audit_id)
     return outcome
 
 
@@ -82,8 +82,8 @@ def _enqueuer_for(pid: int) -> Enqueuer:
     return Enqueuer(app.conf.saliency_audit_config, app)
 
 
-def _enqueuer(rt: Runtime) -> Enqueuer:
-    """One enqueuer per process, like the runtime (sends follow-up tasks to the CPU queue)."""
+def enqueuer() -> Enqueuer:
+    """One enqueuer per process, like the runtime (sends follow-up tasks and parts)."""
     return _enqueuer_for(os.getpid())
 
 

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from ..app import state
 from ..config import Config
+from ..jobs import redis_queue_keys
 from ..models import AUDIT_STATES, Audit, utcnow
 
 bp = Blueprint("metrics", __name__)
@@ -41,8 +42,7 @@ def queue_depth(config: Config, queue: str) -> float | None:
             import redis
 
             client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-            keys = [queue, *(f"{queue}\x06\x16{p}" for p in (3, 6, 9))]
-            return float(sum(int(client.llen(k)) for k in keys))
+            return float(sum(int(client.llen(k)) for k in redis_queue_keys(queue)))
         if url.startswith("sqla+"):
             from sqlalchemy import create_engine, text
 

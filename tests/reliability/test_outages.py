@@ -14,7 +14,13 @@ import requests
 from service.config import Config
 from service.db import Database
 from service.jobs import Enqueuer, broker_probe, reconcile
-from tests.reliability.test_worker_loss import SLOW_METHODS, audit_row, submit, wait_for
+from tests.reliability.test_worker_loss import (
+    SLOW_METHODS,
+    audit_row,
+    reconcile_until_final,
+    submit,
+    wait_for,
+)
 from tests.servers import Api, Server, Worker, assert_problem, new_key
 
 
@@ -77,13 +83,7 @@ def test_a_postgres_restart_mid_run_gives_503s_then_everything_completes(
         "the API to be ready again",
     )
     # the attempt that lost its database may fail to finish; the reconciler retries it
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        row = audit_row(pg_database, audit_id)
-        if row.state in ("succeeded", "failed", "canceled"):
-            break
-        reconcile(pg_database, Enqueuer(pg_config), broker_probe(pg_config))
-        time.sleep(0.5)
+    reconcile_until_final(pg_config, pg_database, audit_id, 300)
     final = api.get(f"/v1/audits/{audit_id}").json()
     assert final["state"] == "succeeded", final
     report = api.get(f"/v1/audits/{audit_id}/report.json").json()

@@ -59,6 +59,26 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def reconcile_until_final(
+    config: Config,
+    database: Database,
+    audit_id: str,
+    timeout_s: float,
+    each: Callable[[Audit], None] = lambda row: None,
+) -> Audit:
+    """Run the reconciler every 0.2 s until the audit ends (``each`` sees every running row
+    first), as a reconciler process would; the final row."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = audit_row(database, audit_id)
+        if row.state in ("succeeded", "failed", "canceled"):
+            return row
+        each(row)
+        reconcile_once(config, database)
+        time.sleep(0.2)
+    return audit_row(database, audit_id)
+
+
 def count_rows(database: Database, audit_id: str) -> tuple[int, int]:
     with database.session() as session:
         results = session.query(ResultRow).filter(ResultRow.audit_id == audit_id).count()
@@ -138,19 +158,15 @@ def test_an_audit_that_kills_its_worker_every_time_stops_at_the_attempt_cap(
     worker_factory(pg_config)
     audit_id = submit(api, SLOW_METHODS, images=16)
     killed: list[int] = []
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        row = audit_row(pg_database, audit_id)
-        if row.state in ("succeeded", "failed", "canceled"):
-            break
+
+    def kill_each_attempt(row: Audit) -> None:
         if row.state == "running" and row.worker:
             pid = int(row.worker.rpartition(":")[2])
             if pid not in killed:
                 os.kill(pid, signal.SIGKILL)  # the pool child dies mid-audit, every attempt
                 killed.append(pid)
-        reconcile_once(pg_config, pg_database)
-        time.sleep(0.2)
-    final = audit_row(pg_database, audit_id)
+
+    final = reconcile_until_final(pg_config, pg_database, audit_id, 240, kill_each_attempt)
     assert final.state == "failed", (final.state, final.error)
     assert final.error is not None and final.error["code"] == "attempts_exhausted"
     assert f"{pg_config.max_attempts} attempts" in final.error["message"]
