@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 DEMO_OUT ?= demo-output
 
-.PHONY: env services test lint typecheck unit demo format clean
+.PHONY: env bench-env services test lint typecheck unit demo format clean
 
 env: $(STAMP)
 
@@ -15,6 +15,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[api,worker,dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
+
+# the benchmarks' extra references (bench/quantus_mprt.py): never needed by the service
+bench-env: env
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps quantus==0.6.0
 
 lint: env
 	$(BIN)/ruff check .

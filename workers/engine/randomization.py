@@ -20,6 +20,7 @@ touched. Modules hold no state after a stage: weights are restored from a saved 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -152,10 +153,24 @@ def reinitialize(module: nn.Module, generator: torch.Generator) -> None:
     if reset is None:
         raise ValueError(f"{type(module).__name__} has parameters but no reset_parameters")
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    devices = [module_device(module)] if module_device(module).type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    device = module_device(module)
+    if device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            reset()
+        return
+    # On another device the reset runs on a CPU copy, so a reset that draws at random draws the
+    # CPU numbers (the same weights on every device) and no GPU's RNG state changes.
+    cpu_copy = copy.deepcopy(module)
+    try:
+        cpu_copy = cpu_copy.to("cpu")
+    except NotImplementedError:  # tensors without data (the "meta" device): the reset fills them
+        cpu_copy = cpu_copy.to_empty(device="cpu")
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reset()
+        cpu_copy.reset_parameters()  # type: ignore[operator]
+    for name, value in cpu_copy.state_dict().items():
+        module.state_dict()[name].copy_(value)
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -186,3 +201,49 @@ def randomized(
         with torch.no_grad():
             for name, state in saved.items():
                 modules[name].load_state_dict(state)
+
+
+class Randomizer:
+    """Holds a model in one randomized state at a time and moves between states touching only
+    the modules that differ.
+
+    ``set(names)`` leaves exactly ``names`` randomized, with the weights :func:`randomized`
+    would give them (each module's draw depends only on the seed and its name), so a cascade
+    re-draws one unit per stage instead of every unit randomized so far, and restores nothing
+    in between. ``restore()`` puts every trained weight back; call it before anything that
+    needs the trained model.
+    """
+
+    def __init__(self, model: nn.Module, *, seed: int, draw: str = RANDOM_DRAW) -> None:
+        self.model = model
+        self.seed = seed
+        self.draw = draw
+        self._modules = dict(model.named_modules())
+        self._saved: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def randomized(self) -> frozenset[str]:
+        return frozenset(self._saved)
+
+    def set(self, module_names: Sequence[str]) -> None:
+        wanted = list(dict.fromkeys(module_names))
+        unknown = [n for n in wanted if n not in self._modules]
+        if unknown:
+            raise KeyError(f"no module named {unknown[0]!r}")
+        keep = set(wanted)
+        self._restore([n for n in self._saved if n not in keep])
+        for name in wanted:
+            if name in self._saved:
+                continue
+            module = self._modules[name]
+            self._saved[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            g = torch.Generator().manual_seed(module_seed(self.seed, self.draw, name))
+            reinitialize(module, g)
+
+    def restore(self) -> None:
+        self._restore(list(self._saved))
+
+    def _restore(self, names: Sequence[str]) -> None:
+        with torch.no_grad():
+            for name in names:
+                self._modules[name].load_state_dict(self._saved.pop(name))

@@ -27,6 +27,7 @@ from .randomization import (
     NORMALIZATION_HANDLING,
     Granularity,
     ModelTest,
+    Randomizer,
     parameterized_modules,
     randomized,
     stages,
@@ -93,21 +94,66 @@ TEST_INFO: dict[str, TestInfo] = {
 }
 
 
+class PreparedReference:
+    """A reference map set prepared once for every measure (ranks, normalized maps and their
+    local moments, HOG features), with the scores of a method whose maps did not change.
+
+    A cascade compares every stage with the same trained maps: preparing them once halves the
+    similarity work, and a map set equal to the reference (``control_sobel`` never depends on
+    the weights) is scored once, exactly as a fresh comparison would score it."""
+
+    def __init__(self, reference: MapSet) -> None:
+        self.reference = reference
+        self._prepared: dict[tuple[str, str], similarity.Prepared] = {}
+        self._unchanged: dict[tuple[str, str], np.ndarray] = {}
+
+    def prepared(self, method: str, measure: str) -> similarity.Prepared:
+        key = (method, measure)
+        if key not in self._prepared:
+            maps = torch.from_numpy(self.reference.maps[method])
+            self._prepared[key] = similarity.prepare(measure, maps)
+        return self._prepared[key]
+
+    def unchanged(self, method: str, measure: str) -> np.ndarray:
+        key = (method, measure)
+        if key not in self._unchanged:
+            ref = self.prepared(method, measure)
+            self._unchanged[key] = similarity.compare(ref, ref).numpy().astype(np.float64)
+        return self._unchanged[key]
+
+
 def similarity_values(
-    reference: MapSet, other: MapSet, names: Sequence[str], measures: Sequence[str]
+    reference: MapSet | PreparedReference,
+    other: MapSet,
+    names: Sequence[str],
+    measures: Sequence[str],
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per-image similarity of two map sets: method -> measure -> (N,) float64 (NaN where a
-    measure is undefined for an image). Measures the map size does not allow are left out."""
+    measure is undefined for an image). Measures the map size does not allow are left out.
+    Pass a :class:`PreparedReference` to compare many map sets with one reference."""
+    prepared = (
+        reference if isinstance(reference, PreparedReference) else PreparedReference(reference)
+    )
+    ref_maps = prepared.reference.maps
     out: dict[str, dict[str, np.ndarray]] = {}
     for method in names:
-        if method not in reference.maps or method not in other.maps:
+        if method not in ref_maps or method not in other.maps:
             continue
-        a, b = torch.from_numpy(reference.maps[method]), torch.from_numpy(other.maps[method])
-        out[method] = {
-            measure: similarity.MEASURES[measure](a, b).numpy().astype(np.float64)
-            for measure in measures
-            if min(a.shape[-2:]) >= similarity.MIN_MAP_SIDE_PX[measure]
-        }
+        a, b = ref_maps[method], other.maps[method]
+        if a.shape != b.shape:
+            raise ValueError(f"{method}: map batches differ in shape: {a.shape} vs {b.shape}")
+        same = np.array_equal(a, b, equal_nan=True)
+        scores: dict[str, np.ndarray] = {}
+        for measure in measures:
+            if min(a.shape[-2:]) < similarity.MIN_MAP_SIDE_PX[measure]:
+                continue
+            if same:
+                scores[measure] = prepared.unchanged(method, measure)
+                continue
+            theirs = similarity.prepare(measure, torch.from_numpy(b))
+            values = similarity.compare(prepared.prepared(method, measure), theirs)
+            scores[measure] = values.numpy().astype(np.float64)
+        out[method] = scores
     return out
 
 
@@ -205,15 +251,24 @@ class RandomizedStates:
         self.spec = spec
         self.layer = layer
         self.reference = reference
+        self.prepared = PreparedReference(reference)
         self.device = device
         self._cache: dict[frozenset[str], StateEvaluation] = {}
+        self._randomizer = Randomizer(module, seed=spec.seed)
+
+    def restore(self) -> None:
+        """Put the trained weights back (after a test's last evaluation)."""
+        self._randomizer.restore()
 
     def evaluate(
         self, randomized_modules: Sequence[str], progress: ProgressCallback
     ) -> StateEvaluation:
         key = frozenset(randomized_modules)
         if key not in self._cache:
-            with randomized(self.module, list(randomized_modules), seed=self.spec.seed):
+            # The model stays in this state until the next evaluation or restore(): a cascade
+            # then re-draws only the unit it adds (same weights as randomizing from scratch).
+            self._randomizer.set(list(randomized_modules))
+            try:
                 maps = compute_maps(
                     self.module,
                     self.images,
@@ -226,8 +281,11 @@ class RandomizedStates:
                     random_control_key="randomized/" + "|".join(sorted(key)),
                     progress=progress,
                 )
+            except BaseException:
+                self.restore()
+                raise
             self._cache[key] = StateEvaluation(
-                similarity=similarity_values(self.reference, maps, self.names, self.spec.measures),
+                similarity=similarity_values(self.prepared, maps, self.names, self.spec.measures),
                 entropy=map_entropy(maps, self.spec.params.emprt_bins),
                 examples=examples_of(maps),
             )
@@ -259,21 +317,24 @@ def model_randomization(
             "stage_zero": "the trained model (every score compares a stage with it)",
         },
     )
-    for i, stage in enumerate(stage_list):
-        label = f"{test} stage {stage.index}/{len(stage_list)} ({stage.name})"
+    try:
+        for i, stage in enumerate(stage_list):
+            label = f"{test} stage {stage.index}/{len(stage_list)} ({stage.name})"
 
-        def stage_progress(f: float, step: str, i: int = i, label: str = label) -> None:
-            progress((i + f) / len(stage_list), f"{label}: {step}")
+            def stage_progress(f: float, step: str, i: int = i, label: str = label) -> None:
+                progress((i + f) / len(stage_list), f"{label}: {step}")
 
-        evaluation = states.evaluate(stage.randomized, stage_progress)
-        result.example_maps[stage.name] = evaluation.examples
-        result.scores += scores_of(
-            evaluation.similarity,
-            test=test,
-            stage=stage.name,
-            stage_index=stage.index,
-            seed=states.spec.seed,
-        )
+            evaluation = states.evaluate(stage.randomized, stage_progress)
+            result.example_maps[stage.name] = evaluation.examples
+            result.scores += scores_of(
+                evaluation.similarity,
+                test=test,
+                stage=stage.name,
+                stage_index=stage.index,
+                seed=states.spec.seed,
+            )
+    finally:
+        states.restore()
     return result
 
 
@@ -287,7 +348,10 @@ def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: No
     """
     info = TEST_INFO["emprt"]
     everything = tuple(parameterized_modules(states.module))
-    evaluation = states.evaluate(everything, progress)
+    try:
+        evaluation = states.evaluate(everything, progress)
+    finally:
+        states.restore()
     trained = map_entropy(states.reference, states.spec.params.emprt_bins)
     result = TestResult(
         test="emprt",
@@ -481,7 +545,7 @@ def random_logit(
     result.details = {"other_classes": [int(c) for c in others]}
     result.example_maps["random_class"] = examples_of(maps)
     result.scores = scores_of(
-        similarity_values(states.reference, maps, states.names, states.spec.measures),
+        similarity_values(states.prepared, maps, states.names, states.spec.measures),
         test="random_logit",
         stage="random_class",
         stage_index=1,

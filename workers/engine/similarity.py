@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +49,16 @@ __all__ = [
     "SSIM_WIN_SIZE",
     "ChannelReduction",
     "MapTooSmallError",
+    "Prepared",
     "SimilarityMeasure",
     "average_ranks",
+    "compare",
     "hog_features",
     "hog_pearson",
     "hog_spearman",
     "normalize_01",
     "pearson_rows",
+    "prepare",
     "reduce_channels",
     "spearman",
     "spearman_abs",
@@ -219,7 +223,7 @@ def spearman_abs(a: Tensor, b: Tensor) -> Tensor:
     it is the paper's main similarity score for gradient-type maps.
     """
     _check_pair(a, b)
-    return spearman_rows(a.flatten(1).abs(), b.flatten(1).abs())
+    return compare(prepare("spearman_abs", a), prepare("spearman_abs", b))
 
 
 def spearman(a: Tensor, b: Tensor) -> Tensor:
@@ -228,7 +232,7 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     Unlike :func:`spearman_abs` it sees a sign flip: a map against its negation scores -1.
     """
     _check_pair(a, b)
-    return spearman_rows(a.flatten(1), b.flatten(1))
+    return compare(prepare("spearman", a), prepare("spearman", b))
 
 
 # --------------------------------------------------------------------------- SSIM
@@ -246,16 +250,24 @@ def ssim(a: Tensor, b: Tensor) -> Tensor:
     """
     _check_pair(a, b)
     _check_min_size(a, (SSIM_WIN_SIZE, SSIM_WIN_SIZE), "ssim")
+    return compare(prepare("ssim", a), prepare("ssim", b))
+
+
+def _ssim_local_mean(t: Tensor) -> Tensor:
+    return F.avg_pool2d(t, kernel_size=SSIM_WIN_SIZE, stride=1)
+
+
+def _ssim_prepare(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The [0, 1]-normalized maps (N, 1, H, W) with their local means of x and x^2."""
     x = normalize_01(a).unsqueeze(1)
-    y = normalize_01(b).unsqueeze(1)
-    win = SSIM_WIN_SIZE
+    return x, _ssim_local_mean(x), _ssim_local_mean(x * x)
 
-    def local_mean(t: Tensor) -> Tensor:
-        return F.avg_pool2d(t, kernel_size=win, stride=1)
 
-    ux, uy = local_mean(x), local_mean(y)
-    uxx, uyy, uxy = local_mean(x * x), local_mean(y * y), local_mean(x * y)
-    n_px = win * win
+def _ssim_compare(pa: tuple[Tensor, Tensor, Tensor], pb: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    x, ux, uxx = pa
+    y, uy, uyy = pb
+    uxy = _ssim_local_mean(x * y)
+    n_px = SSIM_WIN_SIZE * SSIM_WIN_SIZE
     cov_norm = n_px / (n_px - 1)  # unbiased window covariance, scikit-image's default
     vx = cov_norm * (uxx - ux * ux)
     vy = cov_norm * (uyy - uy * uy)
@@ -350,7 +362,7 @@ def hog_pearson(a: Tensor, b: Tensor) -> Tensor:
     computed. NaN when either map is constant (its descriptor is all zeros).
     """
     _check_pair(a, b)
-    return pearson_rows(hog_features(normalize_01(a)), hog_features(normalize_01(b)))
+    return compare(prepare("hog_pearson", a), prepare("hog_pearson", b))
 
 
 def hog_spearman(a: Tensor, b: Tensor) -> Tensor:
@@ -361,7 +373,68 @@ def hog_spearman(a: Tensor, b: Tensor) -> Tensor:
     paper's figures.
     """
     _check_pair(a, b)
-    return spearman_rows(hog_features(normalize_01(a)), hog_features(normalize_01(b)))
+    return compare(prepare("hog_spearman", a), prepare("hog_spearman", b))
+
+
+# --------------------------------------------------------------------------- prepared maps
+#
+# Every measure splits into a per-batch preparation (ranks, the normalized map and its local
+# moments, HOG features) and a comparison of two prepared batches. A sanity check compares one
+# reference map set with many others (every stage of a cascade with the trained model), so the
+# reference side is prepared once per audit instead of once per comparison. The measures above
+# run the same two steps, so a prepared comparison is bit-identical to the direct call.
+
+
+def _ranks_prepare(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Average ranks of each row and whether the row holds a NaN (Spearman's two inputs)."""
+    return average_ranks(rows), torch.isnan(rows).any(dim=1)
+
+
+def _ranks_compare(pa: tuple[Tensor, Tensor], pb: tuple[Tensor, Tensor]) -> Tensor:
+    r = pearson_rows(pa[0], pb[0])
+    return torch.where(pa[1] | pb[1], torch.full_like(r, math.nan), r)
+
+
+_PREPARE: dict[str, Callable[[Tensor], object]] = {
+    "spearman_abs": lambda a: _ranks_prepare(a.flatten(1).abs()),
+    "spearman": lambda a: _ranks_prepare(a.flatten(1)),
+    "ssim": _ssim_prepare,
+    "hog_pearson": lambda a: hog_features(normalize_01(a)),
+    "hog_spearman": lambda a: _ranks_prepare(hog_features(normalize_01(a))),
+}
+_COMPARE: dict[str, Callable[[Any, Any], Tensor]] = {
+    "spearman_abs": _ranks_compare,
+    "spearman": _ranks_compare,
+    "ssim": _ssim_compare,
+    "hog_pearson": pearson_rows,
+    "hog_spearman": _ranks_compare,
+}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One map batch prepared for one measure (see :func:`prepare`)."""
+
+    measure: str
+    shape: tuple[int, ...]
+    value: object
+
+
+def prepare(measure: str, maps: Tensor) -> Prepared:
+    """The part of ``measure`` that depends on one map batch (N, H, W) only."""
+    _check_batch(maps)
+    if measure == "ssim":
+        _check_min_size(maps, (SSIM_WIN_SIZE, SSIM_WIN_SIZE), "ssim")
+    return Prepared(measure, tuple(maps.shape), _PREPARE[measure](maps))
+
+
+def compare(a: Prepared, b: Prepared) -> Tensor:
+    """``MEASURES[measure](a, b)`` from two prepared batches: (N,) float64."""
+    if a.measure != b.measure:
+        raise ValueError(f"prepared for different measures: {a.measure} vs {b.measure}")
+    if a.shape != b.shape:
+        raise ValueError(f"map batches differ in shape: {a.shape} vs {b.shape}")
+    return _COMPARE[a.measure](a.value, b.value)
 
 
 MEASURES: dict[str, SimilarityMeasure] = {
