@@ -472,6 +472,66 @@ def test_an_audit_on_cuda_matches_the_cpu(exact_cuda_math: None) -> None:
     ]
 
 
+# TF32 keeps 10 of float32's 23 mantissa bits in matmuls and convolutions (about 1e-3 relative
+# per product); over a network's depth a map moves by more, its rank and structure scores less.
+# The stated tolerance for an audit computed with TF32 against the CPU's float32: 2e-2 on every
+# score (not yet checked on a GPU: no device was lent when it was written).
+TF32_SCORE_ATOL = 2e-2
+
+
+@pytest.fixture()
+def tf32_cuda_math() -> Iterator[None]:
+    """TF32 on for matmuls and cuDNN, deterministic cuDNN; the caller's settings come back."""
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cudnn.deterministic,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        (
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cudnn.deterministic,
+        ) = saved
+
+
+@needs_cuda
+def test_an_audit_with_tf32_agrees_with_float32_within_the_stated_tolerance(
+    tf32_cuda_math: None,
+) -> None:
+    gpu = _audit("cuda")
+    assert gpu.environment["tf32_matmul"] == "True" and gpu.environment["tf32_cudnn"] == "True"
+    cpu = _audit("cpu")
+    compared = 0
+    for test in cpu.tests:
+        for c, g in zip(cpu.tests[test].scores, gpu.tests[test].scores, strict=True):
+            assert (c.method, c.stage, c.measure) == (g.method, g.stage, g.measure)
+            if c.mean is not None and g.mean is not None:
+                assert g.mean == pytest.approx(c.mean, abs=TF32_SCORE_ATOL), (test, c.method)
+                compared += 1
+    assert compared > 100
+    near = [
+        c
+        for c in cpu.verdicts
+        if c.threshold is not None
+        and any(
+            b is not None and abs(b - c.threshold) <= TF32_SCORE_ATOL
+            for b in (c.mean, c.ci_low, c.ci_high)
+        )
+    ]
+    differ = [
+        (c.method, c.test)
+        for c, g in zip(cpu.verdicts, gpu.verdicts, strict=True)
+        if c.verdict != g.verdict and c not in near
+    ]
+    assert differ == []
+
+
 @needs_cuda
 def test_the_environment_names_the_gpu() -> None:
     env = environment(torch.device("cuda"))

@@ -66,9 +66,10 @@ def memory_format_for(images: torch.Tensor) -> torch.memory_format:
     """The layout an audit runs the model's convolutions in, decided by the input size alone
     (so an audit's numbers never depend on a timing). Channels-last lets oneDNN skip layout
     reorders: forward + backward of resnet18 at 224 px, 2-core CPU, ran 1.12-1.23x faster at
-    8-32 rows; at 32 px (the reference small ResNet) it ran up to 1.3x slower, so small inputs
-    stay contiguous (bench/RESULTS.md). Only strides change, never a weight's value; a map
-    differs from the contiguous run's by float rounding (tests/engine/test_fast_paths.py)."""
+    8-32 rows; at 32 px (the reference small ResNet) the two layouts were within run-to-run
+    noise (0.9-1.3x either way), so small inputs keep the default layout (bench/RESULTS.md).
+    Only strides change, never a weight's value; a map differs from the contiguous run's by
+    float rounding (tests/engine/test_fast_paths.py)."""
     if images.dim() == 4 and images.shape[-1] * images.shape[-2] >= CHANNELS_LAST_MIN_PIXELS:
         return torch.channels_last
     return torch.contiguous_format
