@@ -51,6 +51,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.methods import median_time  # noqa: E402
 from tests.engine.nets import torchvision_model  # noqa: E402
 from workers.engine import sanity  # noqa: E402
 from workers.engine.images import load_image_folder, preprocess  # noqa: E402
@@ -123,16 +124,6 @@ def needed_passes(spec: AuditSpec, n: int, states: int, live_rows: int, onnx: bo
 def rows_of(x: torch.Tensor, r: int) -> torch.Tensor:
     reps = -(-r // x.shape[0])
     return x.repeat(reps, 1, 1, 1)[:r].contiguous()
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def pass_times(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -368,19 +369,21 @@ def test_noise_and_the_random_control_are_drawn_on_the_cpu() -> None:
 # --- CUDA only -----------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def exact_cuda_math() -> Iterator[None]:
-    """No TF32 and deterministic cuDNN for the test; the caller's settings come back after."""
+@contextmanager
+def _cuda_math(*, tf32: bool, benchmark: bool | None) -> Iterator[None]:
+    """TF32 on or off for matmuls and cuDNN, deterministic cuDNN (and cuDNN's autotuner off
+    when ``benchmark`` is False); the caller's settings come back after."""
     saved = (
         torch.backends.cuda.matmul.allow_tf32,
         torch.backends.cudnn.allow_tf32,
         torch.backends.cudnn.deterministic,
         torch.backends.cudnn.benchmark,
     )
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
+    if benchmark is not None:
+        torch.backends.cudnn.benchmark = benchmark
     try:
         yield
     finally:
@@ -390,6 +393,13 @@ def exact_cuda_math() -> Iterator[None]:
             torch.backends.cudnn.deterministic,
             torch.backends.cudnn.benchmark,
         ) = saved
+
+
+@pytest.fixture()
+def exact_cuda_math() -> Iterator[None]:
+    """No TF32 and deterministic cuDNN for the test; the caller's settings come back after."""
+    with _cuda_math(tf32=False, benchmark=False):
+        yield
 
 
 def _audit(device: str) -> AuditResult:
@@ -482,22 +492,8 @@ TF32_SCORE_ATOL = 2e-2
 @pytest.fixture()
 def tf32_cuda_math() -> Iterator[None]:
     """TF32 on for matmuls and cuDNN, deterministic cuDNN; the caller's settings come back."""
-    saved = (
-        torch.backends.cuda.matmul.allow_tf32,
-        torch.backends.cudnn.allow_tf32,
-        torch.backends.cudnn.deterministic,
-    )
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.deterministic = True
-    try:
+    with _cuda_math(tf32=True, benchmark=None):
         yield
-    finally:
-        (
-            torch.backends.cuda.matmul.allow_tf32,
-            torch.backends.cudnn.allow_tf32,
-            torch.backends.cudnn.deterministic,
-        ) = saved
 
 
 @needs_cuda
