@@ -63,12 +63,34 @@ def tiny_mlp(seed: int = 0) -> TinyMLP:
     return TinyMLP().eval()
 
 
-def torchvision_model(arch: str, seed: int = 0, num_classes: int = 1000) -> nn.Module:
-    """A torchvision architecture with seeded random weights and realistic BatchNorm stats."""
+def reestimate_batchnorm(
+    model: nn.Module, size: int, seed: int = 0, batches: int = 4, batch_size: int = 16
+) -> nn.Module:
+    """BatchNorm running statistics measured on seeded inputs (a train-mode pass, cumulative
+    averages), as training would leave them: deep random networks then keep their activations'
+    scale instead of shrinking layer by layer, so their maps look like a trained model's."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    with torch.no_grad():
+        for b in range(batches):
+            model(images(batch_size, size, seed=seed + b))
+    return model.eval()
+
+
+def torchvision_model(
+    arch: str, seed: int = 0, num_classes: int = 1000, *, statistics_at: int | None = None
+) -> nn.Module:
+    """A torchvision architecture with seeded random weights and realistic BatchNorm stats
+    (random ones, or with ``statistics_at`` measured on inputs of that size)."""
     import torchvision
 
     torch.manual_seed(seed)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if statistics_at is not None:
+        return reestimate_batchnorm(model, statistics_at, seed)
     return randomize_batchnorm_stats(model, seed).eval()
 
 

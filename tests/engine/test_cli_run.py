@@ -21,10 +21,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def mobilenet_dynamo_onnx(artifact_cache: Path) -> Path:
-    """torchvision mobilenet_v3_small (seeded random weights) exported with the dynamo exporter."""
-    path = artifact_cache / "cli_mobilenet_v3_small_dynamo_seed0.onnx"
+    """torchvision mobilenet_v3_small (seeded random weights, BatchNorm statistics measured on
+    224 px inputs) exported with the dynamo exporter."""
+    path = artifact_cache / "cli_mobilenet_v3_small_dynamo_seed0_bnstats.onnx"
     if not path.exists():
-        model = torchvision_model("mobilenet_v3_small", seed=0)
+        model = torchvision_model("mobilenet_v3_small", seed=0, statistics_at=224)
         tmp = path.with_suffix(".tmp")
         torch.onnx.export(
             model, (torch.randn(1, 3, 224, 224),), str(tmp), dynamo=True, external_data=False
@@ -56,6 +57,9 @@ def test_run_computes_every_method_on_a_dynamo_onnx_mobilenet(
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["methods"]) == set(METHODS)
+    for name in ("guided_backprop", "guided_gradcam"):  # Hardswish has no guided rule
+        guided = report["methods"].pop(name)
+        assert guided["status"] == "not_applicable" and "Hardswish" in guided["reason"]
     for name, method in report["methods"].items():
         assert method["status"] == "ok", (name, method.get("reason"))
         stats = method["statistics"]
@@ -67,7 +71,7 @@ def test_run_computes_every_method_on_a_dynamo_onnx_mobilenet(
     assert fidelity["argmax_agreement"] == 1.0
     assert report["model"]["input_spec"]["layout"] == "NCHW"
     maps = np.load(out / "maps.npz")
-    assert set(maps.files) == set(METHODS)
+    assert set(maps.files) == set(METHODS) - {"guided_backprop", "guided_gradcam"}
     assert maps["gradcam"].shape == (8, 224, 224)
     printed = capsys.readouterr().out
     assert "fidelity vs ONNX Runtime" in printed and "scorecam" in printed

@@ -21,8 +21,9 @@ from torch import nn
 
 from .errors import SpecError
 from .maps import MapSet, compute_maps
+from .policy import MapChecks
 from .result import StageInfo, TestResult
-from .sanity import TEST_INFO, examples_of, scores_of, similarity_values
+from .sanity import TEST_INFO, examples_of, problems_of, scores_of, similarity_values
 from .spec import AuditSpec
 from .training import accuracy, fresh_copy, permuted_labels, train_classifier
 
@@ -59,6 +60,7 @@ def data_randomization(
     baseline: torch.Tensor | None = None,
     train: LabeledImages | None = None,
     random_label_model: nn.Module | None = None,
+    checks: MapChecks | None = None,
     progress: ProgressCallback = lambda f, s: None,
 ) -> TestResult:
     """Train (or take) a random-label model and a true-label control; score their maps."""
@@ -156,6 +158,11 @@ def data_randomization(
         "true_labels": examples_of(control_maps),
         STAGE: examples_of(random_maps),
     }
+    checks = checks or MapChecks()
+    result.map_problems = [
+        *problems_of(control_maps, checks, "true_labels"),
+        *problems_of(random_maps, checks, STAGE),
+    ]
     result.scores = scores_of(
         similarity_values(control_maps, random_maps, names, spec.measures),
         test="data_randomization",

@@ -81,3 +81,9 @@ class NotApplicableError(EngineError):
     """A method cannot run on this model (e.g. a CAM method on a model without conv layers)."""
 
     code = "not_applicable"
+
+
+class MethodFailedError(EngineError):
+    """A saliency method raised on this model; the audit goes on without it (status ``error``)."""
+
+    code = "method_error"

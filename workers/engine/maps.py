@@ -2,20 +2,26 @@
 
 Each method family runs once per batch (methods that share passes share them). Noise draws
 depend only on (seed, batch), so two model states see the same noise.
+
+A map set also says which of its maps cannot carry a verdict (:func:`map_problems`): a method
+that raised, maps that are not finite, all zero or constant, and relevance methods whose
+relevance is not conserved. The thresholds are the policy's (:class:`MapChecks`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from . import similarity
-from .errors import NotApplicableError
+from .errors import MethodFailedError, NotApplicableError
 from .methods import METHODS, MethodContext, compute_methods, method_info
+from .policy import MapChecks
+from .result import Conservation, MapProblem
 from .spec import AuditSpec
 from .stats import key_seed
 
@@ -42,13 +48,120 @@ def batch_generator(seed: int, batch_start: int) -> torch.Generator:
 
 @dataclass
 class MapSet:
-    """The maps of one model state: method -> (N, H, W) float32, channels reduced."""
+    """The maps of one model state: method -> (N, H, W) float32, channels reduced.
+
+    ``errors``: methods that raised, with the message (they have no maps);
+    ``conservation``: per relevance method, per image, the relevance its map distributed and
+    the relevance it started from (float64 arrays of shape (N,))."""
 
     maps: dict[str, np.ndarray]
     native_channels: dict[str, int]
     not_applicable: dict[str, str]
     family_time: dict[str, float]
     by_family: dict[str, list[str]]
+    errors: dict[str, str] = field(default_factory=dict)
+    conservation: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def conservation_ratios(distributed: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Per image, distributed / start (NaN where the start is 0: nothing to conserve)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(start) > 0, distributed / np.where(start != 0, start, 1.0), np.nan)
+
+
+def _violations(
+    distributed: np.ndarray, start: np.ndarray, kind: str, tolerance: float
+) -> np.ndarray:
+    """Images whose relevance is not conserved (an image with nothing to distribute, start 0,
+    is never one; a non-finite sum always is)."""
+    ratios = conservation_ratios(distributed, start)
+    with np.errstate(invalid="ignore"):
+        off = np.abs(ratios - 1.0) > tolerance if kind == "total" else ratios > 1.0 + tolerance
+    return (start != 0) & (~np.isfinite(ratios) | off)
+
+
+def summarize_conservation(
+    method: str, distributed: np.ndarray, start: np.ndarray, tolerance: float
+) -> Conservation:
+    """The report's conservation figure for one relevance method on one model state."""
+    kind = METHODS[method].relevance or "total"
+    ratios = conservation_ratios(distributed, start)
+    finite = ratios[np.isfinite(ratios)]
+    definition = (
+        "per image, the input relevance's sum over the target logit (1 when conserved)"
+        if kind == "total"
+        else "per image, the share of the target's unit relevance reaching the layer (at "
+        "most about 1: biases and skip connections take the rest)"
+    )
+    return Conservation(
+        definition=definition,
+        mean=float(finite.mean()) if finite.size else None,
+        min=float(finite.min()) if finite.size else None,
+        max=float(finite.max()) if finite.size else None,
+        n=int(finite.size),
+        tolerance=tolerance,
+        within_tolerance=not bool(_violations(distributed, start, kind, tolerance).any()),
+    )
+
+
+def map_problems(
+    maps: MapSet, checks: MapChecks, stage: str, *, trained: bool
+) -> dict[str, list[MapProblem]]:
+    """Why each method's maps in this state cannot carry a verdict (methods without a
+    problem are absent). Not-applicable methods are not problems: they have no maps.
+    ``trained``: the maps are a trained model's (the stricter zero floor applies)."""
+    out: dict[str, list[MapProblem]] = {}
+
+    def add(method: str, kind: str, count: int, total: int, detail: str) -> None:
+        out.setdefault(method, []).append(
+            MapProblem(method, stage, kind, count, total, detail)  # type: ignore[arg-type]
+        )
+
+    for method, message in maps.errors.items():
+        add(method, "error", 0, 0, message)
+    for method, values in maps.maps.items():
+        floor = (checks.zero_floor if trained else checks.randomized_zero_floor) ** (
+            METHODS[method].scale_power
+        )
+        n = int(values.shape[0])
+        flat = values.reshape(n, -1).astype(np.float64)
+        finite = np.isfinite(flat).all(axis=1)
+        if (~finite).any():
+            add(method, "non_finite", int((~finite).sum()), n, "contain NaN or infinite values")
+        safe = np.where(np.isfinite(flat), flat, 0.0)
+        peak = np.abs(safe).max(axis=1)
+        zero = finite & (peak <= floor)
+        if zero.any():
+            add(method, "all_zero", int(zero.sum()), n, f"are all zero (max |m| <= {floor:g})")
+        spread = safe.max(axis=1) - safe.min(axis=1)
+        constant = finite & ~zero & (spread <= checks.constant_rtol * peak)
+        if constant.any():
+            add(
+                method,
+                "constant",
+                int(constant.sum()),
+                n,
+                f"are constant (range <= {checks.constant_rtol:g} x max |m|)",
+            )
+    for method, (distributed, start) in maps.conservation.items():
+        kind = METHODS[method].relevance or "total"
+        ratios = conservation_ratios(distributed, start)
+        bad = _violations(distributed, start, kind, checks.conservation_tolerance)
+        if bad.any():
+            shown = ", ".join(f"{r:.3g}" for r in ratios[bad][:3])
+            rule = (
+                f"sum to the target logit within {checks.conservation_tolerance:.0%}"
+                if kind == "total"
+                else f"hand out at most {1 + checks.conservation_tolerance:g} of their start"
+            )
+            add(
+                method,
+                "not_conserved",
+                int(bad.sum()),
+                len(ratios),
+                f"do not conserve relevance: they should {rule}, got {shown}",
+            )
+    return out
 
 
 def compute_maps(
@@ -78,6 +191,8 @@ def compute_maps(
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names}
     native_channels: dict[str, int] = {}
     not_applicable: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    conserved: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     steps = len(by_family) * ((n + spec.batch_size - 1) // spec.batch_size)
     done = 0
     for start in range(0, n, spec.batch_size):
@@ -97,18 +212,37 @@ def compute_maps(
             t0 = time.perf_counter()
             results = compute_methods(module, x, t, members, ctx)
             family_time[family] += time.perf_counter() - t0
+            for name, calls in ctx.conservation.items():
+                conserved.setdefault(name, []).extend(calls)
             for name, value in results.items():
                 if isinstance(value, NotApplicableError):
                     not_applicable[name] = value.message
+                    continue
+                if isinstance(value, MethodFailedError):
+                    errors.setdefault(name, value.message)
                     continue
                 native_channels[name] = int(value.shape[1])
                 reduced = similarity.reduce_channels(value.float(), spec.params.map_reduction)
                 collected[name].append(reduced.detach().cpu().numpy().astype(np.float32))
             done += 1
+    # a method that failed on one batch has no maps at all (a partial set would be misread)
     return MapSet(
-        maps={name: np.concatenate(parts) for name, parts in collected.items() if parts},
+        maps={
+            name: np.concatenate(parts)
+            for name, parts in collected.items()
+            if parts and name not in errors and name not in not_applicable
+        },
         native_channels=native_channels,
         not_applicable=not_applicable,
         family_time=family_time,
         by_family=by_family,
+        errors=errors,
+        conservation={
+            name: (
+                torch.cat([d for d, _ in calls]).numpy(),
+                torch.cat([s for _, s in calls]).numpy(),
+            )
+            for name, calls in conserved.items()
+            if calls and name not in errors and name not in not_applicable
+        },
     )

@@ -23,7 +23,7 @@ import numpy as np
 from .maps import CONTROLS
 from .methods import METHODS
 from .policy import decide, load_policy
-from .result import AuditResult, Score, TestResult
+from .result import AuditResult, MapProblem, Score, TestResult
 from .spec import AuditSpec
 
 SPLITTABLE_TESTS = frozenset(
@@ -95,10 +95,12 @@ def merge_results(spec: AuditSpec, parts: Sequence[AuditResult]) -> AuditResult:
     tests: dict[str, TestResult] = {}
     for test_name, base in first.tests.items():
         scores: list[Score] = []
+        problems: list[MapProblem] = []
         examples: dict[str, dict[str, np.ndarray]] = {}
         for part in parts:
             test = part.tests[test_name]
             scores += [s for s in test.scores if owner.get(s.method) is part]
+            problems += [p for p in test.map_problems if owner.get(p.method) is part]
             for stage, by_method in test.example_maps.items():
                 for method, value in by_method.items():
                     if owner.get(method) is part:
@@ -116,6 +118,7 @@ def merge_results(spec: AuditSpec, parts: Sequence[AuditResult]) -> AuditResult:
             stages=list(base.stages),
             scores=scores,
             details=dict(base.details),
+            map_problems=sorted(problems, key=lambda p: names.index(p.method)),
             example_maps={
                 s: {m: examples[s][m] for m in names if m in examples[s]} for s in examples
             },

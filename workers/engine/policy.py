@@ -12,6 +12,10 @@ calibration is in ``docs/policy.md``). For each test it names
 * ``interval``: ``"beyond"`` (the whole 95% interval must lie on one side of the threshold;
   an interval that straddles it is INCONCLUSIVE) or ``"mean"`` (the mean alone decides).
 
+``map_checks`` says when a map cannot carry a verdict (:class:`MapChecks`): a (method, test)
+whose maps at any stage, the trained model's included, raised, are not finite, all zero,
+constant, or do not conserve relevance is INCONCLUSIVE with the reason, never scored as fine.
+
 ``controls`` names, per test, the verdict each control must get. When a control gets another
 one, the test cannot tell methods apart on this model and data, and every method's verdict in
 that test is INCONCLUSIVE. A data randomization whose random-label copy did not memorize its
@@ -33,14 +37,30 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import SpecError
-from .result import Score, TestResult, Verdict, VerdictValue
+from .result import MapProblem, Score, TestResult, Verdict, VerdictValue
 from .spec import MEASURES, TESTS
 from .stats import bootstrap_mean, key_seed
 
 POLICY_FORMAT = 1
 DECIDING_MEASURES = (*MEASURES, "entropy_rise")
 _RULE_KEYS = {"measure", "stage", "threshold", "pass_when", "interval", "why"}
-_TOP_KEYS = {"format", "name", "version", "description", "tests", "controls", "extends"}
+_TOP_KEYS = {
+    "format",
+    "name",
+    "version",
+    "description",
+    "tests",
+    "controls",
+    "extends",
+    "map_checks",
+}
+_CHECK_KEYS = {
+    "zero_floor",
+    "randomized_zero_floor",
+    "constant_rtol",
+    "conservation_tolerance",
+    "why",
+}
 
 
 @dataclass(frozen=True)
@@ -53,12 +73,35 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class MapChecks:
+    """When a map cannot carry a verdict (thresholds from the policy's ``map_checks``).
+
+    ``zero_floor``: a trained model's map whose largest |value| is at or below it is all zero:
+    the explained score changes by less than that per unit of (normalized) input, so the model
+    does not depend on its input there, or the method underflowed. ``randomized_zero_floor``
+    (much lower) applies to a randomized model's maps: randomized layers attenuate the signal
+    legitimately (PyTorch's default initializers shrink activations by about 0.4 per layer,
+    and BatchNorm reset to the identity no longer rescales them), so only underflow counts
+    there. Methods whose maps scale as a squared score (SmoothGrad-squared, VarGrad) use the
+    squared floors. ``constant_rtol``: a map whose range is at or below this fraction of its
+    largest |value| is constant. ``conservation_tolerance``: a ``total`` relevance method must
+    distribute the target logit within this relative tolerance on every image; a ``share``
+    method must not hand out more than ``1 + tolerance`` of its start."""
+
+    zero_floor: float = 1e-12
+    randomized_zero_floor: float = 1e-30
+    constant_rtol: float = 1e-6
+    conservation_tolerance: float = 0.05
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str
     version: str
     rules: dict[str, Rule]
     controls: dict[str, dict[str, VerdictValue]]
     document: dict[str, Any]
+    checks: MapChecks = MapChecks()
 
 
 def default_document() -> dict[str, Any]:
@@ -78,6 +121,7 @@ def load_policy(document: dict[str, Any] | None = None) -> Policy:
             **{k: v for k, v in doc.items() if k not in ("tests", "controls", "extends")},
             "tests": {**base["tests"], **doc.get("tests", {})},
             "controls": {**base["controls"], **doc.get("controls", {})},
+            "map_checks": {**base.get("map_checks", {}), **doc.get("map_checks", {})},
         }
         doc["extends"] = "default"
     unknown = set(doc) - _TOP_KEYS
@@ -105,7 +149,24 @@ def load_policy(document: dict[str, Any] | None = None) -> Policy:
             if verdict not in ("PASS", "FAIL"):
                 raise SpecError("policy controls: expected verdict must be PASS or FAIL")
         controls[test] = dict(expected)
-    return Policy(doc["name"], doc["version"], rules, controls, doc)
+    return Policy(doc["name"], doc["version"], rules, controls, doc, _checks(doc.get("map_checks")))
+
+
+def _checks(raw: Any) -> MapChecks:
+    if raw is None:
+        return MapChecks()
+    if not isinstance(raw, dict):
+        raise SpecError("policy 'map_checks' must be an object")
+    unknown = set(raw) - _CHECK_KEYS
+    if unknown:
+        raise SpecError(f"policy map_checks: unknown fields {sorted(unknown)}")
+    values = {k: v for k, v in raw.items() if k != "why"}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise SpecError(f"policy map_checks: {key} must be a number >= 0")
+        if not math.isfinite(value):
+            raise SpecError(f"policy map_checks: {key} must be finite")
+    return MapChecks(**{k: float(v) for k, v in values.items()})
 
 
 def _rule(test: str, raw: Any) -> Rule:
@@ -241,6 +302,14 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
     )
 
 
+def describe_problems(problems: list[MapProblem], limit: int = 3) -> str:
+    """One sentence per problem, the first ``limit`` of them."""
+    text = "; ".join(p.describe() for p in problems[:limit])
+    if len(problems) > limit:
+        text += f"; and {len(problems) - limit} more"
+    return text
+
+
 def decide(
     policy: Policy,
     tests: dict[str, TestResult],
@@ -253,6 +322,9 @@ def decide(
     for test_name, test in tests.items():
         rule = policy.rules.get(test_name)
         raw: dict[str, Verdict] = {}
+        problems_by_method: dict[str, list[MapProblem]] = {}
+        for problem in test.map_problems:
+            problems_by_method.setdefault(problem.method, []).append(problem)
         for method, (is_control, not_applicable) in methods.items():
             common: dict[str, Any] = dict(
                 method=method, test=test_name, is_control=is_control, policy_version=policy.version
@@ -273,6 +345,17 @@ def decide(
                 raw[method] = Verdict(
                     verdict="INCONCLUSIVE",
                     reason=f"the policy {policy.name} {policy.version} has no rule for this test",
+                    **common,
+                )
+                continue
+            problems = problems_by_method.get(method)
+            if problems:
+                raw[method] = Verdict(
+                    verdict="INCONCLUSIVE",
+                    reason="maps that cannot carry a verdict: " + describe_problems(problems),
+                    measure=rule.measure,
+                    threshold=rule.threshold,
+                    pass_when=rule.pass_when,
                     **common,
                 )
                 continue

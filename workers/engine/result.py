@@ -12,11 +12,20 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-SCHEMA_VERSION = "3"  # 3: the layers analysis; the service adds dataset, links, artifacts
+# 3: the layers analysis; the service adds dataset, links, artifacts
+# 4: method statuses error / degenerate / not_conserved, relevance conservation per method,
+#    map problems per test (a report of version 3 still reads)
+SCHEMA_VERSION = "4"
+READABLE_SCHEMA_VERSIONS = ("3", SCHEMA_VERSION)
 
 VerdictValue = Literal["PASS", "FAIL", "INCONCLUSIVE"]
 
-MethodStatus = Literal["ok", "not_applicable"]
+# ok; not_applicable (the method has no rule for this model, with the reason); error (it raised,
+# with the message; the rest of the audit stands); degenerate (its maps on the trained model are
+# constant, all zero or not finite); not_conserved (a relevance method lost or created relevance
+# beyond the policy's tolerance). The last two are still scored, never decided on.
+MethodStatus = Literal["ok", "not_applicable", "error", "degenerate", "not_conserved"]
+ProblemKind = Literal["error", "non_finite", "all_zero", "constant", "not_conserved"]
 
 
 def finite_or_none(value: float) -> float | None:
@@ -68,6 +77,46 @@ class MapStatistics:
 
 
 @dataclass(frozen=True)
+class MapProblem:
+    """Why one method's maps in one model state cannot carry a verdict: the method raised
+    (``error``), or ``n_images`` of ``n_total`` maps are not finite, all zero (max |m| at or
+    below the policy's floor), constant, or their relevance is not conserved."""
+
+    method: str
+    stage: str
+    kind: ProblemKind
+    n_images: int
+    n_total: int
+    detail: str
+
+    def describe(self) -> str:
+        where = "the trained model" if self.stage == TRAINED_STAGE else f"stage {self.stage}"
+        if self.kind == "error":
+            return f"{self.method} failed at {where}: {self.detail}"
+        return f"{self.method} at {where}: {self.n_images} of {self.n_total} maps {self.detail}"
+
+
+TRAINED_STAGE = "trained"
+
+
+@dataclass(frozen=True)
+class Conservation:
+    """How much relevance a relevance method's maps distributed, relative to where it started,
+    per image (``ratio``: 1 when conserved). For ``lrp`` the start is the target logit and the
+    ratio is the input relevance's sum over it; for ``relevance_cam`` (and LRP stopped at a
+    layer) the start is the target's unit relevance and the ratio is the share reaching the
+    layer, at most about 1 (biases and skip connections take the rest)."""
+
+    definition: str
+    mean: float | None
+    min: float | None
+    max: float | None
+    n: int
+    tolerance: float
+    within_tolerance: bool
+
+
+@dataclass(frozen=True)
 class MethodResult:
     name: str
     family: str
@@ -81,6 +130,8 @@ class MethodResult:
     statistics: MapStatistics | None = None
     # similarity of this method's maps to the edge-detector control, per measure
     similarity_to_sobel: dict[str, ScoreSummary] = field(default_factory=dict)
+    conservation: Conservation | None = None
+    problems: tuple[MapProblem, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +177,8 @@ class TestResult:
     stages: list[StageInfo] = field(default_factory=list)
     scores: list[Score] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    # maps of a (method, stage) that cannot carry a verdict (the trained model's included)
+    map_problems: list[MapProblem] = field(default_factory=list)
     # first images' maps per stage and method, for heatmap grids; not part of the JSON document
     example_maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict, repr=False)
 
@@ -140,6 +193,7 @@ class TestResult:
             "stages": [asdict(s) for s in self.stages],
             "scores": [asdict(s) for s in self.scores],
             "details": self.details,
+            "map_problems": [asdict(p) for p in self.map_problems],
         }
 
     @classmethod
@@ -151,6 +205,7 @@ class TestResult:
                     StageInfo(**{**s, "randomized": tuple(s["randomized"])}) for s in data["stages"]
                 ],
                 "scores": [Score(**{**s, "values": tuple(s["values"])}) for s in data["scores"]],
+                "map_problems": [MapProblem(**p) for p in data.get("map_problems", [])],
             }
         )
 
@@ -218,11 +273,12 @@ class AuditResult:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditResult:
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(f"unsupported report schema_version {version!r}")
         methods = {}
         for name, m in data["methods"].items():
             stats = m.get("statistics")
+            conservation = m.get("conservation")
             methods[name] = MethodResult(
                 **{
                     **m,
@@ -231,6 +287,8 @@ class AuditResult:
                     "similarity_to_sobel": {
                         k: ScoreSummary(**v) for k, v in m.get("similarity_to_sobel", {}).items()
                     },
+                    "conservation": Conservation(**conservation) if conservation else None,
+                    "problems": tuple(MapProblem(**p) for p in m.get("problems", ())),
                 }
             )
         return cls(

@@ -22,17 +22,19 @@ from . import sanity, similarity
 from .data_randomization import LabeledImages, data_randomization
 from .errors import SpecError
 from .layers import layer_analysis
-from .maps import MapSet, compute_maps, methods_to_run
-from .methods import METHODS, resolve_layer
+from .maps import MapSet, compute_maps, map_problems, methods_to_run, summarize_conservation
+from .methods import METHODS, cam_layer_choice
 from .methods.integrated import baseline_for_input_spec
 from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
 from .policy import decide, load_policy
 from .result import (
+    TRAINED_STAGE,
     AuditResult,
     ImageRecord,
     MapStatistics,
     MethodResult,
+    MethodStatus,
     ScoreSummary,
     TestResult,
     finite_or_none,
@@ -168,7 +170,8 @@ def run_audit(
         raise SpecError(f"targets must be class indices in [0, {probs.shape[1]})")
     class_names = model.input_spec.class_names
 
-    layer = resolve_layer(module, spec.layer, images[:1].to(device))
+    layer_choice = cam_layer_choice(module, spec.layer, images[:1].to(device))
+    layer = layer_choice.name
     if (
         random_label_model is not None
         and layer is not None
@@ -199,7 +202,16 @@ def run_audit(
 
     tests: dict[str, TestResult] = {}
     states = sanity.RandomizedStates(
-        module, images, targets, names, spec, layer, mapset, device=device, baseline=baseline
+        module,
+        images,
+        targets,
+        names,
+        spec,
+        layer,
+        mapset,
+        device=device,
+        baseline=baseline,
+        checks=policy.checks,
     )
     for test in spec.tests:
         span = 0.9 * weights[test] / sum(weights.values())
@@ -240,6 +252,7 @@ def run_audit(
                 random_label_model=(
                     random_label_model.module if random_label_model is not None else None
                 ),
+                checks=policy.checks,
                 progress=test_progress,
             )
         states.restore()  # every test leaves the trained weights (a no-op after the tests)
@@ -247,8 +260,13 @@ def run_audit(
         position += span
     family_time = mapset.family_time
     native_channels = mapset.native_channels
-    not_applicable = mapset.not_applicable
+    not_applicable = dict(mapset.not_applicable)
+    if layer is None:  # say why there is no CAM layer, not only that there is none
+        for name in names:
+            if name in not_applicable and METHODS[name].needs_conv_layer:
+                not_applicable[name] = layer_choice.reason
     by_family = mapset.by_family
+    reference_problems = map_problems(mapset, policy.checks, TRAINED_STAGE, trained=True)
     timings["methods"] = sum(family_time.values())
 
     progress(0.96, "summaries and verdicts")
@@ -277,16 +295,29 @@ def run_audit(
             family_time_s=round(family_time[info.family], 6),
             shared_with=tuple(m for m in by_family[info.family] if m != name),
         )
-        if name in not_applicable:
+        if name in not_applicable or name in mapset.errors:
+            failed = name in mapset.errors
             method_results[name] = MethodResult(
-                status="not_applicable",
-                reason=not_applicable[name],
+                status="error" if failed else "not_applicable",
+                reason=mapset.errors[name] if failed else not_applicable[name],
                 **common,  # type: ignore[arg-type]
             )
             continue
         current = torch.from_numpy(maps[name])
+        problems = tuple(reference_problems.get(name, ()))
+        conservation = None
+        if name in mapset.conservation:
+            conservation = summarize_conservation(
+                name, *mapset.conservation[name], policy.checks.conservation_tolerance
+            )
+        status: MethodStatus = "ok"
+        if any(p.kind != "not_conserved" for p in problems):
+            status = "degenerate"
+        elif problems:
+            status = "not_conserved"
         method_results[name] = MethodResult(
-            status="ok",
+            status=status,
+            reason="; ".join(p.describe() for p in problems) or None,
             statistics=map_statistics(maps[name], native_channels[name]),
             similarity_to_sobel={
                 measure: ScoreSummary.of(
@@ -294,6 +325,8 @@ def run_audit(
                 )
                 for measure, prepared in sobel_prepared.items()
             },
+            conservation=conservation,
+            problems=problems,
             **common,  # type: ignore[arg-type]
         )
 
@@ -312,7 +345,12 @@ def run_audit(
     timings["total"] = time.perf_counter() - started
     progress(1.0, "done")
     return AuditResult(
-        spec={**spec.to_dict(), "methods": names, "resolved_layer": layer},
+        spec={
+            **spec.to_dict(),
+            "methods": names,
+            "resolved_layer": layer,
+            "layer_reason": layer_choice.reason,
+        },
         model={
             "source": model.source,
             "sha256": model.sha256,

@@ -15,6 +15,7 @@ per audit by :class:`RandomizedStates`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from . import similarity
-from .maps import MapSet, compute_maps
+from .maps import MapSet, compute_maps, map_problems
+from .policy import MapChecks
 from .randomization import (
     NORMALIZATION_HANDLING,
     Granularity,
@@ -33,7 +35,7 @@ from .randomization import (
     stages,
     units,
 )
-from .result import Score, StageInfo, TestResult
+from .result import TRAINED_STAGE, MapProblem, Score, StageInfo, TestResult
 from .spec import AuditSpec
 from .stats import bootstrap_mean, key_seed
 
@@ -219,11 +221,25 @@ def discrete_entropy(maps: torch.Tensor, bins: int) -> torch.Tensor:
 @dataclass
 class StateEvaluation:
     """One model state compared with the trained model: per-image similarity per method and
-    measure, per-image map entropy per method, and the first images' maps."""
+    measure, per-image map entropy per method, the first images' maps, and the maps that
+    cannot carry a verdict (their ``stage`` is filled in by the test that uses the state)."""
 
     similarity: dict[str, dict[str, np.ndarray]]
     entropy: dict[str, np.ndarray]
     examples: dict[str, np.ndarray]
+    problems: list[MapProblem] = dataclasses.field(default_factory=list)
+
+    def problems_at(self, stage: str) -> list[MapProblem]:
+        return [dataclasses.replace(p, stage=stage) for p in self.problems]
+
+
+def problems_of(
+    maps: MapSet, checks: MapChecks, stage: str, *, trained: bool = True
+) -> list[MapProblem]:
+    """The maps of ``maps`` that cannot carry a verdict, labeled with ``stage``."""
+    return [
+        p for found in map_problems(maps, checks, stage, trained=trained).values() for p in found
+    ]
 
 
 class RandomizedStates:
@@ -242,8 +258,12 @@ class RandomizedStates:
         *,
         device: torch.device,
         baseline: torch.Tensor | None = None,
+        checks: MapChecks | None = None,
     ) -> None:
         self.module = module
+        self.checks = checks or MapChecks()
+        # the trained model's maps that cannot carry a verdict: every test reports them
+        self.reference_problems = problems_of(reference, self.checks, TRAINED_STAGE)
         self.baseline = baseline
         self.images = images
         self.targets = targets
@@ -288,6 +308,7 @@ class RandomizedStates:
                 similarity=similarity_values(self.prepared, maps, self.names, self.spec.measures),
                 entropy=map_entropy(maps, self.spec.params.emprt_bins),
                 examples=examples_of(maps),
+                problems=problems_of(maps, self.checks, "", trained=not key),
             )
         return self._cache[key]
 
@@ -316,6 +337,7 @@ def model_randomization(
             "normalization_handling": NORMALIZATION_HANDLING,
             "stage_zero": "the trained model (every score compares a stage with it)",
         },
+        map_problems=list(states.reference_problems),
     )
     try:
         for i, stage in enumerate(stage_list):
@@ -326,6 +348,7 @@ def model_randomization(
 
             evaluation = states.evaluate(stage.randomized, stage_progress)
             result.example_maps[stage.name] = evaluation.examples
+            result.map_problems += evaluation.problems_at(stage.name)
             result.scores += scores_of(
                 evaluation.similarity,
                 test=test,
@@ -367,6 +390,10 @@ def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: No
         },
     )
     result.example_maps[FULL_RANDOMIZATION] = evaluation.examples
+    result.map_problems = [
+        *states.reference_problems,
+        *evaluation.problems_at(FULL_RANDOMIZATION),
+    ]
     for method, before in trained.items():
         after = evaluation.entropy.get(method)
         if after is None:
@@ -417,6 +444,8 @@ def smoothed_maps(
 ) -> MapSet:
     """Maps averaged over the noisy copies of the images (sMPRT's denoised explanations)."""
     total: dict[str, np.ndarray] = {}
+    errors: dict[str, str] = {}
+    conserved: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     last: MapSet | None = None
     for k, x in enumerate(copies):
 
@@ -437,14 +466,26 @@ def smoothed_maps(
         )
         for method, maps in last.maps.items():
             total[method] = total.get(method, 0.0) + maps.astype(np.float64)
+        for method, message in last.errors.items():
+            errors.setdefault(method, message)
+        for method, pair in last.conservation.items():
+            conserved.setdefault(method, []).append(pair)
     assert last is not None
-    averaged = {m: (v / len(copies)).astype(np.float32) for m, v in total.items()}
+    averaged = {
+        m: (v / len(copies)).astype(np.float32) for m, v in total.items() if m not in errors
+    }
     return MapSet(
         maps=averaged,
         native_channels=last.native_channels,
         not_applicable=last.not_applicable,
         family_time=last.family_time,
         by_family=last.by_family,
+        errors=errors,
+        conservation={
+            m: (np.concatenate([d for d, _ in pairs]), np.concatenate([s for _, s in pairs]))
+            for m, pairs in conserved.items()
+            if m not in errors
+        },
     )
 
 
@@ -496,6 +537,10 @@ def smprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: No
     )
     result.example_maps["trained"] = examples_of(trained)
     result.example_maps[FULL_RANDOMIZATION] = examples_of(random)
+    result.map_problems = [
+        *problems_of(trained, states.checks, TRAINED_STAGE),
+        *problems_of(random, states.checks, FULL_RANDOMIZATION, trained=False),
+    ]
     result.scores = scores_of(
         similarity_values(trained, random, states.names, states.spec.measures),
         test="smprt",
@@ -544,6 +589,10 @@ def random_logit(
     )
     result.details = {"other_classes": [int(c) for c in others]}
     result.example_maps["random_class"] = examples_of(maps)
+    result.map_problems = [
+        *states.reference_problems,
+        *problems_of(maps, states.checks, "random_class"),
+    ]
     result.scores = scores_of(
         similarity_values(states.prepared, maps, states.names, states.spec.measures),
         test="random_logit",

@@ -99,11 +99,37 @@ def _schema() -> Schema:
             {"type": "null"},
         ]
     }
+    problem = _closed(
+        {
+            "method": {"type": "string"},
+            "stage": {"type": "string"},
+            "kind": {"enum": ["error", "non_finite", "all_zero", "constant", "not_conserved"]},
+            "n_images": {"type": "integer", "minimum": 0},
+            "n_total": {"type": "integer", "minimum": 0},
+            "detail": {"type": "string"},
+        }
+    )
+    conservation = {
+        "anyOf": [
+            _closed(
+                {
+                    "definition": {"type": "string"},
+                    "mean": NUMBER_OR_NULL,
+                    "min": NUMBER_OR_NULL,
+                    "max": NUMBER_OR_NULL,
+                    "n": {"type": "integer", "minimum": 0},
+                    "tolerance": {"type": "number", "minimum": 0},
+                    "within_tolerance": {"type": "boolean"},
+                }
+            ),
+            {"type": "null"},
+        ]
+    }
     method = _closed(
         {
             "name": {"type": "string"},
             "family": {"type": "string"},
-            "status": {"enum": ["ok", "not_applicable"]},
+            "status": {"enum": ["ok", "not_applicable", "error", "degenerate", "not_conserved"]},
             "reference": {"type": "string"},
             "is_control": {"type": "boolean"},
             "layer": STRING_OR_NULL,
@@ -112,6 +138,8 @@ def _schema() -> Schema:
             "shared_with": {"type": "array", "items": {"type": "string"}},
             "statistics": statistics,
             "similarity_to_sobel": {"type": "object", "additionalProperties": _summary()},
+            "conservation": conservation,
+            "problems": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
         }
     )
     test = _closed(
@@ -134,6 +162,7 @@ def _schema() -> Schema:
             },
             "scores": {"type": "array", "items": {"$ref": "#/$defs/score"}},
             "details": {"type": "object"},
+            "map_problems": {"type": "array", "items": {"$ref": "#/$defs/problem"}},
         }
     )
     image = _closed(
@@ -225,6 +254,7 @@ def _schema() -> Schema:
             "test": test,
             "image": image,
             "artifact": artifact,
+            "problem": problem,
         },
     }
 

@@ -1,9 +1,9 @@
-"""Machinery the hand-written method families share: eval mode, layer capture, guided ReLUs.
+"""Machinery the hand-written method families share: eval mode, layer capture, CAM weights.
 
 Every context manager here undoes what it did on exit (hooks removed, training flags restored),
-so a family leaves the model exactly as it found it. Parameters' ``requires_grad`` is never
-touched: gradients are taken with ``torch.autograd.grad`` with respect to the input and the
-captured activation only, which prunes the weight gradients from the backward pass.
+so a family leaves the model exactly as it found it. Gradients are taken with
+``torch.autograd.grad`` with respect to the input and the captured activation only, which prunes
+the weight gradients from the backward pass.
 """
 
 from __future__ import annotations
@@ -123,62 +123,6 @@ def capture_layer(
         yield capture
     finally:
         handle.remove()
-
-
-class GuidedReLUs:
-    """Switchable guided-backprop gradients for every ``nn.ReLU`` module (Springenberg 2015).
-
-    While ``guided`` is True, the gradient arriving at each ReLU output is clamped at zero, so
-    the ReLU's backward passes ``relu(grad_out) * [input > 0]`` - the same as Captum's
-    ``relu(grad_in)`` because the mask is non-negative. Tensor hooks (not module backward
-    hooks) are used: they work with ``inplace=True`` ReLUs and with a ReLU module called more
-    than once per forward (torchvision's BasicBlock), and the switch lets one forward graph
-    serve an ordinary and a guided backward. ``relus_after_mark`` counts the ReLU calls after
-    :meth:`mark` (e.g. after the CAM layer ran): if zero, no guided ReLU lies between that
-    layer and the output, so guided gradients there equal ordinary ones.
-    """
-
-    def __init__(self) -> None:
-        self.guided = True
-        self.relu_calls = 0
-        self._mark: int | None = None
-
-    def mark(self) -> None:
-        self._mark = self.relu_calls
-
-    @property
-    def relus_after_mark(self) -> int:
-        if self._mark is None:
-            raise RuntimeError("mark() was never called")
-        return self.relu_calls - self._mark
-
-    def _clamp(self, grad: torch.Tensor) -> torch.Tensor | None:
-        return F.relu(grad) if self.guided else None
-
-    def forward_hook(self, _module: nn.Module, _inputs: Any, output: Any) -> None:
-        self.relu_calls += 1
-        if isinstance(output, torch.Tensor) and output.requires_grad:
-            output.register_hook(self._clamp)
-
-
-@contextmanager
-def guided_relus(model: nn.Module) -> Iterator[GuidedReLUs]:
-    """Hook every ``nn.ReLU`` of ``model`` for guided backprop; removes the hooks on exit.
-
-    Only ``nn.ReLU`` modules are guided (functional ``F.relu`` calls cannot be hooked), the
-    same rule as Captum's ``GuidedBackprop``.
-    """
-    state = GuidedReLUs()
-    handles = [
-        m.register_forward_hook(state.forward_hook)
-        for m in model.modules()
-        if isinstance(m, nn.ReLU)
-    ]
-    try:
-        yield state
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def upsample_bilinear(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import NotApplicableError, SpecError
+from ..errors import MethodFailedError, NotApplicableError, SpecError
 from ..spec import MethodParams
 
 
@@ -37,6 +37,12 @@ class MethodInfo:
     description: str
     needs_conv_layer: bool = False
     is_control: bool = False
+    # relevance methods report conservation: "total" (the map's sum should equal the target
+    # logit: LRP to the input) or "share" (the share of the target's relevance reaching a
+    # layer, at most about 1: Relevance-CAM); None for the others
+    relevance: str | None = None
+    # the map's values scale as the explained score to this power (squared gradients: 2)
+    scale_power: int = 1
 
 
 @dataclass
@@ -48,13 +54,20 @@ class MethodContext:
     maps), so a run is repeatable bit for bit on the same device. ``baseline`` is the
     Integrated Gradients baseline in the model's (normalized) input space, broadcastable to
     ``x``; the caller builds it from the input spec for ``ig_baseline`` "black" or "mean"
-    (None: "zero" is computed by the method, the others are an error).
+    (None: "zero" is computed by the method, the others are an error). ``conservation`` is
+    where relevance methods append, per call, the relevance each image's map distributed and
+    the relevance it started from.
     """
 
     params: MethodParams = field(default_factory=MethodParams)
     layer: str | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     baseline: torch.Tensor | None = None
+    # method -> per call, (relevance handed out, relevance started from) per image: what the
+    # relevance methods report so that a broken propagation is seen (``lrp``, ``relevance_cam``)
+    conservation: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    # why ``layer`` is None, for the layer-based methods' "not applicable"
+    no_layer_reason: str = "the method needs a conv layer and the model has none"
 
 
 class MethodFamily(ABC):
@@ -108,17 +121,34 @@ def conv_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
-def resolve_layer(
+@dataclass(frozen=True)
+class LayerChoice:
+    """The layer the CAM-family methods use, and why (or why there is none)."""
+
+    name: str | None
+    reason: str
+
+
+# weighted layers a "patch embedding" check counts (what runs after the default CAM layer)
+_WEIGHTED_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.MultiheadAttention)
+
+
+def cam_layer_choice(
     model: nn.Module, layer: str | None, example: torch.Tensor | None = None
-) -> str | None:
+) -> LayerChoice:
     """The module name a layer-based method uses: ``layer`` if given, else the last conv.
 
     "Last" means deepest in the computation when an ``example`` input is given: the conv with
     the most convolutions between it and the input (see :func:`deepest_conv`), so a residual
     block's main path wins over its 1x1 shortcut conv even where the shortcut is registered or
-    run later. Without an example it is the last conv in registration order. Returns None when
-    ``layer`` is None and the model has no conv layer (the layer-based methods then report "not
-    applicable"); raises ``SpecError`` for an unknown name.
+    run later. Without an example it is the last conv in registration order.
+
+    No default layer (the methods are "not applicable", with the reason) when the model has no
+    conv layer, or when its deepest conv is a patch embedding at the input (ViT, Swin): when
+    more weighted layers (conv, linear, attention) come after that conv than before it and at
+    least four do, the network's feature maps are not spatial where the model decides, and a
+    CAM at the stem would not explain it. A user can still name any layer. Raises
+    ``SpecError`` for an unknown name.
     """
     if layer is not None:
         names = dict(model.named_modules())
@@ -128,13 +158,31 @@ def resolve_layer(
                 f"no module named {layer!r} in the model; conv layers are: "
                 + ", ".join(convs[-10:] if convs else ["(none)"])
             )
-        return layer
+        return LayerChoice(layer, "named in the audit spec")
     convs = conv_layer_names(model)
     if not convs:
-        return None
-    if example is not None:
-        return deepest_conv(model, example) or convs[-1]
-    return convs[-1]
+        return LayerChoice(None, "the model has no conv layer, so no spatial feature map")
+    chosen = (deepest_conv(model, example) if example is not None else None) or convs[-1]
+    weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED_LAYERS)]
+    position = weighted.index(chosen) if chosen in weighted else len(weighted)
+    before, after = position, len(weighted) - position - 1
+    if after >= 4 and after > before:
+        return LayerChoice(
+            None,
+            f"the deepest conv, {chosen}, is a patch embedding near the input: {after} of the "
+            f"model's {len(weighted)} weighted layers run after it (attention or linear "
+            "layers), so its feature map is not where the model decides and a CAM there "
+            "would not explain the model; name a layer to use one anyway",
+        )
+    how = "deepest in the computation" if example is not None else "last registered"
+    return LayerChoice(chosen, f"the {how} conv layer (default)")
+
+
+def resolve_layer(
+    model: nn.Module, layer: str | None, example: torch.Tensor | None = None
+) -> str | None:
+    """:func:`cam_layer_choice`'s layer name (None: the layer-based methods do not apply)."""
+    return cam_layer_choice(model, layer, example).name
 
 
 def deepest_conv(model: nn.Module, example: torch.Tensor) -> str | None:
@@ -187,14 +235,18 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return dict(model.named_modules())[name]
 
 
+MethodOutcome = torch.Tensor | NotApplicableError | MethodFailedError
+
+
 def compute_methods(
     model: nn.Module,
     x: torch.Tensor,
     target: torch.Tensor,
     names: Iterable[str],
     ctx: MethodContext,
-) -> dict[str, torch.Tensor | NotApplicableError]:
-    """Compute the named methods, each family once; "not applicable" is a value, not a crash.
+) -> dict[str, MethodOutcome]:
+    """Compute the named methods, each family once; "not applicable" and a method that raised
+    are values, not crashes: the other methods' maps stand.
 
     A converted ONNX graph exported with a fixed batch size (``model.fixed_batch``) runs larger
     batches image group by image group inside its forward, which would hand layer hooks only
@@ -207,25 +259,23 @@ def compute_methods(
             compute_methods(model, x[i : i + fixed], target[i : i + fixed], wanted, ctx)
             for i in range(0, x.shape[0], fixed)
         ]
-        merged: dict[str, torch.Tensor | NotApplicableError] = {}
+        merged: dict[str, MethodOutcome] = {}
         for name in wanted:
             values = [part[name] for part in parts]
-            failed = [v for v in values if isinstance(v, NotApplicableError)]
+            failed = [v for v in values if not isinstance(v, torch.Tensor)]
             merged[name] = failed[0] if failed else torch.cat(values)  # type: ignore[arg-type]
         return merged
     by_family: dict[str, set[str]] = {}
     for name in wanted:
         by_family.setdefault(method_info(name).family, set()).add(name)
-    out: dict[str, torch.Tensor | NotApplicableError] = {}
+    out: dict[str, MethodOutcome] = {}
     for family_name, members in by_family.items():
         family = FAMILIES[family_name]
         needs_layer = sorted(m for m in members if METHODS[m].needs_conv_layer)
         runnable = set(members)
         if needs_layer and ctx.layer is None:
             for m in needs_layer:
-                out[m] = NotApplicableError(
-                    f"{m} needs a conv layer and the model has none", method=m
-                )
+                out[m] = NotApplicableError(ctx.no_layer_reason, method=m)
             runnable -= set(needs_layer)
         if runnable:
             out.update(_compute_family(family, model, x, target, runnable, ctx))
@@ -239,18 +289,43 @@ def _compute_family(
     target: torch.Tensor,
     members: set[str],
     ctx: MethodContext,
-) -> dict[str, torch.Tensor | NotApplicableError]:
+) -> dict[str, MethodOutcome]:
     """Run a family; a family may find out only while running that the model defeats it (e.g.
     a CAM layer called twice per forward pass). That is a result, not a crash: the methods
-    that need the layer are marked not applicable and the others are computed without them."""
+    that need the layer are marked not applicable and the others are computed without them.
+    Any other exception is the failure of the methods that were running: with several, each is
+    run alone once so that one failing method does not take its family with it, and what
+    still fails becomes a :class:`MethodFailedError` with the message."""
+    recorded = {name: len(calls) for name, calls in ctx.conservation.items()}
     try:
         return dict(family.compute(model, x, target, frozenset(members), ctx))
     except NotApplicableError as exc:
+        _forget_since(ctx, recorded)
         layer_methods = {m for m in members if METHODS[m].needs_conv_layer}
-        out: dict[str, torch.Tensor | NotApplicableError] = {
+        out: dict[str, MethodOutcome] = {
             m: NotApplicableError(exc.message, method=m) for m in layer_methods or members
         }
         rest = members - layer_methods
         if layer_methods and rest:
             out.update(_compute_family(family, model, x, target, rest, ctx))
         return out
+    except Exception as exc:
+        _forget_since(ctx, recorded)
+        if len(members) > 1:
+            out = {}
+            for member in sorted(members):
+                out.update(_compute_family(family, model, x, target, {member}, ctx))
+            return out
+        (member,) = members
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {
+            member: MethodFailedError(
+                f"{type(exc).__name__}: {message}"[:500], method=member, family=family.name
+            )
+        }
+
+
+def _forget_since(ctx: MethodContext, recorded: dict[str, int]) -> None:
+    """Drop what a failed call recorded: it is not a result (a retry records again)."""
+    for name, calls in ctx.conservation.items():
+        del calls[recorded.get(name, 0) :]

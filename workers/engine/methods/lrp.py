@@ -86,16 +86,17 @@ with the wrong inputs.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from zennit.composites import EpsilonAlpha2Beta1, EpsilonPlusFlat, LayerMapComposite
-from zennit.core import Composite
+from zennit.core import BasicHook, Composite, ParamMod, Stabilizer
 from zennit.layer import Sum
-from zennit.rules import Norm, Pass, ZPlus
+from zennit.rules import ClampMod, Norm, Pass, zero_bias
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
 from ..errors import NotApplicableError, SpecError
@@ -111,28 +112,109 @@ from ._hooks import (
     upsample_bilinear,
 )
 from .base import MethodContext, MethodFamily, MethodInfo, register
+from .lrp_ops import GATE_MODULES, outputs_agree, relevance_rules
 
 EXCLUDE_BIAS = ["bias"]
 # Modules whose rules (every BasicHook: z+, epsilon, flat, alpha-beta, Norm) store their input.
 _STORED_INPUT_RULE_TYPES = (Convolution, nn.Linear, Sum, AvgPool)
+NORMALIZATIONS = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.LocalResponseNorm,
+)
+
+
+class ZPlusFlat(BasicHook):
+    """The z+ rule (Montavon et al. 2017; Zennit ``ZPlus``: ``x+ w+ + x- w-``), with the flat
+    rule (Lapuschkin et al. 2019; Zennit ``Flat``) for the neurons that have no positive
+    contribution at all.
+
+    z+ hands a neuron's relevance to its positive contributions; a neuron with none (``z+ =
+    0``) keeps it, and the relevance is lost. In a standard convolution with hundreds of inputs
+    that never happens, but a depthwise 3x3 convolution has nine inputs, one channel each: on
+    MobileNet v2 with random weights a few percent of its neurons have no positive contribution
+    and are active through their (BatchNorm-merged) bias alone, so plain z+ lost half the
+    relevance over the network. Those neurons' relevance is spread uniformly over their
+    receptive field instead, so the rule conserves wherever z+ or the receptive field is
+    non-empty; elsewhere it equals Zennit's ``ZPlus`` (checked in tests/engine/test_lrp.py).
+    """
+
+    def __init__(self, stabilizer: float = 1e-6, zero_params: list[str] | None = None) -> None:
+        stabilize_fn = Stabilizer.ensure(stabilizer)
+        flat = ParamMod(
+            lambda param, name: torch.ones_like(param),
+            zero_params=zero_bias(zero_params),
+            require_params=False,
+        )
+
+        def gradient_mapper(
+            out_grad: torch.Tensor, outputs: list[torch.Tensor]
+        ) -> list[torch.Tensor]:
+            positive = outputs[0] + outputs[1]
+            has = positive > 0
+            ratio = torch.where(has, out_grad / stabilize_fn(positive), 0.0)
+            spread = torch.where(has, 0.0, out_grad / stabilize_fn(outputs[2]))
+            return [ratio, ratio, spread]
+
+        super().__init__(
+            input_modifiers=[
+                lambda input: input.clamp(min=0),
+                lambda input: input.clamp(max=0),
+                torch.ones_like,
+            ],
+            param_modifiers=[
+                ClampMod(min=0.0, zero_params=zero_params),
+                ClampMod(max=0.0, zero_params=zero_bias(zero_params)),
+                flat,
+            ],
+            output_modifiers=[lambda output: output] * 3,
+            gradient_mapper=gradient_mapper,
+            reducer=lambda inputs, gradients: (
+                inputs[0] * gradients[0] + inputs[1] * gradients[1] + gradients[2]
+            ),
+        )
+
+
+def _extra_layer_map(
+    z_plus_convolutions: bool = False,
+) -> list[tuple[tuple[type[nn.Module], ...], Any]]:
+    """Entries every composite puts before Zennit's own: gate modules (sigmoid, softmax, ...)
+    get no module rule, so the function rules of :mod:`.lrp_ops` see and mark their outputs;
+    LayerNorm and GroupNorm get ``Pass`` like BatchNorm (their scale treated as a constant);
+    with ``z_plus_convolutions``, convolutions get :class:`ZPlusFlat` where the composite
+    would give them z+."""
+    extra: list[tuple[tuple[type[nn.Module], ...], Any]] = [
+        (GATE_MODULES, None),
+        (NORMALIZATIONS, Pass()),
+    ]
+    if z_plus_convolutions:
+        extra.append(((Convolution,), ZPlusFlat(zero_params=EXCLUDE_BIAS)))
+    return extra
 
 
 def _z_plus_composite() -> Composite:
     return LayerMapComposite(
         layer_map=[
+            *_extra_layer_map(),
             (Activation, Pass()),
             (Sum, Norm()),
             (AvgPool, Norm()),
             (BatchNorm, Pass()),
-            (Convolution, ZPlus(zero_params=EXCLUDE_BIAS)),
-            (nn.Linear, ZPlus(zero_params=EXCLUDE_BIAS)),
+            (Convolution, ZPlusFlat(zero_params=EXCLUDE_BIAS)),
+            (nn.Linear, ZPlusFlat(zero_params=EXCLUDE_BIAS)),
         ]
     )
 
 
 LRP_COMPOSITES: dict[str, Callable[[], Composite]] = {
-    "epsilon_plus_flat": lambda: EpsilonPlusFlat(zero_params=EXCLUDE_BIAS),
-    "epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(zero_params=EXCLUDE_BIAS),
+    "epsilon_plus_flat": lambda: EpsilonPlusFlat(
+        zero_params=EXCLUDE_BIAS, layer_map=_extra_layer_map(z_plus_convolutions=True)
+    ),
+    "epsilon_alpha2_beta1": lambda: EpsilonAlpha2Beta1(
+        zero_params=EXCLUDE_BIAS, layer_map=_extra_layer_map()
+    ),
     "z_plus": _z_plus_composite,
 }
 
@@ -153,12 +235,13 @@ def relevance_cam_composite() -> Composite:
     """z+ with biases kept (Lee et al. 2021, following Montavon et al. 2017)."""
     return LayerMapComposite(
         layer_map=[
+            *_extra_layer_map(),
             (Activation, Pass()),
             (Sum, Norm()),
             (AvgPool, Norm()),
             (BatchNorm, Pass()),
-            (Convolution, ZPlus()),
-            (nn.Linear, ZPlus()),
+            (Convolution, ZPlusFlat()),
+            (nn.Linear, ZPlusFlat()),
         ]
     )
 
@@ -231,25 +314,91 @@ def _one_call_per_module(model: nn.Module, method: str) -> Iterator[Callable[[],
             handle.remove()
 
 
+Conservation = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _record(log: Conservation | None, distributed: torch.Tensor, start: torch.Tensor) -> None:
+    """Per image: the relevance a method handed out and the relevance it started from."""
+    if log is not None:
+        log.append((distributed.detach().double().cpu(), start.detach().double().cpu()))
+
+
+def _plain_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), evaluating(model):
+        out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise SpecError("LRP needs a model that returns logits of shape (N, num_classes)")
+    return out
+
+
+@contextmanager
+def _rule_passes(
+    model: nn.Module,
+    composite: Composite,
+    x: torch.Tensor,
+    *,
+    method: str,
+    keep_unmerged: Collection[str] = (),
+    layer: str | None = None,
+) -> Iterator[Callable[[slice, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """Everything an LRP-style pass needs, for the ``with`` block: canonized model, Zennit
+    rules, the function rules of :mod:`.lrp_ops`, and a capture of ``layer`` (read it from
+    the yielded function's ``capture`` attribute). The yielded ``run(rows, target)`` does one
+    forward pass of ``x[rows]`` and returns ``(x_leaf, logits)``; it checks that every rule
+    module ran once and that the rules left the model's output unchanged."""
+    with ExitStack() as stack:
+        stack.enter_context(evaluating(model))
+        stack.enter_context(canonized(model, lrp_canonizers(model, keep_unmerged=keep_unmerged)))
+        # the canonized model's own output: what the rules must leave unchanged
+        plain = _plain_logits(model, x)
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(_hooked(model, composite))
+        check_calls = stack.enter_context(_one_call_per_module(model, method))
+        # Registered after the rule hooks, so A is the output the rest of the model sees.
+        capture = stack.enter_context(capture_layer(model, layer)) if layer else None
+
+        def run(rows: slice, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            if capture is not None:
+                capture.reset()
+            x_leaf = input_leaf(x[rows])
+            with relevance_rules(model, composite):
+                logits = _logits(model(x_leaf), target)
+            check_calls()
+            if not outputs_agree(plain[rows].to(logits.dtype), logits.detach()):
+                difference = float((plain[rows] - logits.detach()).abs().max())
+                raise RuntimeError(
+                    f"{method}: the model's output changed under the relevance rules (max "
+                    f"|difference| {difference:.3g}); an operation in its forward pass modifies "
+                    "a tensor in place that the rules had to copy"
+                )
+            return x_leaf, logits
+
+        run.capture = capture  # type: ignore[attr-defined]
+        yield run
+
+
 def lrp_relevance(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, composite_name: str
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    composite_name: str,
+    *,
+    conservation: Conservation | None = None,
 ) -> torch.Tensor:
-    """Input relevance (N, C, H, W) of the target logits under the named composite."""
+    """Input relevance (N, C, H, W) of the target logits under the named composite.
+
+    ``conservation`` collects, per image, the input relevance's sum and the target logit it
+    started from (they are equal when relevance is conserved)."""
     composite = lrp_composite(composite_name)
     parts = []
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(evaluating(model))
-        stack.enter_context(canonized(model, lrp_canonizers(model)))
-        stack.enter_context(_hooked(model, composite))
-        check_calls = stack.enter_context(_one_call_per_module(model, "lrp"))
+    with _rule_passes(model, composite, x, method="lrp") as run:
         for rows in _chunks(model, x.shape[0]):
-            x_leaf = input_leaf(x[rows])
-            logits = _logits(model(x_leaf), target[rows])
-            check_calls()
+            x_leaf, logits = run(rows, target[rows])
             one_hot = F.one_hot(target[rows].to(logits.device), logits.shape[1])
             seed = one_hot.to(logits.dtype) * logits.detach()
-            parts.append(torch.autograd.grad(logits, x_leaf, grad_outputs=seed)[0])
+            (relevance,) = torch.autograd.grad(logits, x_leaf, grad_outputs=seed)
+            _record(conservation, relevance.sum(dim=tuple(range(1, relevance.dim()))), seed.sum(1))
+            parts.append(relevance)
     return as_map(torch.cat(parts))
 
 
@@ -261,6 +410,7 @@ def lrp_layer_relevance(
     composite_name: str,
     *,
     upsample: bool = True,
+    conservation: Conservation | None = None,
 ) -> torch.Tensor:
     """LRP relevance at the output of module ``layer``, summed over channels and upsampled
     bilinearly to the input size: (N, 1, H, W) (``upsample=False``: at the layer's own size).
@@ -275,22 +425,16 @@ def lrp_layer_relevance(
     """
     composite = lrp_composite(composite_name)
     parts = []
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(evaluating(model))
-        stack.enter_context(canonized(model, lrp_canonizers(model, keep_unmerged={layer})))
-        stack.enter_context(_hooked(model, composite))
-        check_calls = stack.enter_context(_one_call_per_module(model, "lrp"))
-        capture = stack.enter_context(capture_layer(model, layer))
+    with _rule_passes(model, composite, x, method="lrp", keep_unmerged={layer}, layer=layer) as run:
+        capture = run.capture  # type: ignore[attr-defined]
         for rows in _chunks(model, x.shape[0]):
-            logits = _logits(model(input_leaf(x[rows])), target[rows])
-            check_calls()
+            _, logits = run(rows, target[rows])
             one_hot = F.one_hot(target[rows].to(logits.device), logits.shape[1])
             seed = one_hot.to(logits.dtype) * logits.detach()
             (relevance,) = torch.autograd.grad(logits, capture.activation, grad_outputs=seed)
             spatial_activation(capture, layer)  # a CAM-style layer: (N, K, h, w)
+            _record(conservation, relevance.sum(dim=(1, 2, 3)), seed.sum(1))
             parts.append(relevance.detach().sum(dim=1, keepdim=True))
-            capture.reset()
     relevance_map = torch.cat(parts)
     if upsample:
         relevance_map = upsample_bilinear(relevance_map, (x.shape[-2], x.shape[-1]))
@@ -298,27 +442,39 @@ def lrp_layer_relevance(
 
 
 def relevance_cam(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, layer: str
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    layer: str,
+    *,
+    conservation: Conservation | None = None,
 ) -> torch.Tensor:
-    """Relevance-CAM maps (N, 1, H, W) at module ``layer`` (Lee et al. 2021)."""
+    """Relevance-CAM maps (N, 1, H, W) at module ``layer`` (Lee et al. 2021).
+
+    ``conservation`` collects, per image, the relevance reaching the layer from the target
+    logit's unit relevance (a second backward pass through the same rules, with the one-hot
+    start instead of the contrastive one) and that unit start: z+ with the biases kept lets
+    the biases absorb a share, so the ratio is at most about 1, and far below it when the
+    propagation breaks down."""
+    composite = relevance_cam_composite()
     parts = []
-    with ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(evaluating(model))
-        # The BatchNorm after ``layer`` stays unmerged so that A is the layer's own output.
-        stack.enter_context(canonized(model, lrp_canonizers(model, keep_unmerged={layer})))
-        stack.enter_context(_hooked(model, relevance_cam_composite()))
-        check_calls = stack.enter_context(_one_call_per_module(model, "relevance_cam"))
-        # Registered after the rule hooks, so A is the output the rest of the model sees.
-        capture = stack.enter_context(capture_layer(model, layer))
+    with _rule_passes(
+        model, composite, x, method="relevance_cam", keep_unmerged={layer}, layer=layer
+    ) as run:
+        capture = run.capture  # type: ignore[attr-defined]
         for rows in _chunks(model, x.shape[0]):
-            logits = _logits(model(input_leaf(x[rows])), target[rows])
-            check_calls()
-            seed = contrastive_initial_relevance(logits.detach(), target[rows].to(logits.device))
-            (relevance,) = torch.autograd.grad(logits, capture.activation, grad_outputs=seed)
+            _, logits = run(rows, target[rows])
+            t = target[rows].to(logits.device)
+            seed = contrastive_initial_relevance(logits.detach(), t)
+            (relevance,) = torch.autograd.grad(
+                logits, capture.activation, grad_outputs=seed, retain_graph=conservation is not None
+            )
+            if conservation is not None:
+                unit = F.one_hot(t, logits.shape[1]).to(logits.dtype)
+                (from_target,) = torch.autograd.grad(logits, capture.activation, grad_outputs=unit)
+                _record(conservation, from_target.sum(dim=(1, 2, 3)), unit.sum(1))
             activation = spatial_activation(capture, layer)
             parts.append(cam_from_weights(relevance.mean(dim=(2, 3)), activation))
-            capture.reset()
     return as_map(upsample_bilinear(torch.cat(parts), (x.shape[-2], x.shape[-1])))
 
 
@@ -335,8 +491,10 @@ class LrpFamily(MethodFamily):
             description=(
                 "Layer-wise Relevance Propagation of the target logit to the input with a named "
                 "Zennit composite (params.lrp_composite), biases excluded so relevance is "
-                "conserved."
+                "conserved; rules for residual sums, gates, attention and normalizations "
+                "(lrp_ops); its conservation is reported."
             ),
+            relevance="total",
         ),
         MethodInfo(
             name="relevance_cam",
@@ -344,9 +502,11 @@ class LrpFamily(MethodFamily):
             reference="Lee, Kim, Park, Eo, Hwang, CVPR 2021",
             description=(
                 "CAM weighted by the mean z+ relevance of each channel at the layer, from a "
-                "contrastive initial relevance; one forward and one backward pass."
+                "contrastive initial relevance; one forward and one backward pass (a second "
+                "backward measures the share of relevance reaching the layer)."
             ),
             needs_conv_layer=True,
+            relevance="share",
         ),
     )
 
@@ -362,7 +522,19 @@ class LrpFamily(MethodFamily):
         # No shared pass: the rules, the bias handling and the initial relevance all differ
         # (module docstring), so each method runs its own forward and backward.
         if "lrp" in wanted:
-            out["lrp"] = lrp_relevance(model, x, target, ctx.params.lrp_composite)
+            out["lrp"] = lrp_relevance(
+                model,
+                x,
+                target,
+                ctx.params.lrp_composite,
+                conservation=ctx.conservation.setdefault("lrp", []),
+            )
         if "relevance_cam" in wanted:
-            out["relevance_cam"] = relevance_cam(model, x, target, cam_layer(ctx))
+            out["relevance_cam"] = relevance_cam(
+                model,
+                x,
+                target,
+                cam_layer(ctx),
+                conservation=ctx.conservation.setdefault("relevance_cam", []),
+            )
         return out

@@ -98,6 +98,7 @@ class NoiseFamily(MethodFamily):
             reference="Smilkov et al. 2017, arXiv:1706.03825; squared variant as in Hooker "
             "et al. 2019, arXiv:1806.10758",
             description="Mean squared gradient over the same noisy copies.",
+            scale_power=2,
         ),
         MethodInfo(
             name="vargrad",
@@ -105,6 +106,7 @@ class NoiseFamily(MethodFamily):
             reference="Adebayo, Gilmer, Goodfellow, Kim 2018, arXiv:1810.03307; "
             "Adebayo et al. 2018, Sanity Checks, arXiv:1810.03292",
             description="Variance of the gradient over the same noisy copies.",
+            scale_power=2,
         ),
     )
 
