@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -229,11 +230,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except EngineError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_ERROR
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     import numpy as np
     import torch
 
@@ -299,6 +302,14 @@ def _run(args: argparse.Namespace) -> int:
         architecture=args.arch,
         input_spec_overrides=_read_json(args.input_spec, "input spec"),
     )
+    print(
+        format_input_spec(
+            asdict(model.input_spec),
+            model.input_spec_sources,
+            model.output.to_dict() if model.output is not None else None,
+        ),
+        flush=True,
+    )
     decoded = load_image_folder(args.images, model.input_spec.channels)
     images = preprocess(decoded, model.input_spec)
     masks = None
@@ -355,6 +366,44 @@ def _run(args: argparse.Namespace) -> int:
     print(format_summary(result.to_dict()))
     print(f"\nwrote {report} and {args.out / 'maps.npz'}")
     return EXIT_OK
+
+
+def format_input_spec(
+    spec: dict[str, Any], sources: Mapping[str, str], output: dict[str, Any] | None
+) -> str:
+    """The input spec an audit uses, each value with where it came from (graph, metadata,
+    given or assumed), and the output it explains: printed before anything is computed, so a
+    wrong guess is seen before it costs an audit."""
+
+    def src(*names: str) -> str:
+        found = list(dict.fromkeys(sources.get(n, "?") for n in names))
+        return f"({', '.join(found)})"
+
+    def values(key: str) -> str:
+        return "[" + ", ".join(f"{v:g}" for v in spec[key]) + "]"
+
+    lines = [
+        "input spec used (where each value came from):",
+        f"  size           {spec['height']}x{spec['width']} {src('height', 'width')}",
+        f"  layout         {spec['layout']}, {spec['channels']} "
+        f"{'channel' if spec['channels'] == 1 else 'channels'} {src('layout', 'channels')}",
+        f"  channel order  {spec['channel_order']} {src('channel_order')}"
+        if spec["channels"] == 3
+        else "  channel order  - (one channel: grayscale)",
+        f"  value range    {values('value_range')} {src('value_range')}",
+        f"  mean           {values('mean')} {src('mean')}",
+        f"  std            {values('std')} {src('std')}",
+    ]
+    if output is not None:
+        shape = "[" + ", ".join("N" if d is None else str(d) for d in output["shape"] or []) + "]"
+        explained = (
+            f"; its {output['head_removed']} is left out: maps explain the pre-softmax scores "
+            f"{output['scores']!r}"
+            if output.get("head_removed")
+            else ""
+        )
+        lines.append(f"  output         {output['name']!r} {shape}{explained} {src('output')}")
+    return "\n".join(lines)
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -192,10 +192,31 @@ def _schemas() -> dict[str, Schema]:
                 "description": "[low, high] with high > low",
             },
             "class_names": _nullable("array", items={"type": "string"}),
+            "channel_order": {
+                "type": "string",
+                "enum": ["RGB", "BGR"],
+                "description": "The channel order the model was trained on; BGR reverses the "
+                "decoded image's channels before scaling. mean and std are in this order.",
+            },
+            "output": {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "integer", "minimum": 0},
+                    {"type": "null"},
+                ],
+                "description": "The ONNX graph output holding the class scores, by name or "
+                "index; required when the graph has several float outputs (422 "
+                "output_required lists them). It must be [N, C] with C >= 2 (422 "
+                "not_a_classifier). A Softmax or LogSoftmax at its end is left out: maps "
+                "explain the pre-softmax scores.",
+            },
         },
-        "How raw images become the model's input tensor: resized to height x width, scaled "
-        "from [0, 255] to value_range, then normalized with (x - mean) / std. Any field left "
-        "out keeps its default.",
+        "How raw images become the model's input tensor: resized to height x width, put in "
+        "channel_order, scaled from [0, 255] to value_range (e.g. [0, 255] for a model that "
+        "takes raw pixel values), then normalized with (x - mean) / std; and which output "
+        "holds the class scores. A field left out is read from the ONNX file where it says it "
+        "(the input's size and layout; the metadata entry saliency_audit.input_spec), else it "
+        "keeps its default (assumed); report.json's model.input_spec_sources says which.",
     )
     model_metadata_props: dict[str, Schema] = {
         "name": {
@@ -503,8 +524,8 @@ def _schemas() -> dict[str, Schema]:
             "size_bytes": {"type": "integer", "minimum": 1},
             "input_spec": {
                 "type": "object",
-                "description": "The input spec fields given at upload (the rest keep the "
-                "InputSpec defaults).",
+                "description": "The input spec fields given at upload (the rest are read "
+                "from the file or keep the InputSpec defaults).",
             },
             "class_names": _nullable("array", items={"type": "string"}),
             "details": {"type": "object", "description": "What the upload check found."},
@@ -936,6 +957,9 @@ MODEL_REJECTIONS: dict[int, list[str]] = {
         "architecture_required",
         "empty_file",
         "invalid_onnx",
+        "not_a_classifier",
+        "output_required",
+        "unknown_output",
         "invalid_safetensors",
         "invalid_torch_file",
         "onnx_external_data",

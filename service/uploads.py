@@ -67,7 +67,14 @@ import onnx
 from PIL import Image, UnidentifiedImageError
 
 from service.architectures import TORCHVISION_CLASSIFIERS
+from workers.engine.errors import (
+    ModelLoadError,
+    NotAClassifierError,
+    OutputRequiredError,
+    UnknownOutputError,
+)
 from workers.engine.image_files import ALLOWED_FORMATS, ALLOWED_SUFFIXES, MAX_IMAGES, MAX_PIXELS
+from workers.engine.spec import resolve_output
 
 __all__ = [
     "DEFAULT_MAX_MODEL_BYTES",
@@ -140,7 +147,8 @@ ModelFormat = Literal["onnx", "safetensors", "torch"]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What an accepted model file is. Shapes are ONNX's (a dim is an int, a name or None)."""
+    """What an accepted model file is. Shapes are ONNX's (a dim is an int, a name or None);
+    ``output`` and ``output_shape`` are those of the graph output an audit explains."""
 
     format: ModelFormat
     opset: int | None
@@ -150,6 +158,7 @@ class ModelInfo:
     tensors: int
     parameters: int  # elements over all tensors, buffers included
     notes: list[str] = field(default_factory=list)
+    output: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,12 +211,20 @@ def check_architecture(architecture: str) -> None:
 
 
 def inspect_model(
-    path: Path, filename: str, *, architecture: str | None, max_bytes: int
+    path: Path,
+    filename: str,
+    *,
+    architecture: str | None,
+    max_bytes: int,
+    output: str | int | None = None,
 ) -> ModelInfo:
     """Validate an uploaded model file and describe it; raise :class:`UploadRejected` if unfit.
 
     ONNX files carry their own graph (``architecture``, if given, is checked and ignored);
-    safetensors files and ``torch.save`` state dicts need a torchvision ``architecture``.
+    safetensors files and ``torch.save`` state dicts need a torchvision ``architecture``. The
+    model must be a classifier, as the worker's loader requires: the output an audit explains
+    (``output``, the input spec's choice, for a graph with several) is [N, C] with C >= 2, or
+    a weights file's head has C >= 2 rows.
     """
     size = _file_size(path, filename, max_bytes)
     with path.open("rb") as fh:
@@ -226,9 +243,14 @@ def inspect_model(
         info = _inspect_safetensors(path, filename, size)
     else:
         info = (
-            _inspect_onnx(path, filename, size)
+            _inspect_onnx(path, filename, size, output)
             if size < ONNX_IN_PROCESS_MAX_BYTES
-            else _inspect_onnx_isolated(path, filename, size)
+            else _inspect_onnx_isolated(path, filename, size, output)
+        )
+    if info.format != "onnx" and info.num_classes is not None and info.num_classes < 2:
+        layer = info.output or "head"
+        raise UploadRejected(
+            NotAClassifierError(layer, [None, info.num_classes]).message, code="not_a_classifier"
         )
     if architecture is not None:
         check_architecture(architecture)
@@ -318,14 +340,24 @@ ONNX_IN_PROCESS_MAX_BYTES = 64 * 1024 * 1024
 ONNX_CHECK_TIMEOUT_S = 600
 
 
-def _inspect_onnx_isolated(path: Path, filename: str, size: int) -> ModelInfo:
+def _inspect_onnx_isolated(
+    path: Path, filename: str, size: int, output: str | int | None = None
+) -> ModelInfo:
     """:func:`_inspect_onnx` in a child Python process; the same answers, as JSON."""
     import subprocess
     import sys
 
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "service.uploads", str(path), filename, str(size)],
+            [
+                sys.executable,
+                "-m",
+                "service.uploads",
+                str(path),
+                filename,
+                str(size),
+                json.dumps(output),
+            ],
             capture_output=True,
             text=True,
             timeout=ONNX_CHECK_TIMEOUT_S,
@@ -357,8 +389,9 @@ def _inspect_onnx_isolated(path: Path, filename: str, size: int) -> ModelInfo:
 def _check_in_child(argv: list[str]) -> int:
     """The child side of :func:`_inspect_onnx_isolated`: one JSON answer on stdout."""
     path, filename, size = Path(argv[0]), argv[1], int(argv[2])
+    output = json.loads(argv[3]) if len(argv) > 3 else None
     try:
-        answer: dict[str, Any] = {"info": _inspect_onnx(path, filename, size).to_dict()}
+        answer: dict[str, Any] = {"info": _inspect_onnx(path, filename, size, output).to_dict()}
     except UploadRejected as exc:
         answer = {
             "rejected": {
@@ -372,7 +405,9 @@ def _check_in_child(argv: list[str]) -> int:
     return 0
 
 
-def _inspect_onnx(path: Path, filename: str, size: int) -> ModelInfo:
+def _inspect_onnx(
+    path: Path, filename: str, size: int, output: str | int | None = None
+) -> ModelInfo:
     name = _clip(filename)
     if size > ONNX_MAX_BYTES:
         raise UploadRejected(
@@ -433,10 +468,7 @@ def _inspect_onnx(path: Path, filename: str, size: int) -> ModelInfo:
     initializer_names = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in initializer_names]
     input_shape = _value_shape(inputs[0]) if inputs else None
-    output_shape = _value_shape(model.graph.output[0]) if model.graph.output else None
-    num_classes = None
-    if output_shape and isinstance(output_shape[-1], int) and output_shape[-1] > 0:
-        num_classes = output_shape[-1]
+    chosen, output_shape, num_classes = _classifier_output(model, output)
     notes = [f"ir_version {model.ir_version}, producer {_clip(model.producer_name or '?')}"]
     if any(p.key == "saliency_audit.input_spec" for p in model.metadata_props):
         notes.append("carries its input spec (metadata saliency_audit.input_spec)")
@@ -451,7 +483,85 @@ def _inspect_onnx(path: Path, filename: str, size: int) -> ModelInfo:
         tensors=tensors,
         parameters=parameters,
         notes=notes,
+        output=chosen,
     )
+
+
+def _classifier_output(
+    model: onnx.ModelProto, choice: str | int | None
+) -> tuple[str, list[int | str | None] | None, int | None]:
+    """The graph output an audit would explain, its shape and its class count; refused as the
+    worker's loader refuses it, with the engine's own messages (several float outputs and none
+    named, a named output that does not exist, an output that is not [N, C >= 2]).
+
+    ``choice`` is the uploader's input spec ``output``, else the file's own metadata entry's.
+    Shapes are the declared ones; ONNX shape inference fills in an output declared without a
+    shape. A class count that only running the graph can tell (a symbolic C) passes here and
+    is checked by the worker.
+    """
+    if choice is None:
+        choice = _metadata_output(model)
+    shapes = [_value_shape(o) for o in model.graph.output]
+    if any(s is None or not all(isinstance(d, int) for d in s[1:]) for s in shapes):
+        shapes = _with_inferred_dims(model, shapes)
+    outputs = [
+        (o.name, shape, onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type))
+        for o, shape in zip(model.graph.output, shapes, strict=True)
+    ]
+    try:
+        index = resolve_output(choice, outputs)
+        name, shape, _ = outputs[index]
+        classes = NotAClassifierError.check(name, shape)
+    except NotAClassifierError as exc:
+        raise UploadRejected(_clip(exc.message, 1000), code="not_a_classifier") from None
+    except OutputRequiredError as exc:
+        raise UploadRejected(_clip(exc.message, 1000), code="output_required") from None
+    except UnknownOutputError as exc:
+        raise UploadRejected(_clip(exc.message, 1000), code="unknown_output") from None
+    except ModelLoadError as exc:  # no float output at all
+        raise UploadRejected(_clip(exc.message, 1000), code="not_a_classifier") from None
+    return name, shape, classes
+
+
+def _with_inferred_dims(
+    model: onnx.ModelProto, shapes: list[list[int | str | None] | None]
+) -> list[list[int | str | None] | None]:
+    """The declared output shapes with the dims they leave symbolic filled in by ONNX shape
+    inference where it knows them (best effort: the worker checks the shape it runs)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for value in probe.graph.output:
+        value.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe)
+    except Exception:  # hostile or unusual graphs: keep what is declared
+        return shapes
+    merged: list[list[int | str | None] | None] = []
+    for declared, value in zip(shapes, inferred.graph.output, strict=True):
+        found = _value_shape(value)
+        if declared is None or found is None or len(found) != len(declared):
+            merged.append(declared if declared is not None else found)
+        else:
+            merged.append(
+                [d if isinstance(d, int) else f for d, f in zip(declared, found, strict=True)]
+            )
+    return merged
+
+
+def _metadata_output(model: onnx.ModelProto) -> str | int | None:
+    """The ``output`` of the file's ``saliency_audit.input_spec`` metadata entry, if any (the
+    worker reports an unreadable entry)."""
+    for prop in model.metadata_props:
+        if prop.key == "saliency_audit.input_spec":
+            try:
+                value = json.loads(prop.value)
+            except json.JSONDecodeError:
+                return None
+            chosen = value.get("output") if isinstance(value, dict) else None
+            return (
+                chosen if isinstance(chosen, str | int) and not isinstance(chosen, bool) else None
+            )
+    return None
 
 
 # ---- classifier size from weights ------------------------------------------------------------
@@ -461,7 +571,18 @@ _CLASSIFIER_N = re.compile(r"classifier\.(\d+)\.weight")
 
 
 def _num_classes_from_shapes(shapes: dict[str, tuple[int, ...]]) -> int | None:
-    """The output size of a torchvision classifier's last layer, from its weight's first dim.
+    head = _head_from_shapes(shapes)
+    return head[1] if head else None
+
+
+def _head_name(shapes: dict[str, tuple[int, ...]]) -> str | None:
+    head = _head_from_shapes(shapes)
+    return head[0] if head else None
+
+
+def _head_from_shapes(shapes: dict[str, tuple[int, ...]]) -> tuple[str, int] | None:
+    """A torchvision classifier's last layer (its module name) and its output size, from its
+    weight's first dim.
 
     torchvision names the head ``fc`` (ResNet family, RegNet, GoogLeNet, Inception,
     ShuffleNet), ``classifier`` (DenseNet), ``head`` (Swin), ``heads.head`` (ViT), or the last
@@ -470,13 +591,13 @@ def _num_classes_from_shapes(shapes: dict[str, tuple[int, ...]]) -> int | None:
     """
     for key in _HEAD_KEYS:
         if key in shapes and len(shapes[key]) in (2, 4):
-            return shapes[key][0]
+            return key.removesuffix(".weight"), shapes[key][0]
     best: tuple[int, int] | None = None
     for key, shape in shapes.items():
         match = _CLASSIFIER_N.fullmatch(key)
         if match and len(shape) in (2, 4) and (best is None or int(match.group(1)) > best[0]):
             best = (int(match.group(1)), shape[0])
-    return best[1] if best else None
+    return (f"classifier.{best[0]}", best[1]) if best else None
 
 
 # ---- safetensors ---------------------------------------------------------------------------
@@ -601,6 +722,7 @@ def _inspect_safetensors(path: Path, filename: str, size: int) -> ModelInfo:
         tensors=len(spans),
         parameters=parameters,
         notes=[],
+        output=_head_name(shapes),
     )
 
 
@@ -1100,6 +1222,7 @@ def _inspect_torch_zip(path: Path, filename: str) -> ModelInfo:
         tensors=scan.n_tensors,
         parameters=scan.parameters,
         notes=[f"torch.save zip archive, pickle protocol {scan.protocol}"],
+        output=_head_name(scan.tensors),
     )
 
 

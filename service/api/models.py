@@ -94,8 +94,19 @@ def upload_model() -> Any:
     received = receive_upload(upload, st.config.max_model_bytes)
     try:
         info = inspect_model(
-            received.path, filename, architecture=architecture, max_bytes=st.config.max_model_bytes
+            received.path,
+            filename,
+            architecture=architecture,
+            max_bytes=st.config.max_model_bytes,
+            output=overrides.get("output"),
         )
+        if info.format != "onnx" and overrides.get("output") is not None:
+            raise ApiError(
+                422,
+                "invalid_input_spec",
+                "metadata.input_spec.output names an ONNX graph output; a weights file has "
+                "its architecture's one output",
+            )
         if info.format == "onnx" and architecture is not None:
             raise ApiError(
                 422,

@@ -277,3 +277,92 @@ def export_class_token_net(
         )
 
     return cached(cache_dir, key, build)
+
+
+# ---- classifier heads and outputs (tests/engine/test_model_outputs.py) ------------------------
+
+
+def append_head(
+    data: bytes,
+    ops: list[tuple[str, dict[str, object]]],
+    *,
+    output_name: str = "probs",
+    output_type: int = onnx.TensorProto.FLOAT,
+) -> bytes:
+    """The model with ``ops`` applied one after the other to its (single) output, the last one
+    becoming the graph's output ``output_name`` (of element type ``output_type``):
+    ``[("Softmax", {"axis": 1})]`` gives a classifier that outputs probabilities. A
+    ``Reshape`` takes its target as ``shape``."""
+    model = onnx.load_from_string(data)
+    (previous,) = [o.name for o in model.graph.output]
+    for i, (op, attrs) in enumerate(ops):
+        out = output_name if i == len(ops) - 1 else f"head_{i}_{op.lower()}"
+        inputs = [previous]
+        attrs = dict(attrs)
+        if op == "Reshape":
+            target = np.asarray(attrs.pop("shape"), dtype=np.int64)
+            model.graph.initializer.append(onnx.numpy_helper.from_array(target, f"head_{i}_shape"))
+            inputs.append(f"head_{i}_shape")
+        model.graph.node.append(onnx.helper.make_node(op, inputs, [out], name=f"head_{i}", **attrs))
+        previous = out
+    del model.graph.output[:]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(output_name, output_type, None))
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def add_outputs(
+    data: bytes,
+    tensors: list[tuple[str, int]],
+    *,
+    first: bool = True,
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """The model with intermediate ``tensors`` (name, ONNX element type) listed as extra graph
+    outputs, before its own output when ``first``; ``metadata`` adds metadata entries."""
+    model = onnx.load_from_string(data)
+    extra = [onnx.helper.make_tensor_value_info(name, dtype, None) for name, dtype in tensors]
+    outputs = [*extra, *model.graph.output] if first else [*model.graph.output, *extra]
+    outputs = [copy_value_info(v) for v in outputs]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
+    for key, value in (metadata or {}).items():
+        onnx.helper.set_model_props(
+            model, {**{p.key: p.value for p in model.metadata_props}, key: value}
+        )
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+def copy_value_info(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    return copy
+
+
+class RawBGRSmallCNN(nn.Module):
+    """SmallCNN behind raw BGR pixels in [0, 255]: it converts them to the RGB, [0, 1],
+    ImageNet-normalized input SmallCNN takes, as a model trained with OpenCV reads images."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.net = small_cnn(seed)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rgb = torch.cat([x[:, 2:3], x[:, 1:2], x[:, 0:1]], dim=1) / 255.0
+        return self.net((rgb - self.mean) / self.std)
+
+
+def export_raw_bgr_small_cnn(*, cache_dir: Path, seed: int = 0, size: int = 16) -> bytes:
+    """ONNX bytes of :class:`RawBGRSmallCNN` (legacy exporter, opset 17, dynamic batch)."""
+    key = cache_key("raw_bgr_small_cnn", f"seed{seed}", "legacy17", f"{size}px", "dyn")
+
+    def build() -> bytes:
+        example = torch.zeros(2, 3, size, size)
+        return export_module(RawBGRSmallCNN(seed), example, exporter="legacy", opset=17)
+
+    return cached(cache_dir, key, build)

@@ -7,6 +7,8 @@ place; the CLI prints them. Subclasses exist only where a caller needs to tell t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -81,6 +83,85 @@ class NotApplicableError(EngineError):
     """A method cannot run on this model (e.g. a CAM method on a model without conv layers)."""
 
     code = "not_applicable"
+
+
+# A tensor shape as ONNX declares it: an int per static dim, a name or None per dynamic one.
+Shape = Sequence[int | str | None]
+
+
+def format_shape(shape: Shape | None) -> str:
+    """``[N, C, ...]`` for messages: the batch dim as N, dynamic dims as ?, whatever the source
+    (the engine's inferred shapes and the upload check's declared ones read the same)."""
+    if shape is None:
+        return "of unknown shape"
+    dims = ["N" if i == 0 else str(d) if isinstance(d, int) else "?" for i, d in enumerate(shape)]
+    return f"[{', '.join(dims)}]"
+
+
+class NotAClassifierError(ModelLoadError):
+    """The model's output is not one row of class scores per image ([N, C], C >= 2)."""
+
+    code = "not_a_classifier"
+
+    def __init__(self, output: str, shape: Shape | None) -> None:
+        super().__init__(
+            f"not an image classifier: the output {output!r} has shape {format_shape(shape)}; "
+            "an audit explains class scores, one output of shape [N, C] with C >= 2 classes "
+            "(a regression output [N, 1], a map [N, C, H, W] or a feature vector per image "
+            "cannot be audited)",
+            output=output,
+            shape=[d if isinstance(d, int) else None for d in shape] if shape is not None else None,
+        )
+
+    @classmethod
+    def check(cls, output: str, shape: Shape | None) -> int | None:
+        """The class count C of an output of shape ``[N, C]``; raise unless ``shape`` can be
+        that. None when it cannot be told from ``shape`` (rank unknown, or C dynamic)."""
+        if shape is None:
+            return None
+        if len(shape) != 2:
+            raise cls(output, shape)
+        classes = shape[1]
+        if isinstance(classes, int):
+            if classes < 2:
+                raise cls(output, shape)
+            return classes
+        return None
+
+
+def _list_outputs(outputs: Sequence[tuple[str, Shape | None, str]]) -> str:
+    return ", ".join(
+        f"{i}: {name!r} {format_shape(shape)}" + ("" if dtype == "FLOAT" else f" {dtype}")
+        for i, (name, shape, dtype) in enumerate(outputs)
+    )
+
+
+class OutputRequiredError(ModelLoadError):
+    """The graph has several outputs that could hold class scores and none was named."""
+
+    code = "output_required"
+
+    def __init__(self, outputs: Sequence[tuple[str, Shape | None, str]]) -> None:
+        super().__init__(
+            f"the graph has {len(outputs)} outputs ({_list_outputs(outputs)}); name the one "
+            'holding the class scores in the input spec\'s "output" (its name or index)',
+            outputs=[name for name, _, _ in outputs],
+        )
+
+
+class UnknownOutputError(SpecError):
+    """The input spec's ``output`` names no float output of the graph."""
+
+    code = "unknown_output"
+
+    def __init__(
+        self, choice: str | int, outputs: Sequence[tuple[str, Shape | None, str]], why: str
+    ) -> None:
+        super().__init__(
+            f"input spec output {choice!r} {why}; the graph's outputs: {_list_outputs(outputs)}",
+            output=choice,
+            outputs=[name for name, _, _ in outputs],
+        )
 
 
 class MethodFailedError(EngineError):

@@ -103,8 +103,10 @@ def preprocess(
     """Resize, scale and normalize decoded images into the model's NCHW float32 input.
 
     Resizing is a plain bilinear resize to ``spec.height`` x ``spec.width`` (no crop), so the
-    whole image is explained; pixel values are mapped linearly from [0, 255] onto
-    ``spec.value_range`` and then normalized with ``(x - mean) / std`` per channel.
+    whole image is explained; the channels are put in ``spec.channel_order`` (BGR reverses the
+    decoded RGB), pixel values are mapped linearly from [0, 255] onto ``spec.value_range`` and
+    then normalized with ``(x - mean) / std`` per channel, mean and std being in the model's
+    channel order.
     """
     lo, hi = spec.value_range
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
@@ -117,6 +119,8 @@ def preprocess(
             pil = pil.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
         arr = np.asarray(pil, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if spec.channel_order == "BGR":
+            arr = arr[::-1]
         arr = arr / 255.0 * (hi - lo) + lo
         batch.append((arr - mean) / std)
     if not batch:
@@ -125,7 +129,8 @@ def preprocess(
 
 
 def unnormalize(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """Invert the normalization: back to ``spec.value_range`` pixel scale (for display)."""
+    """Invert the normalization: back to ``spec.value_range`` pixel scale, in the model's
+    channel order (for display)."""
     mean = torch.tensor(spec.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(spec.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x * std + mean

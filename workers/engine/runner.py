@@ -153,6 +153,9 @@ def run_audit(
 
     progress(0.02, "predictions")
     t0 = time.perf_counter()
+    # The module returns scores, never probabilities (a graph's softmax head is left out of it,
+    # model.output says so), so their softmax is the model's own probabilities: the graph's
+    # output for a Softmax head, exp of it for LogSoftmax (checked against ONNX Runtime above).
     with torch.inference_mode():
         probs = torch.cat(
             [
@@ -357,6 +360,8 @@ def run_audit(
             "architecture": model.architecture,
             "opset": model.opset,
             "input_spec": asdict(model.input_spec),
+            "input_spec_sources": dict(model.input_spec_sources),
+            "output": model.output.to_dict() if model.output is not None else None,
             "num_classes": int(probs.shape[1]),
             "notes": list(model.notes),
         },

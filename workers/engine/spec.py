@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from .errors import SpecError
+from .errors import ModelLoadError, OutputRequiredError, Shape, SpecError, UnknownOutputError
 
 Layout = Literal["NCHW", "NHWC"]
+ChannelOrder = Literal["RGB", "BGR"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The grayscale version of the ImageNet statistics, for one-channel inputs.
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+
+# Where a field of the input spec used came from: read from the model file (``graph``: the ONNX
+# input's shape and layout, or a torchvision architecture's own head; ``metadata``: the ONNX
+# metadata entry ``saliency_audit.input_spec``), ``given`` by the caller (CLI ``--input-spec``,
+# API ``metadata.input_spec``), or ``assumed`` (a default nobody stated, such as ImageNet's
+# mean and std).
+SpecSource = Literal["graph", "metadata", "given", "assumed"]
+SPEC_SOURCES: tuple[SpecSource, ...] = ("graph", "metadata", "given", "assumed")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """How raw images become the model's input tensor.
+    """How raw images become the model's input tensor, and which output holds the scores.
 
     A decoded image (RGB, or L when ``channels == 1``) is resized to ``height`` x ``width``,
-    scaled linearly from [0, 255] to ``value_range``, then normalized per channel with
-    ``(x - mean) / std``. ``layout`` is the layout the *file* expects; the engine always works
-    in NCHW and the model adapter permutes for NHWC graphs.
+    put in ``channel_order`` (BGR reverses the decoded RGB channels), scaled linearly from
+    [0, 255] to ``value_range``, then normalized per channel with ``(x - mean) / std``, where
+    ``mean`` and ``std`` are in the model's channel order. ``layout`` is the layout the *file*
+    expects; the engine always works in NCHW and the model adapter permutes for NHWC graphs.
+    ``output`` names the graph output holding the class scores (its name, or its index among
+    the graph's outputs); it is needed only when a graph has several float outputs.
     """
 
     height: int = 224
@@ -31,6 +47,8 @@ class InputSpec:
     std: tuple[float, ...] = IMAGENET_STD
     value_range: tuple[float, float] = (0.0, 1.0)
     class_names: tuple[str, ...] | None = None
+    channel_order: ChannelOrder = "RGB"
+    output: str | int | None = None
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -47,6 +65,18 @@ class InputSpec:
         lo, hi = self.value_range
         if not hi > lo:
             raise SpecError(f"value_range must be increasing, got {self.value_range}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise SpecError(f"channel_order must be RGB or BGR, got {self.channel_order!r}")
+        if self.channel_order == "BGR" and self.channels != 3:
+            raise SpecError("channel_order BGR needs 3 channels")
+        if isinstance(self.output, bool) or not (
+            self.output is None
+            or (isinstance(self.output, str) and self.output)
+            or (isinstance(self.output, int) and self.output >= 0)
+        ):
+            raise SpecError(
+                f"output must be a graph output's name or its index (>= 0), got {self.output!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +94,47 @@ class InputSpec:
         if kwargs.get("class_names") is not None:
             kwargs["class_names"] = tuple(str(c) for c in kwargs["class_names"])
         return cls(**kwargs)
+
+
+def default_normalization(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std assumed when nobody states them: ImageNet's (gray for one channel)."""
+    return (GRAY_MEAN, GRAY_STD) if channels == 1 else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def resolve_output(
+    choice: str | int | None, outputs: Sequence[tuple[str, Shape | None, str]]
+) -> int:
+    """The index of the graph output an audit explains; ``outputs`` are the graph's outputs as
+    (name, shape, ONNX element type name such as ``FLOAT``).
+
+    ``choice`` (the input spec's ``output``) picks one by name or index. Without it the graph
+    must have exactly one float32 output (an integer label output beside it is no candidate:
+    it has no gradient); several float outputs are refused with the list of them, because
+    taking the first would be a guess.
+    """
+    if choice is not None:
+        if isinstance(choice, int):
+            if not 0 <= choice < len(outputs):
+                raise UnknownOutputError(
+                    choice, outputs, f"is not an index from 0 to {len(outputs) - 1}"
+                )
+            index = choice
+        else:
+            names = [name for name, _, _ in outputs]
+            if choice not in names:
+                raise UnknownOutputError(choice, outputs, "is not an output of the graph")
+            index = names.index(choice)
+        if outputs[index][2] != "FLOAT":
+            raise UnknownOutputError(
+                choice, outputs, f"is {outputs[index][2]}, not float32 class scores"
+            )
+        return index
+    floats = [i for i, (_, _, dtype) in enumerate(outputs) if dtype == "FLOAT"]
+    if not floats:
+        raise ModelLoadError("the graph has no float32 output to explain")
+    if len(floats) > 1:
+        raise OutputRequiredError(outputs)
+    return floats[0]
 
 
 @dataclass(frozen=True)

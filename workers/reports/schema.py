@@ -11,10 +11,12 @@ writes; they are optional here. Torch-free: the API process serves it.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 from typing import Any
 
 from workers.engine.result import SCHEMA_VERSION
+from workers.engine.spec import SPEC_SOURCES, InputSpec
 
 Schema = dict[str, Any]
 NUMBER_OR_NULL: Schema = {"type": ["number", "null"]}
@@ -45,6 +47,7 @@ def _summary() -> Schema:
 
 @cache
 def _schema() -> Schema:
+    spec_fields = [f.name for f in dataclasses.fields(InputSpec)]
     score = _closed(
         {
             "method": {"type": "string"},
@@ -203,7 +206,57 @@ def _schema() -> Schema:
         "model": {
             "type": "object",
             "required": ["source", "sha256", "input_spec", "num_classes"],
-            "properties": {"sha256": SHA256, "num_classes": {"type": "integer"}},
+            "properties": {
+                "sha256": SHA256,
+                "num_classes": {"type": "integer"},
+                "input_spec": {
+                    "type": "object",
+                    "description": "The input spec used.",
+                    "properties": {key: {} for key in spec_fields},
+                    "additionalProperties": False,
+                },
+                "input_spec_sources": {
+                    **_closed({key: {"enum": list(SPEC_SOURCES)} for key in spec_fields}),
+                    "description": "Where each field of input_spec came from: graph (the "
+                    "model file's graph or architecture), metadata (the ONNX metadata entry "
+                    "saliency_audit.input_spec), given (the user's input spec) or assumed (a "
+                    "default nobody stated).",
+                },
+                "output": {
+                    "anyOf": [
+                        {
+                            **_closed(
+                                {
+                                    "name": {"type": "string"},
+                                    "index": {"type": "integer", "minimum": 0},
+                                    "shape": {
+                                        "type": ["array", "null"],
+                                        "items": {"type": ["integer", "null"]},
+                                    },
+                                    "num_classes": {"type": ["integer", "null"]},
+                                    "head_removed": {"enum": ["Softmax", "LogSoftmax", None]},
+                                    "scores": STRING_OR_NULL,
+                                    "explained": {"enum": ["pre_softmax_scores", "output"]},
+                                    "probabilities": {
+                                        "enum": [
+                                            "graph_output",
+                                            "exp_graph_output",
+                                            "softmax_of_output",
+                                        ]
+                                    },
+                                }
+                            ),
+                            "description": "The model output explained: the graph output "
+                            "(name, index, shape); head_removed, a Softmax or LogSoftmax the "
+                            "graph ends in, left out so that saliency explains the pre-softmax "
+                            "scores (the tensor named by scores, which the fidelity check "
+                            "compares with ONNX Runtime); probabilities, how the reported "
+                            "probabilities relate to the graph's output.",
+                        },
+                        {"type": "null"},
+                    ]
+                },
+            },
         },
         "fidelity": {
             "anyOf": [

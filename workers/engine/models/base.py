@@ -2,12 +2,67 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from ..spec import InputSpec
+from ..spec import InputSpec, SpecSource
+
+SoftmaxHead = Literal["Softmax", "LogSoftmax"]
+
+# How the reported probabilities relate to the file's output (they are always the softmax of
+# what ``LoadedModel.module`` returns): the graph's own Softmax output, the exp of its
+# LogSoftmax output, or the softmax of an output that holds unnormalized scores (logits).
+PROBABILITIES: dict[SoftmaxHead | None, str] = {
+    "Softmax": "graph_output",
+    "LogSoftmax": "exp_graph_output",
+    None: "softmax_of_output",
+}
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """Which output of the model an audit explains.
+
+    ``name`` is the graph output (ONNX) or the classification head (torchvision); ``index`` its
+    position among the graph's outputs; ``shape`` its shape ([N, C], None for dynamic dims).
+    ``head_removed`` is ``Softmax`` or ``LogSoftmax`` when the graph ends in one (possibly
+    followed by shape-only ops): the converted module then stops before it and returns the
+    pre-softmax scores, so saliency targets a score and not a saturated probability, and
+    softmax of those scores is the graph's own output (never softmax applied twice).
+    ``scores`` is the graph tensor the module returns (the head's input, or the output
+    itself): the fidelity check compares the module with ONNX Runtime's value of it.
+    """
+
+    name: str
+    index: int
+    shape: tuple[int | None, ...] | None
+    num_classes: int | None
+    head_removed: SoftmaxHead | None = None
+    scores: str | None = None
+
+    @property
+    def explained(self) -> Literal["pre_softmax_scores", "output"]:
+        """What saliency maps are computed on."""
+        return "pre_softmax_scores" if self.head_removed else "output"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "num_classes": self.num_classes,
+            "head_removed": self.head_removed,
+            "scores": self.scores,
+            "explained": self.explained,
+            "probabilities": PROBABILITIES[self.head_removed],
+        }
+
+
+SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(InputSpec))
 
 
 @dataclass
@@ -15,8 +70,13 @@ class LoadedModel:
     """A differentiable classifier ready for attribution.
 
     ``module`` takes a float32 NCHW batch already preprocessed by ``input_spec`` (resized,
-    scaled, normalized) and returns logits of shape (N, num_classes). For NHWC graphs the
-    adapter permutes inside ``module``, so the engine only ever sees NCHW.
+    scaled, normalized) and returns class scores of shape (N, num_classes): logits, or the
+    pre-softmax scores of a graph that ends in a softmax (``output`` says which). For NHWC
+    graphs the adapter permutes inside ``module``, so the engine only ever sees NCHW.
+
+    ``input_spec_sources`` says where each field of ``input_spec`` came from (``graph``,
+    ``metadata``, ``given`` or ``assumed``); a field a caller leaves out counts as ``given``
+    (a spec built in code was given by that code).
 
     ``onnx_bytes`` keeps the original ONNX file so ONNX Runtime can check the converted graph
     (the model audited must be the model shipped).
@@ -30,3 +90,31 @@ class LoadedModel:
     onnx_bytes: bytes | None = None
     opset: int | None = None
     notes: list[str] = field(default_factory=list)
+    output: ModelOutput | None = None
+    input_spec_sources: dict[str, SpecSource] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_spec_sources = {
+            name: self.input_spec_sources.get(name, "given") for name in SPEC_FIELDS
+        }
+
+
+def input_spec_note(spec: InputSpec, sources: Mapping[str, SpecSource]) -> str | None:
+    """One note naming what the input spec assumed (stated by neither the file nor the caller),
+    or None when nothing that changes the input tensor was assumed."""
+    assumed = []
+    if sources.get("mean") == "assumed" or sources.get("std") == "assumed":
+        assumed.append(f"normalization assumed mean={spec.mean} std={spec.std}")
+    if sources.get("value_range") == "assumed":
+        assumed.append(f"value_range {list(spec.value_range)} assumed")
+    if sources.get("channel_order") == "assumed" and spec.channels == 3:
+        assumed.append(f"channel order {spec.channel_order} assumed")
+    for name in ("height", "width", "channels", "layout"):
+        if sources.get(name) == "assumed":
+            assumed.append(f"{name} {getattr(spec, name)} assumed")
+    if not assumed:
+        return None
+    return (
+        f"input spec: {'; '.join(assumed)} (pass an input spec, or store one in the ONNX "
+        "metadata entry saliency_audit.input_spec, to state them)"
+    )

@@ -4,6 +4,13 @@ The audit is about the model the user ships, which is the ONNX file as ONNX Runt
 Saliency methods run on the converted module (they need gradients), so before any map is drawn
 the two are run on the same preprocessed batch and compared; the difference goes into the
 report, and an audit refuses to start when it exceeds the spec's tolerance.
+
+Like is compared with like. When the graph ends in a softmax head, the converted module stops
+before it and returns the pre-softmax scores (what saliency explains), so ONNX Runtime is asked
+for that same tensor as an extra output of the file's graph and the two are compared in score
+units (comparing probabilities would hide score differences wherever a softmax saturates).
+The same run also checks that the graph's own output is the softmax (or log-softmax) of those
+scores, so the probabilities reported, softmax of the module's scores, are the model's own.
 """
 
 from __future__ import annotations
@@ -65,24 +72,82 @@ class FidelityReport:
         return asdict(self)
 
 
-def _run_ort(session: ort.InferenceSession, batch: np.ndarray, batch_size: int) -> np.ndarray:
+def _run_ort(
+    session: ort.InferenceSession,
+    batch: np.ndarray,
+    batch_size: int,
+    fetch: list[str] | None = None,
+) -> list[np.ndarray]:
     """Run the session ``batch_size`` images at a time, or in the graph's fixed batch size
-    (padding the last chunk with copies of its last image) when the file fixes one."""
+    (padding the last chunk with copies of its last image) when the file fixes one. Returns the
+    ``fetch`` outputs (default: the first output)."""
     graph_input = session.get_inputs()[0]
     fixed = graph_input.shape[0] if graph_input.shape else None
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
-    outputs = []
+    names = fetch or [session.get_outputs()[0].name]
+    outputs: list[list[np.ndarray]] = []
     for start in range(0, batch.shape[0], step):
         chunk = batch[start : start + step]
         short = step - chunk.shape[0] if step == fixed else 0
         if short:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
         try:
-            out = np.asarray(session.run(None, {graph_input.name: chunk})[0])
+            out = session.run(names, {graph_input.name: chunk})
         except Exception as exc:  # ORT raises its own types (InvalidArgument, Fail, ...)
             raise FidelityError(f"ONNX Runtime cannot run the model on this batch: {exc}") from exc
-        outputs.append(out[: step - short])
-    return np.concatenate(outputs)
+        outputs.append([np.asarray(o)[: step - short] for o in out])
+    return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+
+
+def _fetch(loaded: LoadedModel) -> list[str] | None:
+    """What to ask ONNX Runtime for: the tensor the module returns, then (for a removed softmax
+    head) the graph output it feeds; None for the graph's first output."""
+    out = loaded.output
+    if out is None:
+        return None
+    return [out.scores or out.name, out.name] if out.head_removed else [out.name]
+
+
+def _exposing(onnx_bytes: bytes, names: list[str]) -> bytes:
+    """The same graph with ``names`` listed among its outputs (ONNX Runtime returns only
+    graph outputs); nothing it computes changes."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    listed = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in listed:
+            model.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+    return model.SerializeToString()
+
+
+def _check_head(
+    loaded: LoadedModel, scores: np.ndarray, graph_output: np.ndarray, atol: float
+) -> None:
+    """ONNX Runtime's graph output must be the softmax head of ONNX Runtime's scores."""
+    out = loaded.output
+    assert out is not None and out.head_removed is not None
+    n = scores.shape[0]
+    logits = torch.from_numpy(scores.reshape(n, -1).astype(np.float64))
+    head = torch.softmax if out.head_removed == "Softmax" else torch.log_softmax
+    expected = head(logits, dim=1).numpy()
+    got = graph_output.reshape(n, -1).astype(np.float64)
+    if expected.shape != got.shape:
+        expected = np.full_like(got, np.inf)
+    error = np.abs(expected - got)
+    error[~(np.isfinite(scores.reshape(n, -1)).all(axis=1))] = 0.0  # non-finite scores fail below
+    diff = float(error.max())
+    # float32 rounding of large log-probabilities (-1e4 is exact to 1e-3 only) is no misreading
+    if not np.all(error <= atol + 1e-5 * np.abs(np.nan_to_num(got, posinf=0.0, neginf=0.0))):
+        raise FidelityError(
+            f"the graph's output {out.name!r} is not the {out.head_removed} over the classes of "
+            f"{out.scores!r} (max difference {diff:.3g}, tolerance {atol:.3g}): its softmax head "
+            "cannot be left out, and the model's probabilities cannot be reported",
+            max_abs_diff=diff,
+            atol=atol,
+        )
 
 
 def _compare(
@@ -96,10 +161,16 @@ def _compare(
         raise ValueError("fidelity is defined for models loaded from ONNX")
     if x.dim() != 4 or x.shape[0] == 0:
         raise ValueError(f"expected a non-empty NCHW batch, got shape {tuple(x.shape)}")
-    session = session or ort_session(loaded.onnx_bytes)
+    fetch = _fetch(loaded)
+    if session is None or not set(fetch or ()) <= {o.name for o in session.get_outputs()}:
+        if fetch is not None and len(fetch) > 1:  # the scores are no graph output: list them
+            session = ort_session(_exposing(loaded.onnx_bytes, fetch))
+        else:
+            session = ort_session(loaded.onnx_bytes)
     x = x.detach().to(torch.float32)
     feed = x.permute(0, 2, 3, 1) if loaded.input_spec.layout == "NHWC" else x
-    expected = _run_ort(session, np.ascontiguousarray(feed.cpu().numpy()), batch_size)
+    ran = _run_ort(session, np.ascontiguousarray(feed.cpu().numpy()), batch_size, fetch)
+    expected = ran[0]
 
     module = loaded.module
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
@@ -117,6 +188,10 @@ def _compare(
         raise FidelityError(f"the converted model fails on this batch: {exc}") from exc
     finally:
         module.train(was_training)
+    if len(ran) > 1:  # a removed softmax head: scores like the module's, and the head checked
+        _check_head(loaded, expected, ran[1], atol)
+        if expected.size == actual.size:  # shape-only ops after the head reshaped the output
+            expected = expected.reshape(actual.shape)
     if actual.shape != expected.shape:
         raise FidelityError(
             f"the converted model's output shape {actual.shape} differs from ONNX Runtime's "
@@ -151,7 +226,8 @@ def check_fidelity(
 ) -> FidelityReport:
     """Compare the converted module with ONNX Runtime on ``x`` (preprocessed, NCHW).
 
-    ``session`` reuses an existing ``ort_session(loaded.onnx_bytes)``; the torch module runs
+    ``session`` reuses an existing ``ort_session(loaded.onnx_bytes)`` (one is made when it
+    does not list the pre-softmax scores among its outputs); the torch module runs
     ``batch_size`` images at a time.
     """
     return _compare(loaded, x, atol, session, batch_size)[0]

@@ -1,9 +1,14 @@
 """One way in for every model file: ONNX, or a torchvision architecture plus weights.
 
-An input spec can come from three places, later ones overriding earlier ones field by field:
-what the ONNX graph says (size, layout), the ONNX metadata entry ``saliency_audit.input_spec``
-(JSON, written by our own export scripts), and the caller's overrides (CLI ``--input-spec``,
-API ``metadata``).
+An input spec can come from four places, later ones overriding earlier ones field by field:
+defaults (``assumed``: ImageNet's mean and std, values in [0, 1], RGB), what the model itself
+says (``graph``: the ONNX input's size, channels and layout), the ONNX metadata entry
+``saliency_audit.input_spec`` (``metadata``: JSON, written by our own export scripts), and the
+caller's overrides (``given``: CLI ``--input-spec``, API ``metadata.input_spec``). The source of
+every field used is kept in ``LoadedModel.input_spec_sources``.
+
+Only classifiers are admitted: the output explained must be one row of C >= 2 class scores
+per image (:class:`~workers.engine.errors.NotAClassifierError` otherwise).
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import dataclasses
 import json
 from typing import Any
 
-from ..errors import ModelLoadError, SpecError
-from ..spec import InputSpec
-from .base import LoadedModel
+from ..errors import ModelLoadError, NotAClassifierError, SpecError
+from ..spec import InputSpec, SpecSource, default_normalization
+from .base import SPEC_FIELDS, LoadedModel, input_spec_note
 
 INPUT_SPEC_METADATA_KEY = "saliency_audit.input_spec"
 GRAPH_FIELDS = ("height", "width", "channels", "layout")
@@ -28,16 +33,19 @@ def onnx_metadata_input_spec(data: bytes) -> dict[str, Any]:
         proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError/ValueError/... for garbage
         raise ModelLoadError(f"not a readable ONNX file: {exc}") from None
-    for prop in proto.metadata_props:
-        if prop.key == INPUT_SPEC_METADATA_KEY:
-            try:
-                value = json.loads(prop.value)
-            except json.JSONDecodeError as exc:
-                raise ModelLoadError(f"invalid {INPUT_SPEC_METADATA_KEY} metadata: {exc}") from None
-            if not isinstance(value, dict):
-                raise ModelLoadError(f"{INPUT_SPEC_METADATA_KEY} metadata must be a JSON object")
-            return value
-    return {}
+    return _metadata_spec({p.key: p.value for p in proto.metadata_props})
+
+
+def _metadata_spec(props: dict[str, str]) -> dict[str, Any]:
+    if INPUT_SPEC_METADATA_KEY not in props:
+        return {}
+    try:
+        value = json.loads(props[INPUT_SPEC_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"invalid {INPUT_SPEC_METADATA_KEY} metadata: {exc}") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{INPUT_SPEC_METADATA_KEY} metadata must be a JSON object")
+    return value
 
 
 def merge_input_spec(base: InputSpec, overrides: dict[str, Any]) -> InputSpec:
@@ -47,6 +55,43 @@ def merge_input_spec(base: InputSpec, overrides: dict[str, Any]) -> InputSpec:
     return InputSpec.from_dict(merged)
 
 
+def resolve_input_spec(
+    *,
+    graph: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    given: dict[str, Any] | None = None,
+    open_fields: dict[str, str] | None = None,
+) -> tuple[InputSpec, dict[str, SpecSource]]:
+    """The input spec from its sources (later ones win, field by field) and the source of each
+    field. ``open_fields`` are fields the model leaves open, with the message to raise when
+    neither the metadata nor the caller states them."""
+    values: dict[str, Any] = {}
+    sources: dict[str, SpecSource] = {}
+    layers: tuple[tuple[SpecSource, dict[str, Any]], ...] = (
+        ("graph", graph or {}),
+        ("metadata", metadata or {}),
+        ("given", given or {}),
+    )
+    for source, fields in layers:
+        unknown = set(fields) - set(SPEC_FIELDS)
+        if unknown:
+            where = f" in {INPUT_SPEC_METADATA_KEY}" if source == "metadata" else ""
+            raise SpecError(f"unknown input spec fields{where}: {sorted(unknown)}")
+        values.update(fields)
+        sources.update(dict.fromkeys(fields, source))
+    for name, why in (open_fields or {}).items():
+        if name not in values:
+            raise SpecError(why)
+    defaults = InputSpec().to_dict()
+    mean, std = default_normalization(int(values.get("channels", defaults["channels"])))
+    defaults.update(mean=mean, std=std)
+    for name in SPEC_FIELDS:
+        if name not in values:
+            values[name] = defaults[name]
+            sources[name] = "assumed"
+    return InputSpec.from_dict(values), sources
+
+
 def load_model(
     data: bytes,
     *,
@@ -54,24 +99,38 @@ def load_model(
     input_spec_overrides: dict[str, Any] | None = None,
     num_classes: int | None = None,
 ) -> LoadedModel:
-    """Load a model from bytes: ONNX unless ``architecture`` names a torchvision model."""
-    overrides = dict(input_spec_overrides or {})
-    unknown = set(overrides) - set(InputSpec.__dataclass_fields__)
+    """Load a classifier from bytes: ONNX unless ``architecture`` names a torchvision model."""
+    given = dict(input_spec_overrides or {})
+    unknown = set(given) - set(SPEC_FIELDS)
     if unknown:
         raise SpecError(f"unknown input spec fields: {sorted(unknown)}")
     if architecture is not None:
         from .torchvision_adapter import load_torchvision
 
-        spec = merge_input_spec(InputSpec(), overrides)
-        return load_torchvision(architecture, data, spec, num_classes)
+        if given.get("output") is not None:
+            raise SpecError(
+                "input spec output names an ONNX graph output; a torchvision classifier has "
+                "one output, its head"
+            )
+        # the architecture itself takes 3-channel NCHW images; the size is anyone's guess
+        spec, sources = resolve_input_spec(graph={"channels": 3, "layout": "NCHW"}, given=given)
+        loaded = load_torchvision(architecture, data, spec, num_classes)
+        sources["output"] = "graph"
+        note = input_spec_note(spec, sources)
+        notes = [note, *loaded.notes] if note else list(loaded.notes)
+        return dataclasses.replace(loaded, input_spec_sources=sources, notes=notes)
 
-    from .onnx_convert import graph_input_spec, load_onnx
+    from .onnx_convert import graph_input_dims, graph_spec_fields, load_onnx
 
-    overrides = {**onnx_metadata_input_spec(data), **overrides}
-    graph_overrides = {k: overrides[k] for k in GRAPH_FIELDS if k in overrides}
-    if graph_overrides:
-        # Size/layout given explicitly: the converter checks them against the graph.
-        loaded = load_onnx(data, merge_input_spec(graph_input_spec(data), graph_overrides))
-    else:
-        loaded = load_onnx(data, None)
-    return dataclasses.replace(loaded, input_spec=merge_input_spec(loaded.input_spec, overrides))
+    dims, metadata_props = graph_input_dims(data)
+    metadata = _metadata_spec(metadata_props)
+    layout = given.get("layout", metadata.get("layout"))
+    graph, open_fields = graph_spec_fields(dims, layout)
+    spec, sources = resolve_input_spec(
+        graph=graph, metadata=metadata, given=given, open_fields=open_fields
+    )
+    loaded = load_onnx(data, spec, sources=sources)
+    output = loaded.output
+    assert output is not None
+    NotAClassifierError.check(output.name, output.shape)
+    return loaded

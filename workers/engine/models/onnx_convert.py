@@ -34,6 +34,7 @@ What the converter takes care of, beyond the op table:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import re
 from collections import Counter, defaultdict
@@ -48,8 +49,17 @@ from onnx import external_data_helper
 from torch import nn
 
 from ..errors import ModelLoadError, SpecError, UnsupportedOperatorError
-from ..spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Layout
-from .base import LoadedModel
+from ..spec import (
+    GRAY_MEAN,
+    GRAY_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputSpec,
+    Layout,
+    SpecSource,
+    resolve_output,
+)
+from .base import SPEC_FIELDS, LoadedModel, ModelOutput, SoftmaxHead, input_spec_note
 from .onnx_ops import (
     Alias,
     Emit,
@@ -61,8 +71,8 @@ from .onnx_ops import (
 )
 
 # Grayscale version of the ImageNet statistics, for 1-channel inputs without a given spec.
-_GRAY_MEAN = (0.449,)
-_GRAY_STD = (0.226,)
+_GRAY_MEAN = GRAY_MEAN
+_GRAY_STD = GRAY_STD
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _BATCH = "saliency_audit_batch"  # the symbolic batch dim shape inference runs with
@@ -134,6 +144,8 @@ class OnnxGraphModule(nn.Module):
         self._fixed_batch: int | None = None
         self._sources: dict[str, str] = {}  # module name -> ONNX node name
         self._pairs: list[tuple[str, str]] = []
+        # the graph output computed and the softmax head left out of it (set by convert_graph)
+        self.model_output: ModelOutput | None = None
 
     @property
     def layout(self) -> Layout:
@@ -338,32 +350,52 @@ def _static_shapes(skeleton: onnx.ModelProto) -> tuple[dict[str, StaticShape], s
 # --------------------------------------------------------------------------------------------
 
 
-def _derive_spec(dims: StaticShape) -> InputSpec:
-    """An input spec from the graph input's shape; the layout only where it is unambiguous."""
+def graph_spec_fields(
+    dims: StaticShape, layout: Layout | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What the graph input's shape says about the input spec.
+
+    Returns the fields it states (``layout`` where only one reading fits, unless ``layout`` is
+    stated elsewhere; ``channels``, ``height`` and ``width`` where static) and, for each field
+    it leaves open, why: the message to raise when nobody else states that field.
+    """
     if len(dims) != 4:
         raise SpecError(f"expected a 4-D image input, the graph's input has shape {dims}")
-    nchw = dims[1] in (1, 3)
-    nhwc = dims[3] in (1, 3)
-    if nchw == nhwc:
-        why = "both axis 1 and the last axis" if nchw else "neither axis 1 nor the last axis"
-        raise SpecError(
-            f"cannot tell the layout of input shape {dims}: {why} could hold 1 or 3 channels; "
-            "pass an input spec with an explicit layout (NCHW or NHWC)"
-        )
-    layout: Layout = "NCHW" if nchw else "NHWC"
-    channels = dims[1] if nchw else dims[3]
-    height, width = (dims[2], dims[3]) if nchw else (dims[1], dims[2])
-    if height is None or width is None:
-        raise SpecError(
-            f"the graph's input size is dynamic ({dims}); pass an input spec with height and width"
-        )
-    assert channels is not None
-    gray = channels == 1
+    fields: dict[str, Any] = {}
+    open_fields: dict[str, str] = {}
+    if layout is None:
+        nchw = dims[1] in (1, 3)
+        nhwc = dims[3] in (1, 3)
+        if nchw == nhwc:
+            why = "both axis 1 and the last axis" if nchw else "neither axis 1 nor the last axis"
+            message = (
+                f"cannot tell the layout of input shape {dims}: {why} could hold 1 or 3 "
+                "channels; pass an input spec with an explicit layout (NCHW or NHWC)"
+            )
+            return fields, dict.fromkeys(("layout", "channels", "height", "width"), message)
+        layout = "NCHW" if nchw else "NHWC"
+        fields["layout"] = layout
+    channels = dims[1] if layout == "NCHW" else dims[3]
+    height, width = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    for name, value in (("channels", channels), ("height", height), ("width", width)):
+        if value is None:
+            open_fields[name] = (
+                f"the graph's input {name} is dynamic ({dims}); pass an input spec with "
+                f"{'height and width' if name != 'channels' else 'channels'}"
+            )
+        else:
+            fields[name] = value
+    return fields, open_fields
+
+
+def _derive_spec(dims: StaticShape) -> InputSpec:
+    """An input spec from the graph input's shape; the layout only where it is unambiguous."""
+    fields, open_fields = graph_spec_fields(dims)
+    if open_fields:
+        raise SpecError(next(iter(open_fields.values())))
+    gray = fields["channels"] == 1
     return InputSpec(
-        height=height,
-        width=width,
-        channels=channels,
-        layout=layout,
+        **fields,
         mean=_GRAY_MEAN if gray else IMAGENET_MEAN,
         std=_GRAY_STD if gray else IMAGENET_STD,
     )
@@ -599,17 +631,99 @@ def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return attrs
 
 
-def _logits_output(graph: onnx.GraphProto, notes: list[str]) -> str:
-    """The output to explain: the first float output (classifiers exported from other tools
-    often list an integer label output first)."""
+def _logits_output(
+    graph: onnx.GraphProto,
+    shapes: dict[str, StaticShape],
+    opset: int,
+    choice: str | int | None,
+    notes: list[str],
+) -> ModelOutput:
+    """The output to explain and the softmax head to drop from it, if any.
+
+    ``choice`` (the input spec's ``output``) names it; without one the graph must have one
+    float output (:func:`~workers.engine.spec.resolve_output`). ``num_classes`` is left None
+    here when the shape does not tell it (the caller probes the module).
+    """
     if not graph.output:
         raise ModelLoadError("the graph has no output")
-    floats = [o for o in graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT]
-    if not floats:
-        raise ModelLoadError("the graph has no float32 output to explain")
+    described = [
+        (
+            o.name,
+            shapes.get(o.name) or _dims(o),
+            onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type),
+        )
+        for o in graph.output
+    ]
+    index = resolve_output(choice, described)
+    name, shape, _ = described[index]
     if len(graph.output) > 1:
-        notes.append(f"the graph has {len(graph.output)} outputs; auditing {floats[0].name!r}")
-    return floats[0].name
+        how = "named in the input spec" if choice is not None else "its only float32 output"
+        notes.append(
+            f"the graph has {len(graph.output)} outputs; auditing {name!r} (index {index}, {how})"
+        )
+    head = _softmax_head(graph, name, shapes, opset)
+    if head is not None:
+        own = "its output" if head.op_type == "Softmax" else "exp of its output"
+        notes.append(
+            f"the graph ends in {head.op_type} ({head.name or head.output[0]!r}), left out of "
+            f"the converted module: saliency explains the pre-softmax scores {head.input[0]!r}, "
+            f"and the probabilities reported are the graph's own ({own})"
+        )
+    classes = shape[1] if shape is not None and len(shape) == 2 else None
+    head_op: SoftmaxHead | None = None
+    if head is not None:
+        head_op = "Softmax" if head.op_type == "Softmax" else "LogSoftmax"
+    return ModelOutput(
+        name=name,
+        index=index,
+        shape=(None, *shape[1:]) if shape else None,  # any batch: the module takes any
+        num_classes=classes,
+        head_removed=head_op,
+        scores=head.input[0] if head is not None else name,
+    )
+
+
+# Ops that only rearrange their first input, which may sit between a softmax head and the output.
+_SHAPE_ONLY_OPS = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def _softmax_head(
+    graph: onnx.GraphProto, output: str, shapes: dict[str, StaticShape], opset: int
+) -> onnx.NodeProto | None:
+    """The Softmax or LogSoftmax node that ``output`` is, up to shape-only ops, when it
+    normalizes over the class axis; None otherwise.
+
+    The class axis: of the softmax's input shape, the one non-batch dim that is not 1 ([N, C],
+    or [N, C, 1, 1] as a 1x1-conv head leaves it). Opset 13 normalizes along ``axis``; older
+    opsets flatten the dims from ``axis`` on, which is the class softmax when ``axis`` is 1 or
+    any axis up to the class axis. With no shape known, ``axis`` 1 or -1 is taken as the class
+    axis; the fidelity check then confirms that the graph's output is the softmax of the scores.
+    """
+    producers = {o: n for n in graph.node for o in n.output if o}
+    node = producers.get(output)
+    while node is not None and node.op_type in _SHAPE_ONLY_OPS and node.domain in _DEFAULT_DOMAINS:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
+        return None
+    if node.domain not in _DEFAULT_DOMAINS:
+        return None
+    axis = next(
+        (int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"),
+        -1 if opset >= 13 else 1,
+    )
+    shape = shapes.get(node.input[0]) or shapes.get(node.output[0])
+    if shape is None:
+        return node if axis in (1, -1) else None
+    rank = len(shape)
+    if not -rank <= axis < rank:
+        return None
+    axis %= rank
+    class_axes = [i for i in range(1, rank) if shape[i] != 1]
+    if len(class_axes) != 1:
+        return None
+    class_axis = class_axes[0]
+    ok = axis == class_axis if opset >= 13 else 1 <= axis <= class_axis
+    return node if ok else None
 
 
 def _needed_nodes(graph: onnx.GraphProto, output: str) -> list[onnx.NodeProto]:
@@ -725,11 +839,17 @@ def _untie(module: nn.Module) -> None:
 
 
 def convert_graph(
-    model: onnx.ModelProto, layout: Layout, *, skeleton: onnx.ModelProto | None = None
+    model: onnx.ModelProto,
+    layout: Layout,
+    *,
+    skeleton: onnx.ModelProto | None = None,
+    output: str | int | None = None,
 ) -> tuple[OnnxGraphModule, list[str]]:
     """Build the torch module of an ONNX model; returns it with notes for the user.
 
     ``skeleton`` is ``_skeleton(model, ...)`` when the caller already built and checked it.
+    ``output`` names the graph output to compute (see ``_logits_output``); the module's
+    ``model_output`` says which one it is and which softmax head was left out.
     """
     notes: list[str] = []
     graph = model.graph
@@ -738,11 +858,13 @@ def convert_graph(
     if opset < 7:
         raise ModelLoadError(f"ONNX opset {opset} is too old; re-export with opset 13 or newer")
     image = _image_input(model)
-    output = _logits_output(graph, notes)
     if skeleton is None:
         skeleton = _skeleton(model, image.name)
         _check(skeleton)
     shapes, batch_first = _static_shapes(skeleton)
+    chosen = _logits_output(graph, shapes, opset, output, notes)
+    output = chosen.name
+    head = chosen.scores if chosen.head_removed else None  # the softmax head's input tensor
     input_dims = _dims(image) or ()
     fixed_batch = input_dims[0] if input_dims else None
 
@@ -778,6 +900,9 @@ def convert_graph(
         for name in names:
             if name and name not in constants and name not in runtime:
                 raise ModelLoadError(f"node {node.name!r} reads undefined tensor {name!r}")
+        if head is not None and node.op_type in ("Softmax", "LogSoftmax") and node.input[0] == head:
+            alias[node.output[0]] = names[0]  # the head is left out: the module returns scores
+            continue
         view = NodeView(
             proto=node,
             opset=opset,
@@ -865,6 +990,7 @@ def convert_graph(
     module = OnnxGraphModule(
         input_name=image.name, output_name=final, layout=layout, onnx_input_shape=input_dims
     )
+    module.model_output = chosen
     reserved_root = set(dir(module)) | set(module.__dict__)
     if style != "flat":
         _adopt_unscoped(entries)
@@ -974,23 +1100,32 @@ def _settle_batch(module: OnnxGraphModule, spec: InputSpec, notes: list[str]) ->
     )
 
 
-def graph_input_spec(data: bytes) -> InputSpec:
-    """The input spec the graph's input shape implies, without converting the graph."""
-    image = _image_input(_parse(data))
+def graph_input_dims(data: bytes) -> tuple[StaticShape, dict[str, str]]:
+    """The image input's shape (None for dynamic dims) and the file's metadata entries, from
+    one read of the file, without converting the graph."""
+    model = _parse(data)
+    image = _image_input(model)
     dims = _dims(image)
     if dims is None:
         raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
-    return _derive_spec(dims)
+    return dims, {p.key: p.value for p in model.metadata_props}
 
 
 def load_onnx(
-    data: bytes, input_spec: InputSpec | None = None, *, sha256: str | None = None
+    data: bytes,
+    input_spec: InputSpec | None = None,
+    *,
+    sha256: str | None = None,
+    sources: dict[str, SpecSource] | None = None,
 ) -> LoadedModel:
-    """Convert an ONNX classifier (the file's bytes) into a differentiable ``LoadedModel``.
+    """Convert an ONNX graph (the file's bytes) into a differentiable ``LoadedModel``.
 
     Without ``input_spec`` the spec is derived from the graph's input shape (size, channels
     and NCHW/NHWC where unambiguous; ImageNet normalization assumed, which the notes say).
-    With one, it must agree with the graph's static input dims.
+    With one, it must agree with the graph's static input dims; ``sources`` says where each of
+    its fields came from (default: all given). ``input_spec.output`` picks the graph output;
+    a softmax head on it is left out of the module (``LoadedModel.output`` says so). Any output
+    shape converts; :func:`~workers.engine.models.loader.load_model` admits classifiers only.
     """
     model = _parse(data)
     image = _image_input(model)
@@ -1000,19 +1135,30 @@ def load_onnx(
     if dims is None:
         raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
     notes: list[str] = []
+    used: dict[str, SpecSource]
     if input_spec is None:
         input_spec = _derive_spec(dims)
-        notes.append(
-            f"input spec derived from the graph: {input_spec.layout}, {input_spec.channels}x"
-            f"{input_spec.height}x{input_spec.width}; normalization assumed "
-            f"mean={input_spec.mean} std={input_spec.std} (pass an input spec to override)"
-        )
+        stated = graph_spec_fields(dims)[0]
+        used = {name: "graph" if name in stated else "assumed" for name in SPEC_FIELDS}
     else:
         _check_spec(input_spec, dims)
-    module, convert_notes = convert_graph(model, input_spec.layout, skeleton=skeleton)
+        used = dict.fromkeys(SPEC_FIELDS, "given")
+        used.update(sources or {})
+    if input_spec.output is None:
+        used["output"] = "graph"  # the graph's one float output
+    note = input_spec_note(input_spec, used)
+    if note is not None:
+        notes.append(note)
+    module, convert_notes = convert_graph(
+        model, input_spec.layout, skeleton=skeleton, output=input_spec.output
+    )
     notes += convert_notes
     module.eval()
     _settle_batch(module, input_spec, notes)
+    output = module.model_output
+    assert output is not None
+    if output.shape is None or None in output.shape[1:]:
+        output = _probe_output(module, input_spec, output)
     opset = _opsets(model).get("", 0)
     return LoadedModel(
         module=module,
@@ -1023,4 +1169,23 @@ def load_onnx(
         onnx_bytes=data,
         opset=opset,
         notes=notes,
+        output=output,
+        input_spec_sources=used,
     )
+
+
+def _probe_output(module: OnnxGraphModule, spec: InputSpec, output: ModelOutput) -> ModelOutput:
+    """``output`` with the shape the module actually returns, where the graph's shapes left it
+    open (one forward pass on a blank batch)."""
+    batch = module.fixed_batch or 1
+    try:
+        with torch.no_grad():
+            scores = module(torch.zeros(batch, spec.channels, spec.height, spec.width))
+    except Exception as exc:  # any op's own error: the message says which
+        raise ModelLoadError(
+            f"the converted graph does not run on a blank {spec.channels}x{spec.height}x"
+            f"{spec.width} image, so its output shape is unknown: {exc}"
+        ) from exc
+    shape = (None, *(int(d) for d in scores.shape[1:]))
+    classes = shape[1] if len(shape) == 2 else None
+    return dataclasses.replace(output, shape=shape, num_classes=classes)

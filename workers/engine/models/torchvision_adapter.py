@@ -18,9 +18,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from torch import nn
 
-from ..errors import ModelLoadError, WeightsMismatchError
+from ..errors import ModelLoadError, NotAClassifierError, WeightsMismatchError
 from ..spec import InputSpec
-from .base import LoadedModel
+from .base import LoadedModel, ModelOutput
 
 SAFETENSORS = "safetensors"
 TORCH_STATE_DICT = "pt"
@@ -82,7 +82,8 @@ def build_torchvision(
     """Instantiate ``architecture`` (no downloaded weights) and load ``state_dict`` strictly.
 
     When ``num_classes`` is None it is read from the shape of the last linear layer's weight
-    in the state dict, so fine-tuned heads load without extra configuration.
+    in the state dict, so fine-tuned heads load without extra configuration. A head of fewer
+    than two classes (a regression head) is not a classifier and is refused.
     """
     if architecture not in classification_architectures():
         raise ModelLoadError(
@@ -100,6 +101,8 @@ def build_torchvision(
             )
     elif num_classes != 1000:
         probe = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    if num_classes < 2:
+        raise NotAClassifierError(_head(probe)[0], (None, num_classes))
     model = probe
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
@@ -137,10 +140,23 @@ def load_torchvision(
     num_classes: int | None = None,
 ) -> LoadedModel:
     module = build_torchvision(architecture, read_state_dict(weights), num_classes)
+    head, classes = _head(module)
     return LoadedModel(
         module=module,
         input_spec=input_spec or InputSpec(),
         source="torchvision",
         sha256=hashlib.sha256(weights).hexdigest(),
         architecture=architecture,
+        output=ModelOutput(name=head, index=0, shape=(None, classes), num_classes=classes),
     )
+
+
+def _head(model: nn.Module) -> tuple[str, int]:
+    """The classification head's module name and its number of classes: the last linear layer,
+    or the last conv for architectures whose head is a 1x1 conv (squeezenet)."""
+    for name, module in reversed(list(model.named_modules())):
+        if isinstance(module, nn.Linear):
+            return name, module.out_features
+        if isinstance(module, nn.Conv2d):
+            return name, module.out_channels
+    raise ModelLoadError("the architecture has no linear or conv layer to read the classes from")
