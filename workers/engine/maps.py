@@ -104,12 +104,39 @@ def summarize_conservation(
     )
 
 
+def degenerate_maps(maps: MapSet, checks: MapChecks) -> dict[str, dict[str, int]]:
+    """Per method, how many maps are not finite, all zero or constant (kinds with none are
+    left out): ``{"gradcam": {"all_zero": 10}}``."""
+    out: dict[str, dict[str, int]] = {}
+    for method, values in maps.maps.items():
+        floor = checks.zero_floor ** METHODS[method].scale_power
+        n = int(values.shape[0])
+        flat = values.reshape(n, -1).astype(np.float64)
+        finite = np.isfinite(flat).all(axis=1)
+        safe = np.where(np.isfinite(flat), flat, 0.0)
+        peak = np.abs(safe).max(axis=1)
+        zero = finite & (peak <= floor)
+        constant = (
+            finite & ~zero & (safe.max(axis=1) - safe.min(axis=1) <= checks.constant_rtol * peak)
+        )
+        counts = {
+            "non_finite": int((~finite).sum()),
+            "all_zero": int(zero.sum()),
+            "constant": int(constant.sum()),
+        }
+        counts = {k: v for k, v in counts.items() if v}
+        if counts:
+            out[method] = counts
+    return out
+
+
 def map_problems(
     maps: MapSet, checks: MapChecks, stage: str, *, trained: bool
 ) -> dict[str, list[MapProblem]]:
     """Why each method's maps in this state cannot carry a verdict (methods without a
-    problem are absent). Not-applicable methods are not problems: they have no maps.
-    ``trained``: the maps are a trained model's (the stricter zero floor applies)."""
+    problem are absent; see :class:`MapChecks`): a method that raised, maps that are not
+    finite or do not conserve relevance, and, for a ``trained`` model's maps, maps that are
+    all zero or constant. Not-applicable methods are not problems: they have no maps."""
     out: dict[str, list[MapProblem]] = {}
 
     def add(method: str, kind: str, count: int, total: int, detail: str) -> None:
@@ -119,30 +146,17 @@ def map_problems(
 
     for method, message in maps.errors.items():
         add(method, "error", 0, 0, message)
-    for method, values in maps.maps.items():
-        floor = (checks.zero_floor if trained else checks.randomized_zero_floor) ** (
-            METHODS[method].scale_power
-        )
-        n = int(values.shape[0])
-        flat = values.reshape(n, -1).astype(np.float64)
-        finite = np.isfinite(flat).all(axis=1)
-        if (~finite).any():
-            add(method, "non_finite", int((~finite).sum()), n, "contain NaN or infinite values")
-        safe = np.where(np.isfinite(flat), flat, 0.0)
-        peak = np.abs(safe).max(axis=1)
-        zero = finite & (peak <= floor)
-        if zero.any():
-            add(method, "all_zero", int(zero.sum()), n, f"are all zero (max |m| <= {floor:g})")
-        spread = safe.max(axis=1) - safe.min(axis=1)
-        constant = finite & ~zero & (spread <= checks.constant_rtol * peak)
-        if constant.any():
-            add(
-                method,
-                "constant",
-                int(constant.sum()),
-                n,
-                f"are constant (range <= {checks.constant_rtol:g} x max |m|)",
-            )
+    for method, counts in degenerate_maps(maps, checks).items():
+        total = int(maps.maps[method].shape[0])
+        details = {
+            "non_finite": "contain NaN or infinite values",
+            "all_zero": "are all zero (max |m| <= "
+            f"{checks.zero_floor ** METHODS[method].scale_power:g})",
+            "constant": f"are constant (range <= {checks.constant_rtol:g} x max |m|)",
+        }
+        for kind, count in counts.items():
+            if trained or kind == "non_finite":
+                add(method, kind, count, total, details[kind])
     for method, (distributed, start) in maps.conservation.items():
         kind = METHODS[method].relevance or "total"
         ratios = conservation_ratios(distributed, start)

@@ -56,7 +56,6 @@ _TOP_KEYS = {
 }
 _CHECK_KEYS = {
     "zero_floor",
-    "randomized_zero_floor",
     "constant_rtol",
     "conservation_tolerance",
     "why",
@@ -76,20 +75,24 @@ class Rule:
 class MapChecks:
     """When a map cannot carry a verdict (thresholds from the policy's ``map_checks``).
 
-    ``zero_floor``: a trained model's map whose largest |value| is at or below it is all zero:
-    the explained score changes by less than that per unit of (normalized) input, so the model
-    does not depend on its input there, or the method underflowed. ``randomized_zero_floor``
-    (much lower) applies to a randomized model's maps: randomized layers attenuate the signal
-    legitimately (PyTorch's default initializers shrink activations by about 0.4 per layer,
-    and BatchNorm reset to the identity no longer rescales them), so only underflow counts
-    there. Methods whose maps scale as a squared score (SmoothGrad-squared, VarGrad) use the
-    squared floors. ``constant_rtol``: a map whose range is at or below this fraction of its
-    largest |value| is constant. ``conservation_tolerance``: a ``total`` relevance method must
-    distribute the target logit within this relative tolerance on every image; a ``share``
-    method must not hand out more than ``1 + tolerance`` of its start."""
+    Maps that are not finite, or whose relevance is not conserved, at any stage. And the
+    trained model's maps (the reference every stage is compared with) when they are all zero
+    (largest |value| at or below ``zero_floor``: the explained score changes by less than that
+    per unit of normalized input, so the model does not depend on its input there, or the
+    method underflowed; squared for methods whose maps scale as a squared score) or constant
+    (range at or below ``constant_rtol`` times the largest |value|): compared with anything,
+    such a reference says nothing, and two constant maps even look identical (SSIM 1).
+
+    A *randomized* model's map that is all zero or constant is a legitimate outcome, not a
+    problem: Grad-CAM's ReLU zeroes a map whose weighted channels all turn negative, which
+    happens on 1 to 10 of 64 images per early cascade stage of the reference models. Compared
+    with a healthy trained map it is a change, and it is counted in the test's details.
+
+    ``conservation_tolerance``: a ``total`` relevance method must distribute the target logit
+    within this relative tolerance on every image; a ``share`` method must not hand out more
+    than ``1 + tolerance`` of its start."""
 
     zero_floor: float = 1e-12
-    randomized_zero_floor: float = 1e-30
     constant_rtol: float = 1e-6
     conservation_tolerance: float = 0.05
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import similarity
-from .maps import MapSet, compute_maps, map_problems
+from .maps import MapSet, compute_maps, degenerate_maps, map_problems
 from .policy import MapChecks
 from .randomization import (
     NORMALIZATION_HANDLING,
@@ -228,9 +228,23 @@ class StateEvaluation:
     entropy: dict[str, np.ndarray]
     examples: dict[str, np.ndarray]
     problems: list[MapProblem] = dataclasses.field(default_factory=list)
+    # all-zero or constant maps of a randomized model: legitimate outcomes, reported
+    degenerate: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def problems_at(self, stage: str) -> list[MapProblem]:
         return [dataclasses.replace(p, stage=stage) for p in self.problems]
+
+
+DEGENERATE_DETAIL = "randomized_maps_all_zero_or_constant"
+
+
+def note_degenerate(result: TestResult, stage: str, counts: dict[str, dict[str, int]]) -> None:
+    """Record a randomized model's all-zero or constant maps (legitimate outcomes, see
+    :class:`~.policy.MapChecks`) in the test's details: method -> stage -> kind -> images."""
+    for method, by_kind in counts.items():
+        kept = {k: v for k, v in by_kind.items() if k != "non_finite"}
+        if kept:
+            result.details.setdefault(DEGENERATE_DETAIL, {}).setdefault(method, {})[stage] = kept
 
 
 def problems_of(
@@ -309,6 +323,7 @@ class RandomizedStates:
                 entropy=map_entropy(maps, self.spec.params.emprt_bins),
                 examples=examples_of(maps),
                 problems=problems_of(maps, self.checks, "", trained=not key),
+                degenerate=degenerate_maps(maps, self.checks) if key else {},
             )
         return self._cache[key]
 
@@ -349,6 +364,7 @@ def model_randomization(
             evaluation = states.evaluate(stage.randomized, stage_progress)
             result.example_maps[stage.name] = evaluation.examples
             result.map_problems += evaluation.problems_at(stage.name)
+            note_degenerate(result, stage.name, evaluation.degenerate)
             result.scores += scores_of(
                 evaluation.similarity,
                 test=test,
@@ -394,6 +410,7 @@ def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: No
         *states.reference_problems,
         *evaluation.problems_at(FULL_RANDOMIZATION),
     ]
+    note_degenerate(result, FULL_RANDOMIZATION, evaluation.degenerate)
     for method, before in trained.items():
         after = evaluation.entropy.get(method)
         if after is None:
@@ -541,6 +558,7 @@ def smprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: No
         *problems_of(trained, states.checks, TRAINED_STAGE),
         *problems_of(random, states.checks, FULL_RANDOMIZATION, trained=False),
     ]
+    note_degenerate(result, FULL_RANDOMIZATION, degenerate_maps(random, states.checks))
     result.scores = scores_of(
         similarity_values(trained, random, states.names, states.spec.measures),
         test="smprt",

@@ -293,9 +293,10 @@ def _compute_family(
     """Run a family; a family may find out only while running that the model defeats it (e.g.
     a CAM layer called twice per forward pass). That is a result, not a crash: the methods
     that need the layer are marked not applicable and the others are computed without them.
-    Any other exception is the failure of the methods that were running: with several, each is
-    run alone once so that one failing method does not take its family with it, and what
-    still fails becomes a :class:`MethodFailedError` with the message."""
+    Any other exception but a ``SpecError`` (the user's spec is wrong: the audit stops with it)
+    is the failure of the methods that were running: with several, each is run alone once so
+    that one failing method does not take its family with it, and what still fails becomes a
+    :class:`MethodFailedError` with the message."""
     recorded = {name: len(calls) for name, calls in ctx.conservation.items()}
     try:
         return dict(family.compute(model, x, target, frozenset(members), ctx))
@@ -309,6 +310,8 @@ def _compute_family(
         if layer_methods and rest:
             out.update(_compute_family(family, model, x, target, rest, ctx))
         return out
+    except SpecError:
+        raise  # the audit spec is wrong (an unknown composite, a layer that is no feature map)
     except Exception as exc:
         _forget_since(ctx, recorded)
         if len(members) > 1:

@@ -91,11 +91,6 @@ class GuidedFamily(MethodFamily):
                 f"{graph.describe_unsupported()}, where the method would silently fall back "
                 "to the plain gradient"
             )
-        if not graph.rectifiers:
-            raise NotApplicableError(
-                "the model has no rectifier (ReLU-family activation), so guided backprop "
-                "would be the plain gradient"
-            )
         with torch.enable_grad(), graph.guide():
             if capture is None:
                 (guided_grad,) = torch.autograd.grad(score, [x_leaf])
