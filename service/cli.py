@@ -416,23 +416,37 @@ def format_summary(report: dict[str, Any]) -> str:
             f" (atol {fid['atol']:.0e}), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
             f"over {fid['n_images']} images"
         )
-    lines.append(f"layer for CAM methods: {report['spec'].get('resolved_layer')}")
+    spec = report["spec"]
+    layer, why = spec.get("resolved_layer"), spec.get("layer_reason")
+    lines.append(f"layer for CAM methods: {layer or 'none'}" + (f" ({why})" if why else ""))
     header = (
         f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
+        f"{'conserved':>11}"
     )
     lines += [header, "-" * len(header)]
 
     def fmt(value: float | None, spec: str) -> str:
         return "-" if value is None else format(value, spec)
 
+    unusual = []
     for name, m in report["methods"].items():
         stats = m.get("statistics") or {}
         ssim = (m.get("similarity_to_sobel") or {}).get("ssim") or {}
+        conservation = m.get("conservation") or {}
         lines.append(
             f"{name:<22}{m['status']:<16}{fmt(m.get('family_time_s'), '.2f'):>8}"
             f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
-            f"{fmt(ssim.get('mean'), '.2f'):>12}"
+            f"{fmt(ssim.get('mean'), '.2f'):>12}{fmt(conservation.get('mean'), '.3f'):>11}"
         )
+        if m["status"] != "ok" and m.get("reason"):
+            unusual.append(f"  {name} ({m['status']}): {m['reason']}")
+    if any((m.get("conservation") or {}) for m in report["methods"].values()):
+        lines.append(
+            "conserved: mean over images of the relevance a relevance method handed out over "
+            "its start (LRP: input sum / target logit)"
+        )
+    if unusual:
+        lines += ["not ok:", *unusual]
     if "layers" in (report.get("tests") or {}):
         lines += ["", format_layers(report["tests"]["layers"])]
     verdicts = report.get("verdicts") or []
@@ -509,18 +523,17 @@ def format_verdicts(report: dict[str, Any]) -> str:
             )
     if rules:
         lines += ["numbers are the deciding score's mean; rules:", *rules]
-    notes = sorted(
-        {
-            v["reason"].split(" (by the rule alone")[0]
-            for v in verdicts
-            if v["verdict"] == "INCONCLUSIVE"
-            and (
-                " control " in v["reason"] or "memorize" in v["reason"] or "not run" in v["reason"]
-            )
-        }
-    )
-    if notes:
-        lines += ["inconclusive because:", *(f"  {n}" for n in notes)]
+    # one line per reason, with the (method, test) pairs it explains
+    explained: dict[str, list[str]] = {}
+    for v in verdicts:
+        if v["verdict"] == "INCONCLUSIVE":
+            reason = v["reason"].split(" (by the rule alone")[0]
+            explained.setdefault(reason, []).append(f"{v['method']}/{v['test']}")
+    if explained:
+        lines.append("inconclusive because:")
+        for reason, pairs in explained.items():
+            shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
+            lines.append(f"  {shown}: {reason}")
     return "\n".join(lines)
 
 

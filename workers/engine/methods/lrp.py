@@ -186,7 +186,9 @@ def _extra_layer_map(
     with ``z_plus_convolutions``, convolutions get :class:`ZPlusFlat` where the composite
     would give them z+."""
     extra: list[tuple[tuple[type[nn.Module], ...], Any]] = [
-        (GATE_MODULES, None),
+        # Zennit counts every class of torch.nn.modules.activation as an activation, attention
+        # included: its function rule (lrp_ops) explains it instead
+        ((*GATE_MODULES, nn.MultiheadAttention), None),
         (NORMALIZATIONS, Pass()),
     ]
     if z_plus_convolutions:

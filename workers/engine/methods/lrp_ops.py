@@ -640,6 +640,7 @@ _GATE_CARRIERS = frozenset(
         T.to,
         T.view_as,
         T.reshape_as,
+        F.dropout,
     }
 )
 
