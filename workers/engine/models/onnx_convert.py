@@ -21,14 +21,17 @@ What the converter takes care of, beyond the op table:
 * **Constants.** Initializers shared through ``Identity`` nodes (legacy exports deduplicate equal
   tensors this way) are copied into each module, so randomizing one layer never touches another.
   Weights become ``nn.Parameter``; other constants become buffers; subgraphs that only compute
-  constants (shape arithmetic) are evaluated once at conversion time.
+  constants are evaluated once at conversion time, and so is shape arithmetic wherever its
+  values are known at the input size (``onnx_fold``: tf2onnx's computed pads, legacy
+  ``ZeroPad2d`` pads); only the batch size may stay a run-time value.
 * **Layout.** The module always takes NCHW; for an NHWC graph it permutes inside ``forward``.
 * **Batch.** Shape inference runs with a symbolic batch, so ``Shape`` reads of the batch stay
-  run-time ops (reads of static dims fold), and a fixed-batch export's reshapes to
-  ``(batch, ...)`` keep the batch per image. Such a graph is then probed once with a larger
-  batch; if that fails or differs from running the images one fixed-size group at a time
-  (a constant with the batch size baked in, like a transformer's class token), the module
-  runs fixed-size groups and says so in ``fixed_batch`` and the notes.
+  run-time ops (reads of static dims fold), and reshapes to ``(batch, ...)``, whether the
+  batch is read from a shape or baked in by a fixed-batch export, keep the batch per image. A
+  graph whose input fixes the batch is then probed once with a larger batch; if that fails or
+  differs from running the images one fixed-size group at a time (a constant with the batch
+  size baked in, like a transformer's class token), the module runs fixed-size groups and
+  says so in ``fixed_batch`` and the notes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from torch import nn
 from ..errors import ModelLoadError, SpecError, UnsupportedOperatorError
 from ..spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Layout
 from .base import LoadedModel
+from .onnx_fold import BATCH, analyze
 from .onnx_ops import (
     Alias,
     Emit,
@@ -57,6 +61,7 @@ from .onnx_ops import (
     NodeView,
     StaticShape,
     convert_node,
+    node_attributes,
     tensor_from_onnx,
 )
 
@@ -65,7 +70,6 @@ _GRAY_MEAN = (0.449,)
 _GRAY_STD = (0.226,)
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_BATCH = "saliency_audit_batch"  # the symbolic batch dim shape inference runs with
 _WEIGHTED_OPS = frozenset(
     {
         "Conv",
@@ -294,7 +298,7 @@ def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
         dims = copy.type.tensor_type.shape.dim
         if value.name == input_name and len(dims) > 0:
             dims[0].Clear()
-            dims[0].dim_param = _BATCH
+            dims[0].dim_param = BATCH
     listed = {v.name for v in graph.input}
     for tensor in graph.initializer:
         numel = 1
@@ -311,26 +315,6 @@ def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     )
     skeleton.functions.extend(model.functions)
     return skeleton
-
-
-def _static_shapes(skeleton: onnx.ModelProto) -> tuple[dict[str, StaticShape], set[str]]:
-    """Static shapes of the graph's tensors from ONNX shape inference (best effort), and the
-    tensors whose first dim is the image batch (the skeleton's symbolic ``batch``)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except Exception:  # inference is an optimization; conversion works without it
-        inferred = skeleton
-    shapes: dict[str, StaticShape] = {}
-    batch_first: set[str] = set()
-    g = inferred.graph
-    for value in [*g.input, *g.value_info, *g.output]:
-        dims = _dims(value)
-        if dims is not None:
-            shapes[value.name] = dims
-            first = value.type.tensor_type.shape.dim
-            if first and first[0].dim_param == _BATCH:
-                batch_first.add(value.name)
-    return shapes, batch_first
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,22 +567,6 @@ def _visits_in_order(paths: Sequence[tuple[str, ...]]) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    for attr in node.attribute:
-        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            continue  # control flow: its op_type is unsupported and reported as such
-        value = onnx.helper.get_attribute_value(attr)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", errors="replace")
-        elif isinstance(value, onnx.TensorProto):
-            value = tensor_from_onnx(value)
-        elif isinstance(value, list) and value and isinstance(value[0], bytes):
-            value = [v.decode("utf-8", errors="replace") for v in value]
-        attrs[attr.name] = value
-    return attrs
-
-
 def _logits_output(graph: onnx.GraphProto, notes: list[str]) -> str:
     """The output to explain: the first float output (classifiers exported from other tools
     often list an integer label output first)."""
@@ -622,37 +590,6 @@ def _needed_nodes(graph: onnx.GraphProto, output: str) -> list[onnx.NodeProto]:
             needed.update(i for i in node.input if i)
     kept.reverse()
     return kept
-
-
-def _fold_shape_read(
-    node: onnx.NodeProto, view: NodeView, shape_values: dict[str, StaticShape]
-) -> StaticShape | None:
-    """Values of ``Gather``/``Slice`` on a run-time ``Shape`` output, where they are static.
-
-    With a dynamic batch, ``Shape(x)`` cannot be folded, but most of what graphs read from it
-    (channels, height, width: channel shuffles, ``x.view(n, c, -1)``) is static. Returns the
-    picked values (None where a value is dynamic), or None when the node is not such a read.
-    """
-    source = shape_values.get(view.inputs[0]) if view.inputs else None
-    if source is None:
-        return None
-    if node.op_type == "Gather" and int(view.attr("axis", 0)) == 0:
-        indices = view.const(1)
-        if indices is None or indices.dim() > 1:
-            return None
-        flat = indices.reshape(-1).tolist()
-        if any(not -len(source) <= i < len(source) for i in flat):
-            return None  # out of range: let the operator itself report it at run time
-        picked = [source[i] for i in flat]
-        return tuple(picked) if indices.dim() == 1 else (picked[0],)
-    if node.op_type == "Slice" and view.opset >= 10:
-        params = [view.const_ints(i, "slice parameter") if view.has(i) else None for i in (1, 2)]
-        axes = view.const_ints(3, "axes") if view.has(3) else [0]
-        steps = view.const_ints(4, "steps") if view.has(4) else [1]
-        if params[0] is None or params[1] is None or axes not in ([0], [-1]) or steps != [1]:
-            return None
-        return source[params[0][0] : params[1][0]]
-    return None
 
 
 def _fuse_bias(
@@ -742,7 +679,8 @@ def convert_graph(
     if skeleton is None:
         skeleton = _skeleton(model, image.name)
         _check(skeleton)
-    shapes, batch_first = _static_shapes(skeleton)
+    facts = analyze(skeleton, opset)
+    shapes, batch_first = facts.shapes, facts.batch_first
     input_dims = _dims(image) or ()
     fixed_batch = input_dims[0] if input_dims else None
 
@@ -753,7 +691,6 @@ def convert_graph(
     runtime: dict[str, _Entry | None] = {image.name: None}  # tensor -> entry that computes it
     entries: list[_Entry] = []
     const_inputs: dict[str, torch.Tensor] = {}
-    shape_values: dict[str, StaticShape] = {}  # run-time Shape outputs: dims known statically
     style = _naming_style(model)
     # Initializers read by one node only: the dynamo optimizer deduplicates equal tensors (a
     # LayerNorm's ones and zeros), so a shared initializer's name says nothing about its user.
@@ -769,6 +706,11 @@ def convert_graph(
         return name
 
     for node in nodes:
+        if all(o in facts.constants for o in node.output if o):
+            for name in node.output:
+                if name:
+                    constants[name] = facts.constants[name]  # shape arithmetic, folded
+            continue
         domain = node.domain or ""
         if domain not in _DEFAULT_DOMAINS:
             raise UnsupportedOperatorError(
@@ -781,26 +723,15 @@ def convert_graph(
         view = NodeView(
             proto=node,
             opset=opset,
-            attrs=_attributes(node),
+            attrs=node_attributes(node),
             inputs=names,
             consts=[constants.get(n) if n else None for n in names],
             shapes=[shapes.get(i) if i else None for i in node.input],
             fixed_batch=fixed_batch,
             batch_first=[i in batch_first for i in node.input],
+            partials=[facts.partial.get(i) if i else None for i in node.input],
+            dynamic=[facts.why_not_constant(i) if i else "" for i in node.input],
         )
-        if node.op_type in ("Gather", "Slice"):
-            picked = _fold_shape_read(node, view, shape_values)
-            if picked is not None and all(v is not None for v in picked):
-                scalar = (
-                    node.op_type == "Gather"
-                    and view.consts[1] is not None
-                    and (view.consts[1].dim() == 0)
-                )
-                value = torch.tensor(picked, dtype=torch.int64)
-                constants[node.output[0]] = value.reshape(()) if scalar else value
-                continue
-            if picked is not None and node.op_type == "Slice":
-                shape_values[node.output[0]] = picked
         if node.op_type == "Add":
             producer = next((runtime.get(n) for n in names if n in runtime), None)
             out_rank = len(shapes[node.output[0]]) if node.output[0] in shapes else None
@@ -850,10 +781,6 @@ def convert_graph(
             if scoped is not None:
                 entry.scope, entry.label = scoped
         entries.append(entry)
-        if node.op_type == "Shape" and node.input[0] in shapes:
-            start = int(view.attr("start", 0))
-            end = view.attr("end")
-            shape_values[outputs[0]] = shapes[node.input[0]][start : None if end is None else end]
         for name in outputs:
             if name:
                 runtime[name] = entry

@@ -1,0 +1,164 @@
+"""Files as real exporters write them, loaded and audited.
+
+tf2onnx computes "same" padding and Keras ``Flatten`` targets from tensor shapes; torch's dynamo
+exporter writes the weights to a side file by default; BatchNorm arrives folded into constant
+``Mul``/``Add``; random-weight networks have logits of 1e12; and a legacy export bakes batch 1
+into a reshape. Reference numbers come from ONNX Runtime on the file itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper
+from torch import nn
+
+from tests.engine import onnx_exports
+from tests.engine.nets import images
+from workers.engine.errors import ModelLoadError
+from workers.engine.models.fidelity import ensure_fidelity
+from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
+from workers.engine.models.onnx_ops import Pad, Reshape
+
+CPU = torch.device("cpu")
+
+
+def _graph(module: nn.Module) -> OnnxGraphModule:
+    assert isinstance(module, OnnxGraphModule)
+    return module
+
+
+# --------------------------------------------------------------------------------------------
+# tf2onnx: shape arithmetic folded at the model's input size
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_images", [1, 5])
+def test_tf2onnx_style_classifier_matches_onnx_runtime(n_images: int) -> None:
+    loaded = load_onnx(onnx_exports.tf2onnx_style_classifier())
+    assert loaded.input_spec.layout == "NHWC" and loaded.input_spec.height == 32
+    assert _graph(loaded.module).fixed_batch is None
+    report = ensure_fidelity(loaded, images(n_images, 32, seed=n_images), atol=1e-4)
+    assert report.passed and report.n_images == n_images and report.argmax_agreement == 1.0
+
+
+def test_tf2onnx_computed_pads_and_flatten_target_become_constants() -> None:
+    module = _graph(load_onnx(onnx_exports.tf2onnx_style_classifier()).module)
+    # TF "same" pads the end first: at 32 px a 3x3 stride-2 window needs one row and column at
+    # the end; the second Pad reads the shape of a tensor after the first (folded second).
+    pads = [m.pads for m in module.modules() if isinstance(m, Pad)]
+    assert pads == [(0, 0, 0, 1, 0, 1), (0, 1, 0, 1)]
+    # auto_pad=SAME_UPPER after the first computed Pad needs that Pad's output size
+    depthwise = module.get_submodule("conv_1")
+    assert isinstance(depthwise, nn.Conv2d) and depthwise.padding == (1, 1)
+    assert depthwise.groups == 8
+    # tf.reshape(x, [tf.shape(x)[0], -1]): the batch is kept, nothing is read at run time
+    (flatten,) = [m for m in module.modules() if isinstance(m, Reshape)]
+    assert flatten.keep_batch and flatten.shape == (1, -1)
+    x = images(3, 32)
+    torch.testing.assert_close(module(x), torch.cat([module(x[i : i + 1]) for i in range(3)]))
+
+
+def test_tf2onnx_graph_exported_with_a_fixed_batch_runs_any_batch() -> None:
+    loaded = load_onnx(onnx_exports.tf2onnx_style_classifier(batch=1))
+    assert _graph(loaded.module).fixed_batch is None
+    assert not any("fixed batch" in note for note in loaded.notes)
+    report = ensure_fidelity(loaded, images(3, 32), atol=1e-4, batch_size=3)
+    assert report.passed
+
+
+def _pad_graph(
+    pad_source: list[onnx.NodeProto], initializers: dict[str, np.ndarray] | None = None
+) -> bytes:
+    """Relu then a Pad whose pads ``pad_source`` computes into tensor ``pads``."""
+    return onnx_exports.graph_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"], name="relu"),
+            *pad_source,
+            helper.make_node("Pad", ["r", "pads"], ["y"], name="pad_by_shape"),
+        ],
+        initializers={
+            "zero": np.array([0], np.int64),
+            "zeros": np.zeros(5, np.int64),
+            **(initializers or {}),
+        },
+        output_shape=("N", 3, None, 8),
+    )
+
+
+def test_pads_that_depend_on_the_batch_size_are_refused_naming_node_and_input() -> None:
+    # pads = [0, 0, batch, 0, 0, 0, 0, 0]: the batch size is only known at run time
+    data = _pad_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+            helper.make_node("Gather", ["shape", "zero"], ["batch"], name="batch"),
+            helper.make_node("Concat", ["zero", "zero", "batch", "zeros"], ["pads"], axis=0),
+        ]
+    )
+    with pytest.raises(ModelLoadError) as info:
+        load_onnx(data)
+    message = info.value.message
+    assert "node 'pad_by_shape'" in message and "tensor 'pads'" in message
+    assert "element(s) 2 depend on the batch size" in message
+
+
+def test_pads_computed_from_the_image_values_are_refused_as_such() -> None:
+    data = _pad_graph(
+        [
+            helper.make_node("ReduceMax", ["x"], ["peak"], keepdims=0, name="peak"),
+            helper.make_node("Cast", ["peak"], ["peak_int"], to=onnx.TensorProto.INT64),
+            helper.make_node("Unsqueeze", ["peak_int", "zero"], ["peak_1"]),
+            helper.make_node("Concat", ["zero", "zero", "peak_1", "zeros"], ["pads"], axis=0),
+        ]
+    )
+    with pytest.raises(ModelLoadError, match=r"node 'pad_by_shape'.*computed from the image"):
+        load_onnx(data)
+
+
+def test_static_dims_read_through_casts_and_arithmetic_fold() -> None:
+    # pads = [0, 0, H / 4 - 1, 0, 0, 0, 0, 0] via Shape -> Cast(int32) -> Slice -> Div -> Sub
+    data = _pad_graph(
+        [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Cast", ["shape"], ["shape32"], to=onnx.TensorProto.INT32),
+            helper.make_node("Slice", ["shape32", "two", "three"], ["h"]),
+            helper.make_node("Div", ["h", "four"], ["quarter"]),
+            helper.make_node("Sub", ["quarter", "one"], ["pad_h"]),
+            helper.make_node("Cast", ["pad_h"], ["pad_h64"], to=onnx.TensorProto.INT64),
+            helper.make_node("Concat", ["zero", "zero", "pad_h64", "zeros"], ["pads"], axis=0),
+        ],
+        {
+            "two": np.array([2], np.int64),
+            "three": np.array([3], np.int64),
+            "four": np.array([4], np.int32),
+            "one": np.array([1], np.int32),
+        },
+    )
+    loaded = load_onnx(data)
+    (pad,) = [m for m in loaded.module.modules() if isinstance(m, Pad)]
+    assert pad.pads == (0, 0, 1, 0)  # 8 / 4 - 1 = 1 row before the height axis
+    assert ensure_fidelity(loaded, images(3, 8), atol=1e-6).passed
+
+
+# --------------------------------------------------------------------------------------------
+# Graphs exported with a fixed batch: every ONNX Runtime path respects it
+# --------------------------------------------------------------------------------------------
+
+
+def test_zero_padded_export_with_batch_one_runs_any_batch(artifact_cache: Path) -> None:
+    # what the lukemelas-style EfficientNet-Lite legacy export looks like, in small
+    loaded = load_onnx(onnx_exports.export_padded_cnn(cache_dir=artifact_cache))
+    module = _graph(loaded.module)
+    assert module.fixed_batch is None
+    (flatten,) = [m for m in module.modules() if isinstance(m, Reshape)]
+    assert flatten.keep_batch
+    x = images(3, 16)
+    reference = onnx_exports.PaddedCNN(0).eval()
+    with torch.no_grad():
+        expected = torch.cat([reference(x[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
+    assert ensure_fidelity(loaded, x, atol=1e-5).passed
