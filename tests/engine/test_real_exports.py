@@ -145,6 +145,35 @@ def test_static_dims_read_through_casts_and_arithmetic_fold() -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# torch's side-file weights
+# --------------------------------------------------------------------------------------------
+
+
+def test_side_file_weights_are_refused_with_the_fix_that_works(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    example = (torch.randn(1, 3, 8, 8),)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model.eval(), example, path, dynamo=True, verbose=False)
+    assert (tmp_path / "model.onnx.data").exists()  # torch 2.14's default
+    with pytest.raises(ModelLoadError) as info:
+        load_onnx(path.read_bytes())
+    message = info.value.message
+    assert "'model.onnx.data'" in message and "only the uploaded file is read" in message
+    assert "torch.onnx.export(..., external_data=False)" in message
+    assert 'onnx.save(onnx.load("model.onnx"), "single.onnx", save_as_external_data=False)' in (
+        message
+    )
+    # both fixes the message gives work with the installed torch and onnx
+    single = tmp_path / "single.onnx"
+    onnx.save(onnx.load(str(path)), str(single), save_as_external_data=False)
+    assert load_onnx(single.read_bytes()).module(example[0]).shape == (1, 2)
+    embedded = tmp_path / "embedded.onnx"
+    torch.onnx.export(model, example, embedded, dynamo=True, external_data=False, verbose=False)
+    assert not (tmp_path / "embedded.onnx.data").exists()
+    assert load_onnx(embedded.read_bytes()).module(example[0]).shape == (1, 2)
+
+
+# --------------------------------------------------------------------------------------------
 # Graphs exported with a fixed batch: every ONNX Runtime path respects it
 # --------------------------------------------------------------------------------------------
 

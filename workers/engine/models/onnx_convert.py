@@ -219,9 +219,17 @@ def _parse(data: bytes) -> onnx.ModelProto:
         raise ModelLoadError("not an ONNX model: no graph nodes")
     for tensor in _all_tensors(model.graph):
         if external_data_helper.uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise ModelLoadError(
-                f"tensor {tensor.name!r} is stored as external data; upload a single ONNX "
-                "file with the weights embedded"
+                f"tensor {tensor.name!r} is stored as external data"
+                + (f" in a side file ({location!r})" if location else "")
+                + ", and only the uploaded file is read. Embed the weights in one file: "
+                "export with torch.onnx.export(..., external_data=False) (torch's default "
+                "writes model.onnx.data beside model.onnx), or merge an existing pair with "
+                'onnx.save(onnx.load("model.onnx"), "single.onnx", '
+                "save_as_external_data=False) (files over 2 GB cannot be embedded)",
+                tensor=tensor.name,
+                location=location,
             )
     return model
 
