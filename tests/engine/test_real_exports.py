@@ -9,20 +9,26 @@ into a reshape. Reference numbers come from ONNX Runtime on the file itself.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from jsonschema import Draft202012Validator
 from onnx import helper
 from torch import nn
 
+from service.cli import format_summary
+from service.openapi import openapi_document
 from tests.engine import onnx_exports
 from tests.engine.nets import images
-from workers.engine.errors import ModelLoadError
-from workers.engine.models.fidelity import ensure_fidelity
+from workers.engine.errors import FidelityError, ModelLoadError, SpecError
+from workers.engine.models.fidelity import DEFAULT_RTOL, check_fidelity, ensure_fidelity
 from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
 from workers.engine.models.onnx_ops import Pad, Reshape
+from workers.engine.spec import AuditSpec
+from workers.reports.schema import report_schema
 
 CPU = torch.device("cpu")
 
@@ -171,6 +177,71 @@ def test_side_file_weights_are_refused_with_the_fix_that_works(tmp_path: Path) -
     torch.onnx.export(model, example, embedded, dynamo=True, external_data=False, verbose=False)
     assert not (tmp_path / "embedded.onnx.data").exists()
     assert load_onnx(embedded.read_bytes()).module(example[0]).shape == (1, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Relative fidelity tolerance
+# --------------------------------------------------------------------------------------------
+
+
+def _huge_logits_graph(scale: float = 1e12) -> bytes:
+    rng = np.random.default_rng(0)
+    return onnx_exports.graph_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("Conv", ["r", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+            helper.make_node("GlobalAveragePool", ["c2"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+        ],
+        initializers={
+            "w": rng.normal(0, 0.3, (16, 3, 3, 3)).astype(np.float32),
+            "w2": rng.normal(0, 0.1, (32, 16, 3, 3)).astype(np.float32),
+            "fc": (rng.normal(0, 1.0, (10, 32)) * scale).astype(np.float32),
+        },
+        input_shape=("N", 3, 16, 16),
+    )
+
+
+def test_huge_logits_pass_within_the_relative_tolerance() -> None:
+    loaded = load_onnx(_huge_logits_graph())
+    x = images(4, 16)
+    report = ensure_fidelity(loaded, x, atol=1e-3)
+    assert report.rtol == DEFAULT_RTOL == AuditSpec.fidelity_rtol == 1e-5
+    assert report.max_abs_diff > 1e-3  # absolute differences of float32 at 1e12
+    assert 0 < report.max_rel_diff < 1e-5
+    # the absolute tolerance alone refuses the same, faithful conversion
+    assert not check_fidelity(loaded, x, atol=1e-3, rtol=0.0).passed
+
+
+def test_the_relative_tolerance_still_refuses_a_wrong_weight() -> None:
+    loaded = load_onnx(_huge_logits_graph())
+    conv = next(m for m in loaded.module.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        conv.weight[0].mul_(1.01)
+    with pytest.raises(FidelityError) as info:
+        ensure_fidelity(loaded, images(3, 16), atol=1e-3)
+    details = info.value.details
+    assert details["rtol"] == 1e-5 and details["max_rel_diff"] > 1e-4
+    assert "of the largest logit" in info.value.message
+
+
+def test_fidelity_rtol_is_an_audit_spec_field_reported_everywhere() -> None:
+    spec = AuditSpec.from_dict({"methods": ["gradient"], "fidelity_rtol": 1e-4})
+    assert spec.fidelity_rtol == 1e-4 and spec.to_dict()["fidelity_rtol"] == 1e-4
+    with pytest.raises(SpecError):
+        AuditSpec(methods=("gradient",), fidelity_rtol=-1.0)
+    properties = openapi_document()["components"]["schemas"]["AuditSpec"]["properties"]
+    assert properties["fidelity_rtol"] == {"type": "number", "minimum": 0}
+    fidelity_schema: dict[str, Any] = report_schema()["properties"]["fidelity"]["anyOf"][0]
+    assert fidelity_schema["properties"]["rtol"] == {"type": "number", "minimum": 0}
+    fidelity = check_fidelity(load_onnx(_huge_logits_graph()), images(2, 16), 1e-3).to_dict()
+    Draft202012Validator(fidelity_schema).validate(fidelity)
+    line = format_summary(
+        {"fidelity": fidelity, "spec": {"resolved_layer": None}, "methods": {}}
+    ).splitlines()[0]
+    assert f"relative {fidelity['max_rel_diff']:.2e}" in line and "rtol 1e-05" in line
 
 
 # --------------------------------------------------------------------------------------------
