@@ -482,6 +482,80 @@ def tf2onnx_style_classifier(
     return model.SerializeToString()
 
 
+FOLDED_INPUT = "x"
+FOLDED_OUTPUT = "logits"
+
+
+def folded_batchnorm_classifier(
+    *, size: int = 16, channels: int = 8, num_classes: int = 5, seed: int = 0
+) -> bytes:
+    """A classifier whose BatchNorms an exporter wrote as per-channel constant ``Mul``/``Add``,
+    among multiplications and additions that are something else.
+
+    Scale-and-shift layers: a conv (no bias) then ``Mul`` and ``Add`` by (C, 1, 1) constants; a
+    conv with a bias then a lone ``Mul``; a pre-activation ``Mul`` and ``Add`` after a residual
+    sum (no conv before it). Not scale-and-shift layers: the input normalization (per-channel
+    constants on the image itself), SiLU's ``x * sigmoid(x)``, the residual ``Add``, a
+    squeeze-and-excitation gate ``x * sigmoid(...)``, a scalar ``Mul`` by 0.5 and a per-channel
+    "layer scale" ``Mul`` that no ``Add`` follows and no conv precedes. Opset 13, NCHW input
+    ``x`` with a symbolic batch, output ``logits``.
+    """
+    g = _GraphBuilder("model", seed)
+    c = channels
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    x = g.op("Mul", [FOLDED_INPUT, g.const(1.0 / std, "normalize/scale")], "normalize/mul")
+    x = g.op("Add", [x, g.const(-mean / std, "normalize/shift")], "normalize/add")
+    x = g.op("Conv", [x, g.weight(c, 3, 3, 3)], "conv1", pads=[1, 1, 1, 1])
+    x = g.channel_affine(x, c)
+    x = g.op("Mul", [x, g.op("Sigmoid", [x], "silu/sigmoid")], "silu/mul")
+    skip = x
+    bias = g.const(g.rng.normal(0.0, 0.1, c).astype(np.float32), "conv2/bias")
+    x = g.op("Conv", [x, g.weight(c, c, 3, 3), bias], "conv2", pads=[1, 1, 1, 1])
+    scale = g.rng.uniform(0.5, 1.5, size=(c, 1, 1)).astype(np.float32)
+    x = g.op("Mul", [x, g.const(scale, "bn2/scale")], "bn2/mul")
+    x = g.op("Add", [x, skip], "residual")
+    x = g.op("Relu", [g.channel_affine(x, c)], "relu")
+    gate = g.op("GlobalAveragePool", [x], "se/pool")
+    se_bias = g.const(np.zeros(c, np.float32), "se/bias")
+    gate = g.op("Sigmoid", [g.op("Conv", [gate, g.weight(c, c, 1, 1), se_bias], "se/conv")])
+    x = g.op("Mul", [x, gate], "se/mul")
+    x = g.op("Mul", [x, g.const(np.array(0.5, np.float32), "half")], "half/mul")
+    x = g.op("GlobalAveragePool", [x], "pool")
+    layer_scale = g.rng.uniform(0.5, 1.5, size=(c, 1, 1)).astype(np.float32)
+    x = g.op("Mul", [x, g.const(layer_scale, "layer_scale")], "layer_scale/mul")
+    x = g.op("Flatten", [x], "flatten")
+    head_bias = g.const(g.rng.normal(0.0, 0.1, num_classes).astype(np.float32), "head/bias")
+    g.nodes.append(
+        onnx.helper.make_node(
+            "Gemm",
+            [x, g.weight(num_classes, c), head_bias],
+            [FOLDED_OUTPUT],
+            name="head",
+            transB=1,
+        )
+    )
+    graph = onnx.helper.make_graph(
+        g.nodes,
+        "folded_batchnorm",
+        [
+            onnx.helper.make_tensor_value_info(
+                FOLDED_INPUT, onnx.TensorProto.FLOAT, ["N", 3, size, size]
+            )
+        ],
+        [
+            onnx.helper.make_tensor_value_info(
+                FOLDED_OUTPUT, onnx.TensorProto.FLOAT, ["N", num_classes]
+            )
+        ],
+        initializer=g.initializers,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 class PaddedCNN(nn.Module):
     """TF-style static "same" padding with ``nn.ZeroPad2d`` and ``x.view(x.size(0), -1)``, as
     lukemelas-style EfficientNet-Lite is written. Exported without a dynamic batch axis, the

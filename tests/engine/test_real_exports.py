@@ -23,10 +23,14 @@ from service.cli import format_summary
 from service.openapi import openapi_document
 from tests.engine import onnx_exports
 from tests.engine.nets import images
+from workers.engine import randomization
 from workers.engine.errors import FidelityError, ModelLoadError, SpecError
+from workers.engine.models.canonize import canonized, lrp_canonizers
 from workers.engine.models.fidelity import DEFAULT_RTOL, check_fidelity, ensure_fidelity
+from workers.engine.models.layers import ChannelAffine
 from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
 from workers.engine.models.onnx_ops import Pad, Reshape
+from workers.engine.randomization import Randomizer, units
 from workers.engine.spec import AuditSpec
 from workers.reports.schema import report_schema
 
@@ -242,6 +246,97 @@ def test_fidelity_rtol_is_an_audit_spec_field_reported_everywhere() -> None:
         {"fidelity": fidelity, "spec": {"resolved_layer": None}, "methods": {}}
     ).splitlines()[0]
     assert f"relative {fidelity['max_rel_diff']:.2e}" in line and "rtol 1e-05" in line
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm folded into constant Mul/Add
+# --------------------------------------------------------------------------------------------
+
+
+def _folded() -> OnnxGraphModule:
+    return _graph(load_onnx(onnx_exports.folded_batchnorm_classifier()).module)
+
+
+def test_folded_batchnorm_becomes_channel_affine_and_nothing_else_does() -> None:
+    module = _folded()
+    affine = [name for name, m in module.named_modules() if isinstance(m, ChannelAffine)]
+    assert affine == ["channel_affine_0", "channel_affine_1", "channel_affine_2"]
+    # conv -> Mul -> Add and conv -> lone Mul merge into their conv; the pre-activation one
+    # follows a residual sum and stays
+    assert module.linear_bn_pairs() == [
+        ("conv_0", "channel_affine_0"),
+        ("conv_1", "channel_affine_1"),
+    ]
+    kinds = {
+        name: (type(m).__name__, m.extra_repr())
+        for name, m in module.named_children()
+        if name.startswith(("mul", "add"))
+    }
+    assert kinds == {
+        "mul_0": ("Binary", "Mul, constant second, shape=(3, 1, 1)"),  # input normalization
+        "add_0": ("Binary", "Add, constant second, shape=(3, 1, 1)"),
+        "mul_1": ("Binary", "Mul"),  # SiLU: x * sigmoid(x)
+        "add_1": ("Add", ""),  # the residual sum
+        "mul_2": ("Binary", "Mul"),  # squeeze-and-excitation gate
+        "mul_3": ("Binary", "Mul, constant second, shape=()"),  # scalar
+        "mul_4": ("Binary", "Mul, constant second, shape=(8, 1, 1)"),  # layer scale, no conv
+    }
+
+
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_channel_affine_graph_matches_onnx_runtime(n_images: int) -> None:
+    loaded = load_onnx(onnx_exports.folded_batchnorm_classifier())
+    assert ensure_fidelity(loaded, images(n_images, 16, seed=n_images), atol=1e-5).passed
+
+
+def test_randomization_resets_channel_affine_like_batchnorm() -> None:
+    module = _folded().eval()
+    names = [u.name for u in units(module, "module")]
+    assert {"channel_affine_0", "channel_affine_1", "channel_affine_2"} <= set(names)
+    assert "ChannelAffine" in randomization.NORMALIZATION_HANDLING
+    x = images(2, 16)
+    with torch.no_grad():
+        before = module(x)
+    affine = module.get_submodule("channel_affine_2")
+    assert isinstance(affine, ChannelAffine)
+    trained = (affine.weight.detach().clone(), affine.bias.detach().clone())
+    assert not torch.all(trained[0] == 1) and not torch.all(trained[1] == 0)
+    randomizer = Randomizer(module, seed=0)
+    randomizer.set(["channel_affine_2"])
+    assert torch.all(affine.weight == 1) and torch.all(affine.bias == 0)
+    with torch.no_grad():
+        assert not torch.allclose(module(x), before)
+    randomizer.restore()
+    assert torch.equal(affine.weight, trained[0]) and torch.equal(affine.bias, trained[1])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), before, rtol=0, atol=0)
+
+
+def test_lrp_canonizer_merges_channel_affine_into_its_conv() -> None:
+    module = _folded().eval()
+    x = images(2, 16)
+    with torch.no_grad():
+        before = module(x)
+    conv = module.get_submodule("conv_0")
+    affine = module.get_submodule("channel_affine_0")
+    assert isinstance(conv, nn.Conv2d) and isinstance(affine, ChannelAffine)
+    scale = affine.weight.detach().clone()
+    weight = conv.weight.detach().clone()
+    with canonized(module, lrp_canonizers(module)), torch.no_grad():
+        assert torch.all(affine.weight == 1) and torch.all(affine.bias == 0)
+        torch.testing.assert_close(conv.weight, weight * scale[:, None, None, None])
+        torch.testing.assert_close(module(x), before, atol=1e-5, rtol=1e-5)
+    assert torch.equal(conv.weight, weight) and torch.equal(affine.weight, scale)
+
+
+def test_channel_affine_never_normalizes_with_batch_statistics() -> None:
+    affine = ChannelAffine(torch.tensor([2.0, 3.0]), torch.tensor([1.0, -1.0])).train()
+    x = torch.randn(4, 2, 3, 3)
+    expected = x * torch.tensor([2.0, 3.0]).view(1, 2, 1, 1) + torch.tensor([1.0, -1.0]).view(
+        1, 2, 1, 1
+    )
+    torch.testing.assert_close(affine(x), expected)
+    assert affine.running_mean is not None and torch.all(affine.running_mean == 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,9 @@ What the converter takes care of, beyond the op table:
   constants are evaluated once at conversion time, and so is shape arithmetic wherever its
   values are known at the input size (``onnx_fold``: tf2onnx's computed pads, legacy
   ``ZeroPad2d`` pads); only the batch size may stay a run-time value.
+* **Folded BatchNorm.** A per-channel constant ``Mul`` then ``Add`` (or a lone one right after a
+  conv) becomes a :class:`~.layers.ChannelAffine` with parameters, a BatchNorm again, so model
+  randomization resets it and canonizers merge it like one.
 * **Layout.** The module always takes NCHW; for an NHWC graph it permutes inside ``forward``.
 * **Batch.** Shape inference runs with a symbolic batch, so ``Shape`` reads of the batch stay
   run-time ops (reads of static dims fold), and reshapes to ``(batch, ...)``, whether the
@@ -53,6 +56,7 @@ from torch import nn
 from ..errors import ModelLoadError, SpecError, UnsupportedOperatorError
 from ..spec import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Layout
 from .base import LoadedModel
+from .layers import ChannelAffine
 from .onnx_fold import BATCH, analyze
 from .onnx_ops import (
     Alias,
@@ -443,6 +447,11 @@ class _Entry:
     outputs: tuple[str, ...]
     scope: tuple[str, ...] | None
     label: str
+    # A ChannelAffine from a constant Mul that a following constant Add may still give a bias
+    # (``affine_open``), and the module the node is instead if nothing makes it a scale-and-shift
+    # layer (``fallback``: a lone Mul that does not follow a conv stays a Mul).
+    affine_open: bool = False
+    fallback: nn.Module | None = None
 
 
 def _adopt_unscoped(entries: Sequence[_Entry]) -> None:
@@ -518,7 +527,8 @@ def _flat_paths(entries: Sequence[_Entry]) -> list[tuple[str, ...]]:
     counters: Counter[str] = Counter()
     paths: list[tuple[str, ...]] = []
     for entry in entries:
-        base = _label(entry.node.op_type)
+        kind = "channel_affine" if isinstance(entry.module, ChannelAffine) else entry.node.op_type
+        base = _label(kind)
         paths.append((f"{base}_{counters[base]}",))
         counters[base] += 1
     return paths
@@ -636,6 +646,34 @@ def _fuse_bias(
     return ok
 
 
+def _channel_operand(view: NodeView) -> tuple[str, torch.Tensor] | None:
+    """(run-time input, (C,) vector) when a ``Mul``, ``Add`` or ``Sub`` node scales or shifts
+    each channel (dim 1) of one run-time tensor by a constant: the constant broadcasts along
+    dim 1 only, over C > 1 channels (a scalar, an activation's ``x * sigmoid(x)``, a gating
+    product or a residual sum never qualify). ``Sub`` only as ``x - constant`` (shift by -c).
+    """
+    if len(view.inputs) != 2:
+        return None
+    runtime = [i for i in (0, 1) if view.const(i) is None]
+    if len(runtime) != 1 or (view.op_type == "Sub" and runtime != [0]):
+        return None
+    i = runtime[0]
+    value, shape = view.const(1 - i), view.shapes[i]
+    if value is None or shape is None or not value.is_floating_point():
+        return None
+    rank = len(shape)
+    if rank < 2 or value.dim() > rank:
+        return None
+    aligned = (1,) * (rank - value.dim()) + tuple(value.shape)
+    channels = aligned[1]
+    if aligned[0] != 1 or channels < 2 or any(d != 1 for d in aligned[2:]):
+        return None
+    if shape[1] is not None and shape[1] != channels:
+        return None
+    vector = value.detach().reshape(-1).to(torch.float32)
+    return view.inputs[i], -vector if view.op_type == "Sub" else vector
+
+
 def _conv_or_linear(module: nn.Module, name: str) -> str | None:
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
         return name
@@ -699,6 +737,7 @@ def convert_graph(
     runtime: dict[str, _Entry | None] = {image.name: None}  # tensor -> entry that computes it
     entries: list[_Entry] = []
     const_inputs: dict[str, torch.Tensor] = {}
+    after_layer: set[str] = set()  # run-time tensors computed through a layer with weights
     style = _naming_style(model)
     # Initializers read by one node only: the dynamo optimizer deduplicates equal tensors (a
     # LayerNorm's ones and zeros), so a shared initializer's name says nothing about its user.
@@ -746,7 +785,35 @@ def convert_graph(
             if _fuse_bias(view, producer, consumers, out_rank):
                 alias[node.output[0]] = next(n for n in names if n in runtime)
                 continue
+        affine = _channel_operand(view) if node.op_type in ("Mul", "Add", "Sub") else None
+        if affine is not None:
+            data, vector = affine
+            producer = runtime.get(data)
+            sole = consumers[data] == 1
+            if node.op_type != "Mul" and producer is not None and producer.affine_open and sole:
+                # Mul then Add: the shift of the scale-and-shift layer the Mul started
+                assert isinstance(producer.module, ChannelAffine)
+                with torch.no_grad():
+                    producer.module.bias.copy_(vector)
+                producer.affine_open, producer.fallback = False, None
+                alias[node.output[0]] = data
+                continue
         result = convert_node(view)
+        affine_open, fallback = False, None
+        if affine is not None and isinstance(result, Emit):
+            data, vector = affine
+            producer = runtime.get(data)
+            after_conv = (
+                producer is not None
+                and consumers[data] == 1
+                and _conv_or_linear(producer.module, "") is not None
+            )
+            if node.op_type == "Mul" and (after_conv or data in after_layer):
+                affine_open, fallback = True, None if after_conv else result.module
+                scale = ChannelAffine(vector, torch.zeros_like(vector))
+                result = Emit(scale, (names.index(data),))
+            elif node.op_type != "Mul" and after_conv:
+                result = Emit(ChannelAffine(torch.ones_like(vector), vector), (names.index(data),))
         if isinstance(result, Alias):
             source = names[result.index]
             if source in constants:
@@ -783,15 +850,24 @@ def convert_graph(
             outputs=outputs,
             scope=None,
             label=node.op_type,
+            affine_open=affine_open,
+            fallback=fallback,
         )
         if style != "flat":
             scoped = _node_scope(node, style, own_initializers)
             if scoped is not None:
                 entry.scope, entry.label = scoped
         entries.append(entry)
+        weighted = any(True for _ in entry.module.parameters())
         for name in outputs:
             if name:
                 runtime[name] = entry
+                if weighted or any(i in after_layer for i in inputs):
+                    after_layer.add(name)
+
+    for entry in entries:
+        if entry.fallback is not None:  # a Mul by a channel vector that no Add completed
+            entry.module, entry.fallback, entry.affine_open = entry.fallback, None, False
 
     final = resolve(output)
     if final in constants or final not in runtime:
@@ -871,7 +947,9 @@ def _install(
     uses = Counter(n for e in entries for n in e.inputs)
     uses[output_name] += 1
     for i, entry in enumerate(entries):
-        if not isinstance(entry.module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        if not isinstance(
+            entry.module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | ChannelAffine
+        ):
             continue
         source = entry.inputs[0]
         j = producers.get(source)
