@@ -25,13 +25,16 @@ from tests.engine import onnx_exports
 from tests.engine.nets import images
 from workers.engine import randomization
 from workers.engine.errors import FidelityError, ModelLoadError, SpecError
+from workers.engine.layers import layer_analysis
+from workers.engine.maps import compute_maps
+from workers.engine.methods import _ort, scorecam
 from workers.engine.models.canonize import canonized, lrp_canonizers
 from workers.engine.models.fidelity import DEFAULT_RTOL, check_fidelity, ensure_fidelity
 from workers.engine.models.layers import ChannelAffine
 from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
-from workers.engine.models.onnx_ops import Pad, Reshape
+from workers.engine.models.onnx_ops import Pad, Reshape, ShapeOf
 from workers.engine.randomization import Randomizer, units
-from workers.engine.spec import AuditSpec
+from workers.engine.spec import AuditSpec, MethodParams
 from workers.reports.schema import report_schema
 
 CPU = torch.device("cpu")
@@ -40,6 +43,11 @@ CPU = torch.device("cpu")
 def _graph(module: nn.Module) -> OnnxGraphModule:
     assert isinstance(module, OnnxGraphModule)
     return module
+
+
+def _no_onnx_runtime_errors(capfd: pytest.CaptureFixture[str]) -> None:
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err and "[E:" not in err, err
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,3 +365,119 @@ def test_zero_padded_export_with_batch_one_runs_any_batch(artifact_cache: Path) 
         expected = torch.cat([reference(x[i : i + 1]) for i in range(3)])
         torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=1e-5)
     assert ensure_fidelity(loaded, x, atol=1e-5).passed
+
+
+def _small_layers_spec() -> AuditSpec:
+    return AuditSpec(
+        methods=("gradcam",),
+        tests=("layers",),
+        batch_size=4,
+        params=MethodParams(faithfulness_steps=4, scorecam_batch=8),
+    )
+
+
+def _assert_finite_analysis(module: nn.Module, n_images: int) -> None:
+    x = images(n_images, 16)
+    with torch.no_grad():
+        targets = module(x).argmax(1)
+    result = layer_analysis(module, x, targets, _small_layers_spec(), device=CPU)
+    assert result.stages and result.scores
+    for score in result.scores:
+        values = np.asarray([v for v in score.values if v is not None], dtype=np.float64)
+        assert np.isfinite(values).all() and score.n > 0, score
+    for maps in result.example_maps.values():
+        for name, m in maps.items():
+            assert np.isfinite(m).all() and m.shape == (n_images, 16, 16), name
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_layers_analysis_and_scorecam_on_fixed_batch_exports_log_no_onnx_runtime_error(
+    pinned: bool,
+    artifact_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # PaddedCNN: batch 1 baked into a reshape (converted to run any batch); ClassTokenNet: a
+    # constant of batch 1 that only runs batch 1 (the module runs images one group at a time)
+    if pinned:
+        data = onnx_exports.export_class_token_net(cache_dir=artifact_cache)
+    else:
+        data = onnx_exports.export_padded_cnn(cache_dir=artifact_cache)
+    module = _graph(load_onnx(data).module).eval()
+    assert module.fixed_batch == (1 if pinned else None)
+    capfd.readouterr()
+    _assert_finite_analysis(module, n_images=5)
+    # the metrics' forward passes ran in ONNX Runtime, at the graph's batch size
+    assert module in _ort._SESSIONS
+    # Score-CAM through ONNX Runtime (forced for this small job) equals Score-CAM in PyTorch
+    x = images(3, 16, seed=2)
+    with torch.no_grad():
+        targets = module(x).argmax(1)
+    layer = next(n for n, m in module.named_modules() if isinstance(m, nn.Conv2d))
+    spec = _small_layers_spec()
+    in_torch = compute_maps(module, x, targets, ["scorecam"], spec, layer, device=CPU)
+    monkeypatch.setattr(scorecam, "worth_exporting", lambda n_passes, x: True)
+    in_ort = compute_maps(module, x, targets, ["scorecam"], spec, layer, device=CPU)
+    assert np.isfinite(in_ort.maps["scorecam"]).all()
+    np.testing.assert_allclose(in_ort.maps["scorecam"], in_torch.maps["scorecam"], atol=1e-4)
+    _no_onnx_runtime_errors(capfd)
+
+
+def test_ort_forward_finds_a_fixed_batch_inside_a_wrapper(
+    artifact_cache: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    inner = _graph(load_onnx(onnx_exports.export_class_token_net(cache_dir=artifact_cache)).module)
+    wrapper = nn.Sequential(inner).eval()  # hides ``fixed_batch`` from getattr(wrapper, ...)
+    assert _ort.fixed_batch(wrapper) == 1
+    x = images(5, 16)
+    with torch.no_grad():
+        logits = wrapper(x)
+    capfd.readouterr()
+    forward = _ort.ort_forward(wrapper, x, logits)
+    assert forward is not None
+    torch.testing.assert_close(forward(x), logits, atol=1e-5, rtol=1e-5)
+    _no_onnx_runtime_errors(capfd)
+
+
+def test_an_export_that_bakes_the_batch_is_not_used_and_not_retried(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # the batch computed with arithmetic (batch * 1) stays a run-time reshape, which tracing
+    # records as a constant: the export runs only its example's batch size
+    data = onnx_exports.graph_model(
+        [
+            helper.make_node("Relu", ["x"], ["r"]),
+            helper.make_node("Shape", ["r"], ["shape"]),
+            helper.make_node("Gather", ["shape", "zero"], ["batch"]),
+            helper.make_node("Mul", ["batch", "one"], ["rows"]),
+            helper.make_node("Concat", ["rows", "minus_one"], ["target"], axis=0),
+            helper.make_node("Reshape", ["r", "target"], ["f"]),
+            helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1),
+        ],
+        initializers={
+            "zero": np.array([0], np.int64),
+            "one": np.array([1], np.int64),
+            "minus_one": np.array([-1], np.int64),
+            "fc": np.random.default_rng(0).normal(size=(4, 3 * 8 * 8)).astype(np.float32),
+        },
+    )
+    module = load_onnx(data).module.eval()
+    assert any(isinstance(m, ShapeOf) for m in module.modules())
+    x = images(3, 8)
+    with torch.no_grad():
+        logits = module(x)
+    exports = []
+    original = torch.onnx.export
+
+    def counting_export(*args: Any, **kwargs: Any) -> Any:
+        exports.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counting_export)
+    capfd.readouterr()
+    assert _ort.ort_forward(module, x, logits) is None
+    with torch.no_grad():
+        module.get_submodule("gemm_0").weight.mul_(2.0)  # new weights: still not retried
+        assert _ort.ort_forward(module, x, module(x)) is None
+    assert len(exports) == 1
+    _no_onnx_runtime_errors(capfd)

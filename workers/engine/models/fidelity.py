@@ -82,24 +82,32 @@ class FidelityReport:
         return asdict(self)
 
 
-def _run_ort(session: ort.InferenceSession, batch: np.ndarray, batch_size: int) -> np.ndarray:
-    """Run the session ``batch_size`` images at a time, or in the graph's fixed batch size
-    (padding the last chunk with copies of its last image) when the file fixes one."""
+def run_session(session: ort.InferenceSession, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    """The session's first output on ``batch``, ``batch_size`` rows per run, or the graph's
+    fixed batch size when its input fixes one (the last chunk padded with copies of its last
+    row, whose outputs are dropped). ONNX Runtime's own error log is silenced: a failure is
+    raised, with its message, to the caller, which decides what it means."""
     graph_input = session.get_inputs()[0]
     fixed = graph_input.shape[0] if graph_input.shape else None
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
+    quiet = ort.RunOptions()
+    quiet.log_severity_level = 4  # fatal only
     outputs = []
     for start in range(0, batch.shape[0], step):
         chunk = batch[start : start + step]
         short = step - chunk.shape[0] if step == fixed else 0
         if short:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], short, axis=0)])
-        try:
-            out = np.asarray(session.run(None, {graph_input.name: chunk})[0])
-        except Exception as exc:  # ORT raises its own types (InvalidArgument, Fail, ...)
-            raise FidelityError(f"ONNX Runtime cannot run the model on this batch: {exc}") from exc
+        out = np.asarray(session.run(None, {graph_input.name: chunk}, quiet)[0])
         outputs.append(out[: step - short])
     return np.concatenate(outputs)
+
+
+def _run_ort(session: ort.InferenceSession, batch: np.ndarray, batch_size: int) -> np.ndarray:
+    try:
+        return run_session(session, batch, batch_size)
+    except Exception as exc:  # ORT raises its own types (InvalidArgument, Fail, ...)
+        raise FidelityError(f"ONNX Runtime cannot run the model on this batch: {exc}") from exc
 
 
 def _compare(
