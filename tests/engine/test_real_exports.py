@@ -415,9 +415,14 @@ def test_layers_analysis_and_scorecam_on_fixed_batch_exports_log_no_onnx_runtime
         targets = module(x).argmax(1)
     layer = next(n for n, m in module.named_modules() if isinstance(m, nn.Conv2d))
     spec = _small_layers_spec()
-    in_torch = compute_maps(module, x, targets, ["scorecam"], spec, layer, device=CPU)
+    with monkeypatch.context() as torch_only:
+        torch_only.setattr(scorecam, "checked_forward", lambda model, x: None)
+        torch_only.setattr(scorecam, "worth_exporting", lambda n_passes, x: False)
+        in_torch = compute_maps(module, x, targets, ["scorecam"], spec, layer, device=CPU)
+    _ort._SESSIONS.pop(module, None)  # no export to reuse: Score-CAM makes and checks its own
     monkeypatch.setattr(scorecam, "worth_exporting", lambda n_passes, x: True)
     in_ort = compute_maps(module, x, targets, ["scorecam"], spec, layer, device=CPU)
+    assert module in _ort._SESSIONS
     assert np.isfinite(in_ort.maps["scorecam"]).all()
     np.testing.assert_allclose(in_ort.maps["scorecam"], in_torch.maps["scorecam"], atol=1e-4)
     _no_onnx_runtime_errors(capfd)
@@ -437,6 +442,34 @@ def test_ort_forward_finds_a_fixed_batch_inside_a_wrapper(
     assert forward is not None
     torch.testing.assert_close(forward(x), logits, atol=1e-5, rtol=1e-5)
     _no_onnx_runtime_errors(capfd)
+
+
+def test_scorecam_reuses_an_existing_export_however_small_the_job(
+    artifact_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _graph(load_onnx(onnx_exports.export_padded_cnn(cache_dir=artifact_cache)).module)
+    x = images(2, 16)
+    with torch.no_grad():
+        logits = module(x)
+    assert _ort.ort_forward(module, x, logits) is not None  # as the layers analysis does
+    assert not scorecam.worth_exporting(16, x)
+    calls: list[int] = []
+    forward = _ort.checked_forward(module, x)
+    assert forward is not None
+
+    def counted(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(len(batch))
+        assert forward is not None
+        return forward(batch)
+
+    monkeypatch.setattr(scorecam, "checked_forward", lambda model, x: counted)
+    maps = compute_maps(
+        module, x, logits.argmax(1), ["scorecam"], _small_layers_spec(), "stem", device=CPU
+    )
+    assert calls and np.isfinite(maps.maps["scorecam"]).all()
+    with torch.no_grad():
+        module.get_submodule("stem").weight.mul_(0.5)  # other weights: no export to reuse
+    assert _ort.checked_forward(module, x) is None
 
 
 def test_an_export_that_bakes_the_batch_is_not_used_and_not_retried(

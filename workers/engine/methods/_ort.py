@@ -88,6 +88,18 @@ def ort_forward(model: nn.Module, x: torch.Tensor, logits: torch.Tensor) -> Forw
     return forward
 
 
+def checked_forward(model: nn.Module, x: torch.Tensor) -> Forward | None:
+    """The ONNX Runtime forward already exported and checked for ``model`` as it is now (same
+    weights, same input shape), or None. Free to use however small the job: the layers analysis
+    exports once for its metrics, and Score-CAM at every layer reuses that export."""
+    if x.device.type != "cpu":
+        return None
+    cached = _SESSIONS.get(model)
+    if cached is not None and cached[0] == _weights_key(model, x):
+        return cached[1]
+    return None
+
+
 def _export_and_check(
     model: nn.Module, x: torch.Tensor, logits: torch.Tensor, fixed: int | None
 ) -> tuple[Forward | None, bool]:
