@@ -137,20 +137,36 @@ class ShapeFacts:
 
 def analyze(skeleton: onnx.ModelProto, opset: int) -> ShapeFacts:
     """Fold the shape arithmetic of ``skeleton`` (the weight-free graph with a symbolic batch,
-    see ``onnx_convert._skeleton``; not modified) and infer the static shapes around it."""
+    see ``onnx_convert._skeleton``; not modified) and infer the static shapes around it.
+
+    Each round after the first re-evaluates only the nodes downstream of a shape that inference
+    now knows better (a network with a shape read per block unlocks one block per round).
+    """
     work = onnx.ModelProto()
     work.CopyFrom(skeleton)
     facts = ShapeFacts()
+    tracked = _initializer_values(work.graph)
+    batch_dims: dict[str, tuple[bool, ...]] = {}
+    dirty: set[str] | None = None  # None: evaluate every node
     for round_index in range(len(work.graph.node) + 1):
         facts.rounds = round_index + 1
-        facts.shapes, batch_dims = _infer(work)
-        facts.batch_first = {name for name, dims in batch_dims.items() if dims and dims[0]}
-        tracked, facts.unevaluated = _evaluate_graph(work.graph, opset, facts.shapes, batch_dims)
-        facts.partial = {name: p for name, p in tracked.items() if not p.complete}
+        shapes, dims = _infer(work)
+        if dirty is not None:
+            dirty = {
+                name
+                for name in shapes.keys() | facts.shapes.keys()
+                if shapes.get(name) != facts.shapes.get(name)
+                or dims.get(name) != batch_dims.get(name)
+            }
+        facts.shapes, batch_dims = shapes, dims
+        facts.batch_first = {name for name, d in batch_dims.items() if d and d[0]}
+        _evaluate_graph(work.graph, opset, facts, tracked, batch_dims, dirty)
         folded = _fold(work.graph, tracked)
         facts.constants.update(folded)
         if not folded:
             break
+        dirty = set()
+    facts.partial = {name: p for name, p in tracked.items() if not p.complete}
     return facts
 
 
@@ -191,14 +207,7 @@ def _small(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.numel() <= MAX_ELEMENTS
 
 
-def _evaluate_graph(
-    graph: onnx.GraphProto,
-    opset: int,
-    shapes: dict[str, StaticShape],
-    batch_dims: dict[str, tuple[bool, ...]],
-) -> tuple[dict[str, PartialValue], dict[str, str]]:
-    """Values of every shape-derived tensor (see the module docstring), and for the
-    shape-derived tensors without one, why."""
+def _initializer_values(graph: onnx.GraphProto) -> dict[str, PartialValue]:
     tracked: dict[str, PartialValue] = {}
     for tensor in graph.initializer:
         numel = 1
@@ -209,17 +218,52 @@ def _evaluate_graph(
                 tracked[tensor.name] = _complete(tensor_from_onnx(tensor))
             except ModelLoadError:
                 continue
-    unevaluated: dict[str, str] = {}
+    return tracked
+
+
+def _same(a: PartialValue | None, b: PartialValue | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return (
+        a.value.dtype == b.value.dtype
+        and a.value.shape == b.value.shape
+        and bool(torch.equal(a.known, b.known) and torch.equal(a.batch, b.batch))
+        and bool(torch.equal(a.value[a.known], b.value[b.known]))
+    )
+
+
+def _evaluate_graph(
+    graph: onnx.GraphProto,
+    opset: int,
+    facts: ShapeFacts,
+    tracked: dict[str, PartialValue],
+    batch_dims: dict[str, tuple[bool, ...]],
+    dirty: set[str] | None,
+) -> None:
+    """Update ``tracked`` (values of shape-derived tensors, see the module docstring) and
+    ``facts.unevaluated`` (why a shape-derived tensor has none). With ``dirty`` (tensors whose
+    shape changed since the last pass), only the nodes that read a changed tensor run; what
+    they change is dirty for the nodes after them."""
     for node in graph.node:
         if (node.domain or "") not in ("", "ai.onnx"):
             continue
-        outputs, reason = _evaluate_node(node, opset, tracked, unevaluated, shapes, batch_dims)
-        for name, value in zip(node.output, outputs, strict=False):
-            if name and value is not None:
+        if dirty is not None and not any(name in dirty for name in node.input if name):
+            continue
+        outputs, reason = _evaluate_node(
+            node, opset, tracked, facts.unevaluated, facts.shapes, batch_dims
+        )
+        for k, name in enumerate(node.output):
+            if not name:
+                continue
+            value = outputs[k] if k < len(outputs) else None
+            before = tracked.pop(name, None)
+            facts.unevaluated.pop(name, None)
+            if value is not None:
                 tracked[name] = value
-            elif name and reason:
-                unevaluated[name] = reason
-    return tracked, unevaluated
+            elif reason:
+                facts.unevaluated[name] = reason
+            if dirty is not None and not _same(before, value):
+                dirty.add(name)
 
 
 def _evaluate_node(
