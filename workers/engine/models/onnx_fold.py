@@ -317,8 +317,9 @@ def _evaluate_node(
     try:
         with torch.no_grad():
             module = result.module.eval()
-            raw = module(*(p.value for p in (operands[i] for i in result.inputs) if p is not None))
-            values = list(raw) if isinstance(raw, tuple) else [raw]
+            values = _outputs(
+                module(*(p.value for p in (operands[i] for i in result.inputs) if p is not None))
+            )
             if all(p.complete for p in present):
                 return [_complete(v) if _small(v) else None for v in values], ""
             known, batch, dynamic = _masks(node, result, operands, values)
@@ -354,8 +355,7 @@ def _masks(
             return None, None, dynamic
         known = module(*(p.known for p in call if p is not None))
         batch = module(*(p.batch for p in call if p is not None))
-        as_list = lambda t: list(t) if isinstance(t, tuple) else [t]  # noqa: E731
-        return as_list(known), as_list(batch), dynamic
+        return _outputs(known), _outputs(batch), dynamic
     if op in _ELEMENTWISE:
         present = [p for p in operands if p is not None]
         known = torch.broadcast_tensors(*(p.known for p in present))
@@ -368,6 +368,10 @@ def _masks(
             batch = torch.zeros(all_known.shape, dtype=torch.bool)
         return [all_known for _ in values], [batch for _ in values], dynamic
     return None, None, dynamic
+
+
+def _outputs(result: torch.Tensor | tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, tuple) else [result]
 
 
 def _shape_read(
