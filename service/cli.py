@@ -411,9 +411,13 @@ def format_summary(report: dict[str, Any]) -> str:
     lines = []
     fid = report.get("fidelity")
     if fid:
+        relative = fid.get("max_rel_diff")
         lines.append(
             f"fidelity vs ONNX Runtime ({fid['provider']}): max |diff| {fid['max_abs_diff']:.2e}"
-            f" (atol {fid['atol']:.0e}), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
+            + (f", relative {relative:.2e}" if relative is not None else "")
+            + f" (atol {fid['atol']:.0e}"
+            + (f", rtol {fid['rtol']:.0e}" if fid.get("rtol") is not None else "")
+            + f"), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
             f"over {fid['n_images']} images"
         )
     spec = report["spec"]

@@ -23,6 +23,7 @@ from workers.engine.models.fidelity import (
     ort_session,
 )
 from workers.engine.models.onnx_convert import load_onnx
+from workers.engine.spec import AuditSpec
 
 
 @pytest.fixture()
@@ -45,9 +46,11 @@ def test_correct_conversion_passes_with_a_report(small_cnn_onnx: LoadedModel) ->
     assert report.provider == ort_providers()[0]
     assert report.to_dict() == {
         "max_abs_diff": report.max_abs_diff,
+        "max_rel_diff": report.max_rel_diff,
         "argmax_agreement": 1.0,
         "n_images": 4,
         "atol": 1e-4,
+        "rtol": AuditSpec.fidelity_rtol,
         "provider": report.provider,
         "passed": True,
     }

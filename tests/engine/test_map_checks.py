@@ -213,4 +213,6 @@ def test_lrp_that_does_not_conserve_is_reported_and_its_verdicts_are_inconclusiv
     verdicts = {v.method: v for v in result.verdicts}
     assert verdicts["lrp"].verdict == "INCONCLUSIVE"
     assert "do not conserve relevance" in verdicts["lrp"].reason
-    assert verdicts["gradient"].verdict != "INCONCLUSIVE" or "lrp" not in verdicts["gradient"].reason
+    assert (
+        verdicts["gradient"].verdict != "INCONCLUSIVE" or "lrp" not in verdicts["gradient"].reason
+    )

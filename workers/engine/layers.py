@@ -15,6 +15,7 @@ it is an analysis beside the tests.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -48,6 +49,11 @@ LOCALIZATION: tuple[str, ...] = ("iou", "pointing_game")
 LOWER_IS_BETTER = frozenset({"average_drop", "deletion_auc"})
 # images whose maps at every layer are kept (the service draws them over their images)
 KEEP_IMAGES = 16
+# Score-CAM is one forward pass per (image, channel) of the layer, thousands per image at a deep
+# layer and the bulk of the analysis: it runs in groups of images small enough that progress
+# moves every this many masked passes or so. Its maps do not depend on the grouping (each
+# image's channel scores are its own).
+SCORECAM_PASSES_PER_STEP = 512
 
 
 def _outputs_in_order(model: nn.Module, example: torch.Tensor) -> list[tuple[str, tuple[int, ...]]]:
@@ -153,6 +159,7 @@ def layer_analysis(
     ``masks`` are (N, H, W) boolean ground-truth object masks at the input size, or None.
     """
     layers = resolve_layers(module, spec.layers, images[:1].to(device))
+    output_shapes = dict(_outputs_in_order(module, images[:1].to(device)))
     if masks is not None and tuple(masks.shape) != (
         images.shape[0],
         images.shape[2],
@@ -195,14 +202,26 @@ def layer_analysis(
             module,
             images,
             targets,
-            [*CAM_METHODS, CONTROL],
+            [*(m for m in CAM_METHODS if m != "scorecam"), CONTROL],
             spec,
             layer,
             device=device,
-            progress=lambda f, step: sub(0.6 * f, step),
+            progress=lambda f, step: sub(0.1 * f, step),
         )
-        maps = {name: torch.from_numpy(m) for name, m in mapset.maps.items()}
-        for name, reason in mapset.not_applicable.items():
+        channels = output_shapes[layer][1]
+        group = max(1, min(spec.batch_size, SCORECAM_PASSES_PER_STEP // max(channels, 1)))
+        scored = compute_maps(
+            module,
+            images,
+            targets,
+            ["scorecam"],
+            dataclasses.replace(spec, batch_size=group),
+            layer,
+            device=device,
+            progress=lambda f, step: sub(0.1 + 0.5 * f, step),
+        )
+        maps = {name: torch.from_numpy(m) for name, m in {**mapset.maps, **scored.maps}.items()}
+        for name, reason in {**mapset.not_applicable, **scored.not_applicable}.items():
             not_applicable.setdefault(label, {})[name] = reason
         sub(0.6, "lrp relevance")
         maps[LRP] = torch.cat(

@@ -38,8 +38,11 @@ MODEL_TESTS: tuple[ModelTest, ...] = ("cascading", "cascading_bottom_up", "indep
 # Stated in every result: what happens to normalization layers when their unit is randomized.
 NORMALIZATION_HANDLING = (
     "BatchNorm/LayerNorm/GroupNorm layers are reset by their own reset_parameters: weight=1, "
-    "bias=0, running_mean=0, running_var=1 (they have no random initializer). Conv and Linear "
-    "layers are re-drawn from their default initializer: kaiming_uniform(a=sqrt(5)) weights and "
+    "bias=0, running_mean=0, running_var=1 (they have no random initializer); so are the "
+    "per-channel scale-and-shift layers of converted ONNX graphs (ChannelAffine: a BatchNorm "
+    "that the exporter wrote as constant Mul/Add). A BatchNorm the exporter folded into the "
+    "preceding conv's weights and bias is re-drawn with that conv. Conv and Linear layers are "
+    "re-drawn from their default initializer: kaiming_uniform(a=sqrt(5)) weights and "
     "uniform(+-1/sqrt(fan_in)) biases."
 )
 

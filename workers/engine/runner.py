@@ -148,7 +148,9 @@ def run_audit(
 
         progress(0.0, "fidelity check against ONNX Runtime")
         t0 = time.perf_counter()
-        fidelity = ensure_fidelity(model, images, atol=spec.fidelity_atol).to_dict()
+        fidelity = ensure_fidelity(
+            model, images, atol=spec.fidelity_atol, rtol=spec.fidelity_rtol
+        ).to_dict()
         timings["fidelity"] = time.perf_counter() - t0
 
     progress(0.02, "predictions")

@@ -262,7 +262,19 @@ def _schema() -> Schema:
             "anyOf": [
                 {
                     "type": "object",
+                    # optional: version 3 reports written before the relative tolerance lack
+                    # rtol and max_rel_diff
                     "required": ["max_abs_diff", "atol", "argmax_agreement", "n_images"],
+                    "properties": {
+                        "max_abs_diff": {"type": "number"},
+                        "max_rel_diff": {"type": "number"},
+                        "atol": {"type": "number", "minimum": 0},
+                        "rtol": {"type": "number", "minimum": 0},
+                        "argmax_agreement": {"type": "number", "minimum": 0, "maximum": 1},
+                        "n_images": {"type": "integer", "minimum": 1},
+                        "provider": {"type": "string"},
+                        "passed": {"type": "boolean"},
+                    },
                 },
                 {"type": "null"},
             ]

@@ -8,9 +8,12 @@ exactly zero (common after a ReLU) are not run at all - their mask is zero, so t
 score of a zero image, computed once. The masked forwards dominate both implementations, so the
 gain is bounded by the per-forward speed-up. For large jobs on the CPU the masked passes run in
 ONNX Runtime on an export of the module as it is at call time, checked against PyTorch's logits
-first (``_ort.py``: 2.2x faster forwards on resnet18 at 224 px). Same weights as
-pytorch-grad-cam (checked in tests/engine/test_methods_differential.py); measured speed-ups are
-in bench/RESULTS.md.
+first (``_ort.py``: 2.2x faster forwards on resnet18 at 224 px), and so do small jobs when such
+an export of the module with the same weights already exists (the layers analysis makes one for
+its metrics), because PyTorch on the CPU can be slower per image at many masked rows than at
+one (a converted EfficientNet-Lite1 at 240 px, one thread: 55 to 74 ms per image at batch 32,
+25 ms at batch 1). Same weights as pytorch-grad-cam (checked in
+tests/engine/test_methods_differential.py); measured speed-ups are in bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ._hooks import (
     target_scores,
     upsample_bilinear,
 )
-from ._ort import Forward, ort_forward, worth_exporting
+from ._ort import Forward, checked_forward, ort_forward, worth_exporting
 from .base import MethodContext, MethodFamily, MethodInfo, register
 
 MASK_EPS = 1e-8  # pytorch-grad-cam's stabilizer in the min-max normalization of a mask
@@ -114,9 +117,9 @@ class ScoreCamFamily(MethodFamily):
             with torch.inference_mode(), capture_layer(model, layer) as capture:
                 logits = model(x)
             activation = spatial_activation(capture, layer)
-            forward: nn.Module | Forward = model
+            forward: nn.Module | Forward = checked_forward(model, x) or model
             live = int((activation.flatten(2).abs().amax(dim=2) > 0).sum())
-            if worth_exporting(live, x):
+            if forward is model and worth_exporting(live, x):
                 forward = ort_forward(model, x, logits) or model
             with torch.inference_mode():
                 scores = scorecam_scores(forward, x, target, activation, ctx.params.scorecam_batch)

@@ -53,8 +53,10 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from zennit.canonizers import Canonizer, NamedMergeBatchNorm
 from zennit.torchvision import ResNetBasicBlockCanonizer, ResNetBottleneckCanonizer
 
+from .layers import ChannelAffine
+
 _LINEAR_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_BATCHNORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ChannelAffine)
 
 
 def batchnorm_merge_pairs(model: nn.Module) -> list[tuple[str, str]]:

@@ -4,12 +4,18 @@ Element-wise additions of two tensors (residual connections) become :class:`Add`
 ``zennit.layer.Sum`` module: Zennit's ``Norm`` rule then splits relevance between the branches in
 proportion to their contributions (Bach et al. 2015, eq. 2 applied to a sum), which keeps LRP
 conservative through skip connections. Concatenation is linear and needs no rule.
+
+A per-channel scale and shift that an exporter wrote as constant ``Mul``/``Add`` nodes (a
+BatchNorm folded by TensorFlow's graph optimizer, then exported by tf2onnx) becomes
+:class:`ChannelAffine`, a BatchNorm again, so that it is randomized, canonized and explained
+like the layer it was.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from zennit.layer import Sum
 
 
@@ -34,3 +40,41 @@ class Concat(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return torch.cat(inputs, dim=self.dim)
+
+
+class ChannelAffine(nn.modules.batchnorm._BatchNorm):
+    """``x * weight + bias`` per channel (dim 1): a BatchNorm whose statistics were folded away.
+
+    Exporters that fold an inference BatchNorm into ``Mul`` and ``Add`` by per-channel
+    constants (``y = x * gamma / sqrt(var + eps) + (beta - mean * gamma / sqrt(var + eps))``,
+    Ioffe and Szegedy 2015, algorithm 2) leave its affine part and nothing else. This module is
+    that BatchNorm with running mean 0, running variance 1 and eps 0, so everything that knows
+    BatchNorm treats it as one: model randomization resets it with ``reset_parameters``
+    (weight 1, bias 0), LRP composites give it BatchNorm's rule, and canonizers merge it into the
+    conv or linear layer before it (Zennit's ``MergeBatchNorm``, exact here because eps is 0).
+    Unlike BatchNorm it never normalizes with batch statistics, in train mode either: the file
+    holds no statistics to update.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        weight = weight.detach().reshape(-1).to(torch.float32)
+        bias = bias.detach().reshape(-1).to(torch.float32)
+        if weight.shape != bias.shape:
+            raise ValueError(f"weight {tuple(weight.shape)} and bias {tuple(bias.shape)} differ")
+        super().__init__(weight.numel(), eps=0.0, affine=True, track_running_stats=True)
+        with torch.no_grad():
+            self.weight.copy_(weight)
+            self.bias.copy_(bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features} channels"
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an (N, C, ...) input, got {input.dim()}-D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )

@@ -21,14 +21,20 @@ What the converter takes care of, beyond the op table:
 * **Constants.** Initializers shared through ``Identity`` nodes (legacy exports deduplicate equal
   tensors this way) are copied into each module, so randomizing one layer never touches another.
   Weights become ``nn.Parameter``; other constants become buffers; subgraphs that only compute
-  constants (shape arithmetic) are evaluated once at conversion time.
+  constants are evaluated once at conversion time, and so is shape arithmetic wherever its
+  values are known at the input size (``onnx_fold``: tf2onnx's computed pads, legacy
+  ``ZeroPad2d`` pads); only the batch size may stay a run-time value.
+* **Folded BatchNorm.** A per-channel constant ``Mul`` then ``Add`` (or a lone one right after a
+  conv) becomes a :class:`~.layers.ChannelAffine` with parameters, a BatchNorm again, so model
+  randomization resets it and canonizers merge it like one.
 * **Layout.** The module always takes NCHW; for an NHWC graph it permutes inside ``forward``.
 * **Batch.** Shape inference runs with a symbolic batch, so ``Shape`` reads of the batch stay
-  run-time ops (reads of static dims fold), and a fixed-batch export's reshapes to
-  ``(batch, ...)`` keep the batch per image. Such a graph is then probed once with a larger
-  batch; if that fails or differs from running the images one fixed-size group at a time
-  (a constant with the batch size baked in, like a transformer's class token), the module
-  runs fixed-size groups and says so in ``fixed_batch`` and the notes.
+  run-time ops (reads of static dims fold), and reshapes to ``(batch, ...)``, whether the
+  batch is read from a shape or baked in by a fixed-batch export, keep the batch per image. A
+  graph whose input fixes the batch is then probed once with a larger batch; if that fails or
+  differs from running the images one fixed-size group at a time (a constant with the batch
+  size baked in, like a transformer's class token), the module runs fixed-size groups and
+  says so in ``fixed_batch`` and the notes.
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ from ..spec import (
     resolve_output,
 )
 from .base import SPEC_FIELDS, LoadedModel, ModelOutput, SoftmaxHead, input_spec_note
+from .layers import ChannelAffine
+from .onnx_fold import BATCH, analyze
 from .onnx_ops import (
     Alias,
     Emit,
@@ -67,6 +75,7 @@ from .onnx_ops import (
     NodeView,
     StaticShape,
     convert_node,
+    node_attributes,
     tensor_from_onnx,
 )
 
@@ -75,7 +84,6 @@ _GRAY_MEAN = GRAY_MEAN
 _GRAY_STD = GRAY_STD
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_BATCH = "saliency_audit_batch"  # the symbolic batch dim shape inference runs with
 _WEIGHTED_OPS = frozenset(
     {
         "Conv",
@@ -227,9 +235,17 @@ def _parse(data: bytes) -> onnx.ModelProto:
         raise ModelLoadError("not an ONNX model: no graph nodes")
     for tensor in _all_tensors(model.graph):
         if external_data_helper.uses_external_data(tensor):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             raise ModelLoadError(
-                f"tensor {tensor.name!r} is stored as external data; upload a single ONNX "
-                "file with the weights embedded"
+                f"tensor {tensor.name!r} is stored as external data"
+                + (f" in a side file ({location!r})" if location else "")
+                + ", and only the uploaded file is read. Embed the weights in one file: "
+                "export with torch.onnx.export(..., external_data=False) (torch's default "
+                "writes model.onnx.data beside model.onnx), or merge an existing pair with "
+                'onnx.save(onnx.load("model.onnx"), "single.onnx", '
+                "save_as_external_data=False) (files over 2 GB cannot be embedded)",
+                tensor=tensor.name,
+                location=location,
             )
     return model
 
@@ -306,7 +322,7 @@ def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
         dims = copy.type.tensor_type.shape.dim
         if value.name == input_name and len(dims) > 0:
             dims[0].Clear()
-            dims[0].dim_param = _BATCH
+            dims[0].dim_param = BATCH
     listed = {v.name for v in graph.input}
     for tensor in graph.initializer:
         numel = 1
@@ -323,26 +339,6 @@ def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     )
     skeleton.functions.extend(model.functions)
     return skeleton
-
-
-def _static_shapes(skeleton: onnx.ModelProto) -> tuple[dict[str, StaticShape], set[str]]:
-    """Static shapes of the graph's tensors from ONNX shape inference (best effort), and the
-    tensors whose first dim is the image batch (the skeleton's symbolic ``batch``)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
-    except Exception:  # inference is an optimization; conversion works without it
-        inferred = skeleton
-    shapes: dict[str, StaticShape] = {}
-    batch_first: set[str] = set()
-    g = inferred.graph
-    for value in [*g.input, *g.value_info, *g.output]:
-        dims = _dims(value)
-        if dims is not None:
-            shapes[value.name] = dims
-            first = value.type.tensor_type.shape.dim
-            if first and first[0].dim_param == _BATCH:
-                batch_first.add(value.name)
-    return shapes, batch_first
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,6 +479,11 @@ class _Entry:
     outputs: tuple[str, ...]
     scope: tuple[str, ...] | None
     label: str
+    # A ChannelAffine from a constant Mul that a following constant Add may still give a bias
+    # (``affine_open``), and the module the node is instead if nothing makes it a scale-and-shift
+    # layer (``fallback``: a lone Mul that does not follow a conv stays a Mul).
+    affine_open: bool = False
+    fallback: nn.Module | None = None
 
 
 def _adopt_unscoped(entries: Sequence[_Entry]) -> None:
@@ -558,7 +559,8 @@ def _flat_paths(entries: Sequence[_Entry]) -> list[tuple[str, ...]]:
     counters: Counter[str] = Counter()
     paths: list[tuple[str, ...]] = []
     for entry in entries:
-        base = _label(entry.node.op_type)
+        kind = "channel_affine" if isinstance(entry.module, ChannelAffine) else entry.node.op_type
+        base = _label(kind)
         paths.append((f"{base}_{counters[base]}",))
         counters[base] += 1
     return paths
@@ -613,22 +615,6 @@ def _visits_in_order(paths: Sequence[tuple[str, ...]]) -> bool:
 # --------------------------------------------------------------------------------------------
 # Conversion
 # --------------------------------------------------------------------------------------------
-
-
-def _attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    attrs: dict[str, Any] = {}
-    for attr in node.attribute:
-        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-            continue  # control flow: its op_type is unsupported and reported as such
-        value = onnx.helper.get_attribute_value(attr)
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", errors="replace")
-        elif isinstance(value, onnx.TensorProto):
-            value = tensor_from_onnx(value)
-        elif isinstance(value, list) and value and isinstance(value[0], bytes):
-            value = [v.decode("utf-8", errors="replace") for v in value]
-        attrs[attr.name] = value
-    return attrs
 
 
 def _logits_output(
@@ -738,37 +724,6 @@ def _needed_nodes(graph: onnx.GraphProto, output: str) -> list[onnx.NodeProto]:
     return kept
 
 
-def _fold_shape_read(
-    node: onnx.NodeProto, view: NodeView, shape_values: dict[str, StaticShape]
-) -> StaticShape | None:
-    """Values of ``Gather``/``Slice`` on a run-time ``Shape`` output, where they are static.
-
-    With a dynamic batch, ``Shape(x)`` cannot be folded, but most of what graphs read from it
-    (channels, height, width: channel shuffles, ``x.view(n, c, -1)``) is static. Returns the
-    picked values (None where a value is dynamic), or None when the node is not such a read.
-    """
-    source = shape_values.get(view.inputs[0]) if view.inputs else None
-    if source is None:
-        return None
-    if node.op_type == "Gather" and int(view.attr("axis", 0)) == 0:
-        indices = view.const(1)
-        if indices is None or indices.dim() > 1:
-            return None
-        flat = indices.reshape(-1).tolist()
-        if any(not -len(source) <= i < len(source) for i in flat):
-            return None  # out of range: let the operator itself report it at run time
-        picked = [source[i] for i in flat]
-        return tuple(picked) if indices.dim() == 1 else (picked[0],)
-    if node.op_type == "Slice" and view.opset >= 10:
-        params = [view.const_ints(i, "slice parameter") if view.has(i) else None for i in (1, 2)]
-        axes = view.const_ints(3, "axes") if view.has(3) else [0]
-        steps = view.const_ints(4, "steps") if view.has(4) else [1]
-        if params[0] is None or params[1] is None or axes not in ([0], [-1]) or steps != [1]:
-            return None
-        return source[params[0][0] : params[1][0]]
-    return None
-
-
 def _fuse_bias(
     view: NodeView, producer: _Entry | None, consumers: Counter[str], out_rank: int | None
 ) -> bool:
@@ -803,6 +758,34 @@ def _fuse_bias(
     if ok:
         layer.bias = nn.Parameter(bias.detach().to(torch.float32).reshape(-1).clone())
     return ok
+
+
+def _channel_operand(view: NodeView) -> tuple[str, torch.Tensor] | None:
+    """(run-time input, (C,) vector) when a ``Mul``, ``Add`` or ``Sub`` node scales or shifts
+    each channel (dim 1) of one run-time tensor by a constant: the constant broadcasts along
+    dim 1 only, over C > 1 channels (a scalar, an activation's ``x * sigmoid(x)``, a gating
+    product or a residual sum never qualify). ``Sub`` only as ``x - constant`` (shift by -c).
+    """
+    if len(view.inputs) != 2:
+        return None
+    runtime = [i for i in (0, 1) if view.const(i) is None]
+    if len(runtime) != 1 or (view.op_type == "Sub" and runtime != [0]):
+        return None
+    i = runtime[0]
+    value, shape = view.const(1 - i), view.shapes[i]
+    if value is None or shape is None or not value.is_floating_point():
+        return None
+    rank = len(shape)
+    if rank < 2 or value.dim() > rank:
+        return None
+    aligned = (1,) * (rank - value.dim()) + tuple(value.shape)
+    channels = aligned[1]
+    if aligned[0] != 1 or channels < 2 or any(d != 1 for d in aligned[2:]):
+        return None
+    if shape[1] is not None and shape[1] != channels:
+        return None
+    vector = value.detach().reshape(-1).to(torch.float32)
+    return view.inputs[i], -vector if view.op_type == "Sub" else vector
 
 
 def _conv_or_linear(module: nn.Module, name: str) -> str | None:
@@ -861,7 +844,8 @@ def convert_graph(
     if skeleton is None:
         skeleton = _skeleton(model, image.name)
         _check(skeleton)
-    shapes, batch_first = _static_shapes(skeleton)
+    facts = analyze(skeleton, opset)
+    shapes, batch_first = facts.shapes, facts.batch_first
     chosen = _logits_output(graph, shapes, opset, output, notes)
     output = chosen.name
     head = chosen.scores if chosen.head_removed else None  # the softmax head's input tensor
@@ -875,7 +859,7 @@ def convert_graph(
     runtime: dict[str, _Entry | None] = {image.name: None}  # tensor -> entry that computes it
     entries: list[_Entry] = []
     const_inputs: dict[str, torch.Tensor] = {}
-    shape_values: dict[str, StaticShape] = {}  # run-time Shape outputs: dims known statically
+    after_layer: set[str] = set()  # run-time tensors computed through a layer with weights
     style = _naming_style(model)
     # Initializers read by one node only: the dynamo optimizer deduplicates equal tensors (a
     # LayerNorm's ones and zeros), so a shared initializer's name says nothing about its user.
@@ -891,6 +875,11 @@ def convert_graph(
         return name
 
     for node in nodes:
+        if all(o in facts.constants for o in node.output if o):
+            for name in node.output:
+                if name:
+                    constants[name] = facts.constants[name]  # shape arithmetic, folded
+            continue
         domain = node.domain or ""
         if domain not in _DEFAULT_DOMAINS:
             raise UnsupportedOperatorError(
@@ -906,33 +895,50 @@ def convert_graph(
         view = NodeView(
             proto=node,
             opset=opset,
-            attrs=_attributes(node),
+            attrs=node_attributes(node),
             inputs=names,
             consts=[constants.get(n) if n else None for n in names],
             shapes=[shapes.get(i) if i else None for i in node.input],
             fixed_batch=fixed_batch,
             batch_first=[i in batch_first for i in node.input],
+            partials=[facts.partial.get(i) if i else None for i in node.input],
+            dynamic=[facts.why_not_constant(i) if i else "" for i in node.input],
         )
-        if node.op_type in ("Gather", "Slice"):
-            picked = _fold_shape_read(node, view, shape_values)
-            if picked is not None and all(v is not None for v in picked):
-                scalar = (
-                    node.op_type == "Gather"
-                    and view.consts[1] is not None
-                    and (view.consts[1].dim() == 0)
-                )
-                value = torch.tensor(picked, dtype=torch.int64)
-                constants[node.output[0]] = value.reshape(()) if scalar else value
-                continue
-            if picked is not None and node.op_type == "Slice":
-                shape_values[node.output[0]] = picked
         if node.op_type == "Add":
             producer = next((runtime.get(n) for n in names if n in runtime), None)
             out_rank = len(shapes[node.output[0]]) if node.output[0] in shapes else None
             if _fuse_bias(view, producer, consumers, out_rank):
                 alias[node.output[0]] = next(n for n in names if n in runtime)
                 continue
+        affine = _channel_operand(view) if node.op_type in ("Mul", "Add", "Sub") else None
+        if affine is not None:
+            data, vector = affine
+            producer = runtime.get(data)
+            sole = consumers[data] == 1
+            if node.op_type != "Mul" and producer is not None and producer.affine_open and sole:
+                # Mul then Add: the shift of the scale-and-shift layer the Mul started
+                assert isinstance(producer.module, ChannelAffine)
+                with torch.no_grad():
+                    producer.module.bias.copy_(vector)
+                producer.affine_open, producer.fallback = False, None
+                alias[node.output[0]] = data
+                continue
         result = convert_node(view)
+        affine_open, fallback = False, None
+        if affine is not None and isinstance(result, Emit):
+            data, vector = affine
+            producer = runtime.get(data)
+            after_conv = (
+                producer is not None
+                and consumers[data] == 1
+                and _conv_or_linear(producer.module, "") is not None
+            )
+            if node.op_type == "Mul" and (after_conv or data in after_layer):
+                affine_open, fallback = True, None if after_conv else result.module
+                scale = ChannelAffine(vector, torch.zeros_like(vector))
+                result = Emit(scale, (names.index(data),))
+            elif node.op_type != "Mul" and after_conv:
+                result = Emit(ChannelAffine(torch.ones_like(vector), vector), (names.index(data),))
         if isinstance(result, Alias):
             source = names[result.index]
             if source in constants:
@@ -969,19 +975,24 @@ def convert_graph(
             outputs=outputs,
             scope=None,
             label=node.op_type,
+            affine_open=affine_open,
+            fallback=fallback,
         )
         if style != "flat":
             scoped = _node_scope(node, style, own_initializers)
             if scoped is not None:
                 entry.scope, entry.label = scoped
         entries.append(entry)
-        if node.op_type == "Shape" and node.input[0] in shapes:
-            start = int(view.attr("start", 0))
-            end = view.attr("end")
-            shape_values[outputs[0]] = shapes[node.input[0]][start : None if end is None else end]
+        weighted = any(True for _ in entry.module.parameters())
         for name in outputs:
             if name:
                 runtime[name] = entry
+                if weighted or any(i in after_layer for i in inputs):
+                    after_layer.add(name)
+
+    for entry in entries:
+        if entry.fallback is not None:  # a Mul by a channel vector that no Add completed
+            entry.module, entry.fallback, entry.affine_open = entry.fallback, None, False
 
     final = resolve(output)
     if final in constants or final not in runtime:
@@ -1062,7 +1073,9 @@ def _install(
     uses = Counter(n for e in entries for n in e.inputs)
     uses[output_name] += 1
     for i, entry in enumerate(entries):
-        if not isinstance(entry.module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
+        if not isinstance(
+            entry.module, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d | ChannelAffine
+        ):
             continue
         source = entry.inputs[0]
         j = producers.get(source)

@@ -57,6 +57,23 @@ def tensor_from_onnx(proto: onnx.TensorProto) -> torch.Tensor:
     return torch.from_numpy(np.array(array, copy=True))
 
 
+def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes as Python values (tensors as torch tensors, strings decoded)."""
+    attrs: dict[str, Any] = {}
+    for attr in node.attribute:
+        if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue  # control flow: its op_type is unsupported and reported as such
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        elif isinstance(value, onnx.TensorProto):
+            value = tensor_from_onnx(value)
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8", errors="replace") for v in value]
+        attrs[attr.name] = value
+    return attrs
+
+
 # ONNX TensorProto element types (onnx.TensorProto.DataType) -> torch dtypes, for Cast.
 _DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.FLOAT: torch.float32,
@@ -70,6 +87,29 @@ _DTYPES: dict[int, torch.dtype] = {
     onnx.TensorProto.INT64: torch.int64,
     onnx.TensorProto.BOOL: torch.bool,
 }
+
+
+@dataclass(frozen=True)
+class PartialValue:
+    """A tensor computed from tensor shapes, element by element (see ``onnx_fold``).
+
+    ``value`` holds every element known at conversion time (other elements hold a
+    placeholder); ``known`` marks those elements, ``batch`` the elements that are exactly the
+    image batch size (read from a ``Shape`` and moved, never computed with). ``dynamic`` says in
+    words why the rest is not known, for error messages.
+    """
+
+    value: torch.Tensor
+    known: torch.Tensor
+    batch: torch.Tensor
+    dynamic: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.known.all())
+
+    def unknown_elements(self) -> list[int]:
+        return [int(i) for i in torch.nonzero(~self.known.reshape(-1)).reshape(-1).tolist()]
 
 
 @dataclass
@@ -86,6 +126,11 @@ class NodeView:
     # batch as their first dim (shape inference runs with a symbolic batch).
     fixed_batch: int | None = None
     batch_first: list[bool] = field(default_factory=list)
+    # Per input: what shape arithmetic knows of an input it could not fold (None for constants
+    # and for tensors not computed from shapes alone), and why a non-constant input has no value
+    # at conversion time ("" when it is computed from the image values).
+    partials: list[PartialValue | None] = field(default_factory=list)
+    dynamic: list[str] = field(default_factory=list)
 
     @property
     def op_type(self) -> str:
@@ -110,10 +155,17 @@ class NodeView:
     def const(self, i: int) -> torch.Tensor | None:
         return self.consts[i] if self.has(i) else None
 
+    def partial(self, i: int) -> PartialValue | None:
+        return self.partials[i] if self.has(i) and i < len(self.partials) else None
+
     def need_const(self, i: int, what: str) -> torch.Tensor:
         value = self.const(i)
         if value is None:
-            raise self.error(f"{what} must be a constant (it depends on the input)")
+            why = self.dynamic[i] if i < len(self.dynamic) and self.dynamic[i] else ""
+            raise self.error(
+                f"{what} (input {i}, tensor {self.inputs[i]!r}) must be known when the model is "
+                f"converted, but {why or 'it is computed from the image values'}"
+            )
         return value
 
     def const_ints(self, i: int, what: str) -> list[int] | None:
@@ -1330,6 +1382,18 @@ def _reshape(n: NodeView) -> Converted:
     if n.opset < 5:
         return Emit(Reshape(n.ints("shape", []), allowzero))
     shape = n.const(1)
+    partial = n.partial(1)
+    if (
+        shape is None
+        and partial is not None
+        and n.batch_first[:1] == [True]
+        and partial.unknown_elements() == [0]
+        and bool(partial.batch.reshape(-1)[0])
+    ):
+        # (batch, ...) read from the input's own shape (Keras Flatten, x.view(x.size(0), -1)):
+        # a constant reshape that keeps the batch, with no shape ops left to run (or to export).
+        target = [int(v) for v in partial.value.reshape(-1).tolist()]
+        return Emit(Reshape(target, allowzero, keep_batch=True))
     if shape is None:
         return Emit(Reshape(None, allowzero), (0, 1))
     target = [int(v) for v in shape.tolist()]
