@@ -606,14 +606,14 @@ OP_CASES: list[tuple[str, list[onnx.NodeProto], dict[str, np.ndarray], int, type
         [_node("Conv", ["x", "w"], strides=[2, 2], pads=[0, 0, 1, 1])],
         {"w": _w(4, 3, 3, 3)},
         13,
-        nn.Conv2d,
+        layers.PaddedConv2d,
     ),
     (
         "conv_same_upper",
         [_node("Conv", ["x", "w"], strides=[2, 2], auto_pad="SAME_UPPER")],
         {"w": _w(4, 3, 3, 3)},
         13,
-        nn.Conv2d,
+        layers.PaddedConv2d,
     ),
     (
         "maxpool_ceil",

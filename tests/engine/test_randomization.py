@@ -91,3 +91,18 @@ def test_randomized_restores_the_trained_weights_and_leaves_the_global_rng_alone
         assert not torch.equal(model.state_dict()["classifier.weight"], inside)
     with randomized(model, ["classifier"], seed=0, draw="other"):
         assert not torch.equal(model.state_dict()["classifier.weight"], inside)
+
+
+def test_parameters_without_an_initializer_are_redrawn_like_a_vit_embedding() -> None:
+    from torchvision.models.convnext import CNBlock
+
+    block = CNBlock(8, layer_scale=1e-6, stochastic_depth_prob=0.0)
+    before = block.layer_scale.detach().clone()
+    conv_before = block.block[0].weight.detach().clone()
+    reinitialize(block, torch.Generator().manual_seed(1))
+    after = block.layer_scale.detach()
+    assert not torch.equal(after, before) and float(after.abs().max()) <= 0.04
+    assert torch.equal(block.block[0].weight, conv_before)  # children are units of their own
+    again = CNBlock(8, layer_scale=1e-6, stochastic_depth_prob=0.0)
+    reinitialize(again, torch.Generator().manual_seed(1))
+    assert torch.equal(again.layer_scale, after)

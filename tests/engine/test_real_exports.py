@@ -30,7 +30,7 @@ from workers.engine.maps import compute_maps
 from workers.engine.methods import _ort, scorecam
 from workers.engine.models.canonize import canonized, lrp_canonizers
 from workers.engine.models.fidelity import DEFAULT_RTOL, check_fidelity, ensure_fidelity
-from workers.engine.models.layers import ChannelAffine
+from workers.engine.models.layers import ChannelAffine, PaddedConv2d
 from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
 from workers.engine.models.onnx_ops import Pad, Reshape, ShapeOf
 from workers.engine.randomization import Randomizer, units
@@ -68,8 +68,12 @@ def test_tf2onnx_computed_pads_and_flatten_target_become_constants() -> None:
     module = _graph(load_onnx(onnx_exports.tf2onnx_style_classifier()).module)
     # TF "same" pads the end first: at 32 px a 3x3 stride-2 window needs one row and column at
     # the end; the second Pad reads the shape of a tensor after the first (folded second).
+    # (the second pads only the spatial dims of a conv's sole input: it became that conv's own
+    # padding, so that LRP rules see it as padding)
     pads = [m.pads for m in module.modules() if isinstance(m, Pad)]
-    assert pads == [(0, 0, 0, 1, 0, 1), (0, 1, 0, 1)]
+    assert pads == [(0, 0, 0, 1, 0, 1)]
+    (padded,) = [m for m in module.modules() if isinstance(m, PaddedConv2d)]
+    assert padded.pre_pad == (0, 1, 0, 1) and padded.padding == (0, 0)
     # auto_pad=SAME_UPPER after the first computed Pad needs that Pad's output size
     depthwise = module.get_submodule("conv_1")
     assert isinstance(depthwise, nn.Conv2d) and depthwise.padding == (1, 1)

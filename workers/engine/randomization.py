@@ -43,8 +43,13 @@ NORMALIZATION_HANDLING = (
     "that the exporter wrote as constant Mul/Add). A BatchNorm the exporter folded into the "
     "preceding conv's weights and bias is re-drawn with that conv. Conv and Linear layers are "
     "re-drawn from their default initializer: kaiming_uniform(a=sqrt(5)) weights and "
-    "uniform(+-1/sqrt(fan_in)) biases."
+    "uniform(+-1/sqrt(fan_in)) biases. Parameters a module owns without an initializer (class "
+    "tokens, position embeddings, layer scales, relative-position tables) are drawn from a "
+    "normal with std 0.02 truncated at 2 std, as ViT, Swin and ConvNeXt initialize them."
 )
+
+
+FREE_PARAMETER_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -154,7 +159,20 @@ def reinitialize(module: nn.Module, generator: torch.Generator) -> None:
         return
     reset = getattr(module, "reset_parameters", None)
     if reset is None:
-        raise ValueError(f"{type(module).__name__} has parameters but no reset_parameters")
+        # parameters a module owns with no initializer of its own: a class token, a position
+        # embedding, a layer scale, a relative-position table (ViT, Swin, ConvNeXt draw those
+        # from a normal with std 0.02, truncated at 2 std); children are units of their own
+        for parameter in module.parameters(recurse=False):
+            fresh = torch.empty(parameter.shape, dtype=parameter.dtype)
+            nn.init.trunc_normal_(
+                fresh,
+                std=FREE_PARAMETER_STD,
+                a=-2 * FREE_PARAMETER_STD,
+                b=2 * FREE_PARAMETER_STD,
+                generator=generator,
+            )
+            parameter.copy_(fresh)
+        return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     device = module_device(module)
     if device.type == "cpu":

@@ -66,13 +66,14 @@ from ..spec import (
     resolve_output,
 )
 from .base import SPEC_FIELDS, LoadedModel, ModelOutput, SoftmaxHead, input_spec_note
-from .layers import ChannelAffine
+from .layers import ChannelAffine, with_zero_padding
 from .onnx_fold import BATCH, analyze
 from .onnx_ops import (
     Alias,
     Emit,
     Fold,
     NodeView,
+    Pad,
     StaticShape,
     convert_node,
     node_attributes,
@@ -788,6 +789,18 @@ def _channel_operand(view: NodeView) -> tuple[str, torch.Tensor] | None:
     return view.inputs[i], -vector if view.op_type == "Sub" else vector
 
 
+def _zero_pad_entry(entry: _Entry | None) -> tuple[_Entry, tuple[int, int, int, int]] | None:
+    """The entry and its (left, right, top, bottom) pads when ``entry`` zero-pads only the
+    two spatial dims of a 4-D tensor; None otherwise."""
+    if entry is None or not isinstance(entry.module, Pad) or len(entry.inputs) != 1:
+        return None
+    pad = entry.module
+    if pad.mode != "constant" or pad.value != 0.0 or len(pad.pads) != 4 or min(pad.pads) < 0:
+        return None
+    left, right, top, bottom = pad.pads
+    return entry, (left, right, top, bottom)
+
+
 def _conv_or_linear(module: nn.Module, name: str) -> str | None:
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
         return name
@@ -924,6 +937,15 @@ def convert_graph(
                 alias[node.output[0]] = data
                 continue
         result = convert_node(view)
+        if node.op_type == "Conv" and isinstance(result, Emit) and consumers[node.input[0]] == 1:
+            padded = _zero_pad_entry(runtime.get(names[0]))
+            if padded is not None and isinstance(result.module, nn.Conv2d):
+                # a zero Pad feeding only this conv becomes the conv's own padding
+                entry, pads = padded
+                entries.remove(entry)
+                del runtime[names[0]]
+                names = [entry.inputs[0], *names[1:]]
+                result = Emit(with_zero_padding(result.module, pads), result.inputs)
         affine_open, fallback = False, None
         if affine is not None and isinstance(result, Emit):
             data, vector = affine

@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelLoadError, UnsupportedOperatorError
-from .layers import Add, Concat
+from .layers import Add, Concat, with_zero_padding
 
 StaticShape = tuple[int | None, ...]
 
@@ -930,8 +930,12 @@ def _conv(n: NodeView) -> Converted:
         conv.bias = _param(bias)
     if symmetric:
         return Emit(conv)
-    # nn.ConvNd pads both sides equally; TF-style SAME pads need an explicit pad first.
-    return Emit(nn.Sequential(Pad(_torch_pads(begins, ends), "constant", 0.0), conv))
+    # nn.ConvNd pads both sides equally; TF-style SAME pads need the padding done first, inside
+    # the conv module for 2-D (PaddedConv2d: LRP rules must see padding as padding)
+    pads = _torch_pads(begins, ends)
+    if isinstance(conv, nn.Conv2d) and len(pads) == 4:
+        return Emit(with_zero_padding(conv, (pads[0], pads[1], pads[2], pads[3])))
+    return Emit(nn.Sequential(Pad(pads, "constant", 0.0), conv))
 
 
 def _linear(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
