@@ -24,9 +24,10 @@ from torch import nn
 
 from . import faithfulness
 from .errors import SpecError
-from .maps import compute_maps
+from .maps import compute_maps, conservation_ratios
 from .methods._ort import ort_forward
 from .methods.lrp import lrp_layer_relevance
+from .policy import MapChecks
 from .randomization import units
 from .result import Score, StageInfo, TestResult
 from .sanity import TEST_INFO, make_score
@@ -152,12 +153,16 @@ def layer_analysis(
     *,
     device: torch.device,
     masks: torch.Tensor | None = None,
+    checks: MapChecks | None = None,
     progress: ProgressCallback = lambda f, s: None,
 ) -> TestResult:
     """Heatmaps of :data:`METHODS` at each layer, scored per image (see the module docstring).
 
     ``masks`` are (N, H, W) boolean ground-truth object masks at the input size, or None.
+    ``checks`` decide which maps are reported as degenerate (``map_problems``); a method that
+    raises at a layer is reported in ``details["errors"]`` and the analysis goes on.
     """
+    checks = checks or MapChecks()
     layers = resolve_layers(module, spec.layers, images[:1].to(device))
     output_shapes = dict(_outputs_in_order(module, images[:1].to(device)))
     if masks is not None and tuple(masks.shape) != (
@@ -191,6 +196,8 @@ def layer_analysis(
         test=TEST, description=info.description, reference=info.reference, granularity="block"
     )
     not_applicable: dict[str, dict[str, str]] = {}
+    errors: dict[str, dict[str, str]] = {}
+    shares: dict[str, dict[str, float | None]] = {}
     per_layer = 1.0 / len(layers)
     for index, (label, layer) in enumerate(layers, start=1):
         base = (index - 1) * per_layer
@@ -267,10 +274,22 @@ def layer_analysis(
         if masks is not None
         else "no masks: IoU and pointing game not scored",
         "not_applicable": not_applicable,
+        "errors": errors,
+        "relevance_share": shares,
+        "relevance_share_definition": "per layer and relevance method, the mean over images of "
+        "the share of the target's relevance that reaches the layer (LRP: the target logit's; "
+        "Relevance-CAM: its unit start); at most about 1, less where skip connections and "
+        "biases take relevance past or away from the layer",
         "beats_random": beats_random(result.scores),
     }
     progress(1.0, "done")
     return result
+
+
+def _mean_ratio(distributed: np.ndarray, start: np.ndarray) -> float | None:
+    ratios = conservation_ratios(distributed, start)
+    finite = ratios[np.isfinite(ratios)]
+    return float(finite.mean()) if finite.size else None
 
 
 def _metric_values(

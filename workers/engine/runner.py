@@ -240,7 +240,14 @@ def run_audit(
             tests[test] = sanity.random_logit(states, int(probs.shape[1]), test_progress)
         elif test == "layers":
             tests[test] = layer_analysis(
-                module, images, targets, spec, device=device, masks=masks, progress=test_progress
+                module,
+                images,
+                targets,
+                spec,
+                device=device,
+                masks=masks,
+                checks=policy.checks,
+                progress=test_progress,
             )
         else:
             tests[test] = data_randomization(
