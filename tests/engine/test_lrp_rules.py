@@ -27,6 +27,7 @@ from workers.engine.methods.lrp_ops import relevance_rules
 from workers.engine.models.onnx_convert import load_onnx
 from workers.engine.models.torchvision_adapter import load_torchvision
 from workers.engine.policy import load_policy
+from workers.engine.spec import MethodParams
 
 TOLERANCE = load_policy().checks.conservation_tolerance
 
@@ -289,3 +290,26 @@ def test_a_rule_that_would_change_the_output_fails_the_method_not_the_audit() ->
     assert not isinstance(failed, torch.Tensor)
     assert "output changed under the relevance rules" in failed.message
     assert isinstance(out["gradient"], torch.Tensor)
+
+
+def test_the_layers_analysis_runs_on_a_real_pretrained_model_exported_with_batch_one() -> None:
+    from workers.engine.layers import layer_analysis
+    from workers.engine.spec import AuditSpec
+
+    model, size = efficientnet_lite(1)
+    x = photos(size)
+    data = export_module(model, x[:1], exporter="legacy", opset=13, dynamic_batch=False)
+    converted = load_onnx(data).module
+    spec = AuditSpec(
+        methods=("gradcam",),
+        tests=("layers",),
+        layers=("2._project_conv", "4._project_conv"),
+        batch_size=2,
+        params=MethodParams(faithfulness_steps=4, scorecam_batch=64),
+    )
+    result = layer_analysis(converted, x, predicted(converted, x), spec, device=torch.device("cpu"))
+    assert result.details["errors"] == {} and result.details["not_applicable"] == {}
+    assert {s.stage for s in result.scores} == {"2._project_conv", "4._project_conv"}
+    assert all(s.mean is not None and np.isfinite(s.mean) for s in result.scores)
+    shares = result.details["relevance_share"]
+    assert set(shares["2._project_conv"]) == {"lrp", "relevance_cam"}

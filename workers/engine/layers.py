@@ -30,7 +30,7 @@ from .methods.lrp import lrp_layer_relevance
 from .policy import MapChecks
 from .randomization import units
 from .result import Score, StageInfo, TestResult
-from .sanity import TEST_INFO, make_score
+from .sanity import TEST_INFO, make_score, problems_of
 from .spec import AuditSpec
 
 ProgressCallback = Callable[[float, str], None]
@@ -230,19 +230,36 @@ def layer_analysis(
         maps = {name: torch.from_numpy(m) for name, m in {**mapset.maps, **scored.maps}.items()}
         for name, reason in {**mapset.not_applicable, **scored.not_applicable}.items():
             not_applicable.setdefault(label, {})[name] = reason
+        for part in (mapset, scored):
+            for name, message in part.errors.items():
+                errors.setdefault(label, {})[name] = message
+            result.map_problems += problems_of(part, checks, label)
+            for name, (distributed, start) in part.conservation.items():
+                shares.setdefault(label, {})[name] = _mean_ratio(distributed, start)
         sub(0.6, "lrp relevance")
-        maps[LRP] = torch.cat(
-            [
-                lrp_layer_relevance(
-                    module,
-                    images[i : i + spec.batch_size].to(device),
-                    targets[i : i + spec.batch_size].to(device),
-                    layer,
-                    params.lrp_composite,
-                )[:, 0].cpu()
-                for i in range(0, images.shape[0], spec.batch_size)
-            ]
-        )
+        log: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            maps[LRP] = torch.cat(
+                [
+                    lrp_layer_relevance(
+                        module,
+                        images[i : i + spec.batch_size].to(device),
+                        targets[i : i + spec.batch_size].to(device),
+                        layer,
+                        params.lrp_composite,
+                        conservation=log,
+                    )[:, 0].cpu()
+                    for i in range(0, images.shape[0], spec.batch_size)
+                ]
+            )
+        except SpecError:
+            raise
+        except Exception as exc:  # a failing method never loses the analysis
+            errors.setdefault(label, {})[LRP] = f"{type(exc).__name__}: {exc}"[:500]
+        else:
+            shares.setdefault(label, {})[LRP] = _mean_ratio(
+                torch.cat([d for d, _ in log]).numpy(), torch.cat([s for _, s in log]).numpy()
+            )
         result.stages.append(StageInfo(index=index, name=label, randomized=(layer,)))
         examples: dict[str, np.ndarray] = {}
         for position, name in enumerate(m for m in METHODS if m in maps):
