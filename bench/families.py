@@ -148,7 +148,8 @@ def row(label: str, model: nn.Module, x: torch.Tensor) -> str:
         f"{SHORT[n]} {status[n]}" for n in ("guided_backprop", "gradcam", "scorecam")
     )
     layer = f"`{choice.name}`" if choice.name else "none: " + choice.reason.split(":")[0]
-    others_ok = all(status[n] == "yes" for n in names if n not in SHORT)
+    gradient_family = ("gradient", "gradient_x_input", "integrated_gradients", "smoothgrad")
+    others_ok = all(status[n] == "yes" for n in gradient_family)
     print(f"  {label}: {seconds:.1f}s", file=sys.stderr, flush=True)
     return (
         f"| {label} | {applies} | {'yes' if others_ok else 'no'} | {layer} | "
@@ -164,8 +165,8 @@ def main() -> None:
     torch.set_num_threads(2)
     warnings.simplefilter("ignore")
     print(
-        "| family | guided / CAM methods | gradient, IG, noise methods | CAM layer (default) | "
-        "LRP input sum / logit | Relevance-CAM share at the layer |"
+        "| family | guided / CAM methods | gradient, x input, IG, SmoothGrad | "
+        "CAM layer (default) | LRP input sum / logit | Relevance-CAM share at the layer |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for label, arch, size in FAMILIES:

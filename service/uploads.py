@@ -68,6 +68,7 @@ from PIL import Image, UnidentifiedImageError
 
 from service.architectures import TORCHVISION_CLASSIFIERS
 from workers.engine.errors import (
+    EMBED_WEIGHTS_FIX,
     ModelLoadError,
     NotAClassifierError,
     OutputRequiredError,
@@ -446,8 +447,8 @@ def _inspect_onnx(
             locations = [e.value for e in tensor.external_data if e.key == "location"]
             raise UploadRejected(
                 f"{name}: {_clip(where)} stores its data outside the file "
-                f"(external data {_clip(repr(locations))}); export the model with all weights "
-                "inside the .onnx file (save_as_external_data=False)",
+                f"(external data {_clip(repr(locations))}), and only the uploaded file is read. "
+                f"{EMBED_WEIGHTS_FIX}",
                 code="onnx_external_data",
                 tensor=_clip(where),
             )

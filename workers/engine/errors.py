@@ -9,6 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+# How to put an ONNX model's weights back into one file (the engine and the upload check say it)
+EMBED_WEIGHTS_FIX = (
+    "Embed the weights in one file: export with torch.onnx.export(..., external_data=False) "
+    "(torch's default writes model.onnx.data beside model.onnx), or merge an existing pair "
+    'with onnx.save(onnx.load("model.onnx"), "single.onnx", save_as_external_data=False) '
+    "(files over 2 GB cannot be embedded)"
+)
+
 
 class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""

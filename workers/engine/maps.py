@@ -76,7 +76,10 @@ def _violations(
     is never one; a non-finite sum always is)."""
     ratios = conservation_ratios(distributed, start)
     with np.errstate(invalid="ignore"):
-        off = np.abs(ratios - 1.0) > tolerance if kind == "total" else ratios > 1.0 + tolerance
+        if kind == "total":
+            off = np.abs(ratios - 1.0) > tolerance
+        else:  # z+ rules keep a positive start positive and never add to it
+            off = (ratios > 1.0 + tolerance) | (ratios < -tolerance)
     return (start != 0) & (~np.isfinite(ratios) | off)
 
 
@@ -166,7 +169,8 @@ def map_problems(
             rule = (
                 f"sum to the target logit within {checks.conservation_tolerance:.0%}"
                 if kind == "total"
-                else f"hand out at most {1 + checks.conservation_tolerance:g} of their start"
+                else f"hand out between 0 and {1 + checks.conservation_tolerance:g} of their "
+                "start"
             )
             add(
                 method,

@@ -89,8 +89,9 @@ class MapChecks:
     with a healthy trained map it is a change, and it is counted in the test's details.
 
     ``conservation_tolerance``: a ``total`` relevance method must distribute the target logit
-    within this relative tolerance on every image; a ``share`` method must not hand out more
-    than ``1 + tolerance`` of its start."""
+    within this relative tolerance on every image; a ``share`` method must hand out between
+    ``-tolerance`` and ``1 + tolerance`` of its start (z+ rules keep a positive start positive
+    and never add to it)."""
 
     zero_floor: float = 1e-12
     constant_rtol: float = 1e-6

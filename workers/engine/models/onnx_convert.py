@@ -54,7 +54,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from torch import nn
 
-from ..errors import ModelLoadError, SpecError, UnsupportedOperatorError
+from ..errors import EMBED_WEIGHTS_FIX, ModelLoadError, SpecError, UnsupportedOperatorError
 from ..spec import (
     GRAY_MEAN,
     GRAY_STD,
@@ -240,11 +240,7 @@ def _parse(data: bytes) -> onnx.ModelProto:
             raise ModelLoadError(
                 f"tensor {tensor.name!r} is stored as external data"
                 + (f" in a side file ({location!r})" if location else "")
-                + ", and only the uploaded file is read. Embed the weights in one file: "
-                "export with torch.onnx.export(..., external_data=False) (torch's default "
-                "writes model.onnx.data beside model.onnx), or merge an existing pair with "
-                'onnx.save(onnx.load("model.onnx"), "single.onnx", '
-                "save_as_external_data=False) (files over 2 GB cannot be embedded)",
+                + f", and only the uploaded file is read. {EMBED_WEIGHTS_FIX}",
                 tensor=tensor.name,
                 location=location,
             )
