@@ -73,9 +73,9 @@ def _torchvision(name: str, **kwargs: object) -> Callable[[], nn.Module]:
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], int, float]] = {
     "resnet18": (_torchvision("resnet18"), 6, 2e-3),
     "mobilenet_v2": (_torchvision("mobilenet_v2"), 8, 3e-3),
-    "efficientnet_b0": (_torchvision("efficientnet_b0"), 8, 3e-3),
-    "convnext": (_convnext, 10, 2e-3),
-    "vit": (_vit, 20, 1e-3),
+    "efficientnet_b0": (_torchvision("efficientnet_b0"), 12, 1e-3),
+    "convnext": (_convnext, 12, 3e-4),
+    "vit": (_vit, 20, 3e-4),
 }
 
 

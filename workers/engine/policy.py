@@ -43,7 +43,18 @@ from .stats import bootstrap_mean, key_seed
 
 POLICY_FORMAT = 1
 DECIDING_MEASURES = (*MEASURES, "entropy_rise")
-_RULE_KEYS = {"measure", "stage", "threshold", "pass_when", "interval", "why"}
+_RULE_KEYS = {
+    "measure",
+    "stage",
+    "threshold",
+    "fail_threshold",
+    "scale",
+    "pass_when",
+    "interval",
+    "why",
+}
+# stage selectors that summarize the whole curve: need stages that accumulate randomization
+CURVE_TESTS = ("cascading", "cascading_bottom_up")
 _TOP_KEYS = {
     "format",
     "name",
@@ -64,11 +75,25 @@ _CHECK_KEYS = {
 
 @dataclass(frozen=True)
 class Rule:
+    """How one test's scores become a verdict (see the module docstring).
+
+    ``threshold`` bounds the PASS side and ``fail_threshold`` the FAIL side (the same number
+    unless the rule keeps an indifference zone between them, where no number of images decides
+    and the verdict stays INCONCLUSIVE). ``scale``: ``"controls"`` maps each stage's similarity
+    onto the range the two controls span at that stage on this model, ``(s - random) / (sobel -
+    random)``, before the stage summary."""
+
     measure: str
     stage: str | dict[str, Any]
     threshold: float
     pass_when: Literal["below", "above"]
     interval: Literal["beyond", "mean"] = "beyond"
+    fail_threshold: float | None = None
+    scale: Literal["none", "controls"] = "none"
+
+    @property
+    def fail_bound(self) -> float:
+        return self.threshold if self.fail_threshold is None else self.fail_threshold
 
 
 @dataclass(frozen=True)
@@ -194,6 +219,13 @@ def _rule(test: str, raw: Any) -> Rule:
     if raw.get("interval", "beyond") not in ("beyond", "mean"):
         raise SpecError(f"policy rule for {test}: interval must be 'beyond' or 'mean'")
     stage = raw.get("stage", "last")
+    area = stage.get("area") if isinstance(stage, dict) else None
+    valid_area = (
+        isinstance(area, list | tuple)
+        and len(area) == 2
+        and all(isinstance(v, int | float) for v in area)
+        and 0 <= area[0] < area[1] <= 1
+    )
     valid_stage = stage in ("first", "last", "mean_over_stages") or (
         isinstance(stage, dict)
         and len(stage) == 1
@@ -201,19 +233,45 @@ def _rule(test: str, raw: Any) -> Rule:
             (isinstance(stage.get("fraction"), int | float) and 0 < stage["fraction"] <= 1)
             or (isinstance(stage.get("index"), int) and stage["index"] >= 1)
             or isinstance(stage.get("name"), str)
+            or valid_area
         )
     )
     if not valid_stage:
         raise SpecError(
             f"policy rule for {test}: stage must be 'first', 'last', 'mean_over_stages', "
-            "{'fraction': f in (0, 1]}, {'index': k >= 1} or {'name': module}"
+            "{'fraction': f in (0, 1]}, {'index': k >= 1}, {'name': module} or "
+            "{'area': [a, b]} with 0 <= a < b <= 1"
         )
+    if area is not None and test not in CURVE_TESTS:
+        raise SpecError(
+            f"policy rule for {test}: an area summarizes a cascade; only {CURVE_TESTS} have one"
+        )
+    fail_threshold = raw.get("fail_threshold")
+    if fail_threshold is not None:
+        if not isinstance(fail_threshold, int | float) or not math.isfinite(fail_threshold):
+            raise SpecError(f"policy rule for {test}: fail_threshold must be a finite number")
+        wrong_side = (
+            fail_threshold < threshold
+            if raw["pass_when"] == "below"
+            else fail_threshold > threshold
+        )
+        if wrong_side:
+            raise SpecError(
+                f"policy rule for {test}: fail_threshold must lie on the fail side of threshold"
+            )
+    scale = raw.get("scale", "none")
+    if scale not in ("none", "controls"):
+        raise SpecError(f"policy rule for {test}: scale must be 'none' or 'controls'")
+    if scale == "controls" and measure == "entropy_rise":
+        raise SpecError(f"policy rule for {test}: only similarities can be scaled by controls")
     return Rule(
         measure=measure,
         stage=stage,
         threshold=float(threshold),
         pass_when=raw["pass_when"],
         interval=raw.get("interval", "beyond"),
+        fail_threshold=None if fail_threshold is None else float(fail_threshold),
+        scale=scale,
     )
 
 
@@ -231,42 +289,160 @@ class Evidence:
     ci_low: float | None
     ci_high: float | None
     n: int
+    sd: float | None = None  # per-image standard deviation of the deciding value
 
 
-def evidence(scores: list[Score], rule: Rule, seed: int) -> Evidence | None:
-    """The deciding number for one method under ``rule``, from its scores in one test."""
+def _values(score: Score) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in score.values], dtype=np.float64)
+
+
+def _estimate(stage: str, per_image: np.ndarray, seed: int, *key: str) -> Evidence:
+    est = bootstrap_mean(per_image, key_seed(seed, *key))
+    finite = per_image[np.isfinite(per_image)]
+    sd = float(finite.std(ddof=1)) if finite.size > 1 else None
+    return Evidence(stage, est.mean, est.ci_low, est.ci_high, est.n, sd)
+
+
+def stage_fractions(test: TestResult) -> dict[int, float]:
+    """Per stage index, the fraction of the randomizable modules randomized at that stage (the
+    last stage of a cascade randomizes them all): the x axis of a randomization curve, the same
+    for every granularity."""
+    total = max((len(s.randomized) for s in test.stages), default=0)
+    if total == 0:
+        return {}
+    return {s.index: len(s.randomized) / total for s in test.stages}
+
+
+def curve_area(stages: list[tuple[float, np.ndarray]], start: float, end: float) -> np.ndarray:
+    """Per image, the mean of a randomization curve over the fraction ``[start, end]`` of the
+    modules randomized. ``stages`` are (fraction, per-image values) in cascade order; the curve
+    is a step function that holds each stage's value from the previous stage's fraction to its
+    own (the state of the model there is the state that stage reaches), so block and module
+    granularities sample the same curve. NaN where an image has no defined value in the span."""
+    ordered = sorted(stages, key=lambda item: item[0])
+    n = ordered[0][1].shape[0] if ordered else 0
+    total = np.zeros(n)
+    weight = np.zeros(n)
+    previous = 0.0
+    for fraction, values in ordered:
+        lo, hi = max(previous, start), min(fraction, end)
+        if hi > lo:
+            defined = np.isfinite(values)
+            total += np.where(defined, values, 0.0) * (hi - lo)
+            weight += defined * (hi - lo)
+        previous = fraction
+        if previous >= end:
+            break
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
+
+
+def evidence(
+    scores: list[Score],
+    rule: Rule,
+    seed: int,
+    *,
+    fractions: dict[int, float] | None = None,
+    controls: dict[str, list[Score]] | None = None,
+) -> Evidence | None:
+    """The deciding number for one method under ``rule``, from its scores in one test.
+
+    ``fractions`` (:func:`stage_fractions`) place the stages on the curve for an ``area``;
+    ``controls`` (the two controls' scores in the same test) scale similarities for
+    ``scale: "controls"``."""
     chosen = sorted((s for s in scores if s.measure == rule.measure), key=lambda s: s.stage_index)
     if not chosen:
         return None
+    scaled = _scaled(chosen, rule, controls)
+    if scaled is None:
+        return None
+    first = chosen[0]
     stage = rule.stage
+    if isinstance(stage, dict) and "area" in stage:
+        if not fractions:
+            return None
+        start, end = (float(v) for v in stage["area"])
+        pairs = [(fractions[s.stage_index], v) for s, v in zip(chosen, scaled, strict=True)]
+        per_image = curve_area(pairs, start, end)
+        label = f"area {start:g}-{end:g}"
+        return _estimate(label, per_image, seed, first.method, first.test, label, rule.measure)
     if stage == "mean_over_stages":
-        values = np.array(
-            [[np.nan if v is None else v for v in s.values] for s in chosen], dtype=np.float64
-        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an image undefined at every stage
-            per_image = np.nanmean(values, axis=0)
-        first = chosen[0]
-        est = bootstrap_mean(
-            per_image, key_seed(seed, first.method, first.test, "mean_over_stages", rule.measure)
+            per_image = np.nanmean(np.stack(scaled), axis=0)
+        return _estimate(
+            "mean_over_stages",
+            per_image,
+            seed,
+            first.method,
+            first.test,
+            "mean_over_stages",
+            rule.measure,
         )
-        return Evidence("mean_over_stages", est.mean, est.ci_low, est.ci_high, est.n)
     if stage == "first":
-        score = chosen[0]
+        k = 0
     elif stage == "last" or not isinstance(stage, dict):
-        score = chosen[-1]
+        k = len(chosen) - 1
     elif "fraction" in stage:
-        score = chosen[max(1, math.ceil(stage["fraction"] * len(chosen))) - 1]
+        k = max(1, math.ceil(stage["fraction"] * len(chosen))) - 1
     elif "index" in stage:
         if stage["index"] > len(chosen):
             return None
-        score = chosen[stage["index"] - 1]
+        k = stage["index"] - 1
     else:
-        named = [s for s in chosen if s.stage == stage["name"]]
+        named = [i for i, s in enumerate(chosen) if s.stage == stage["name"]]
         if not named:
             return None
-        score = named[0]
-    return Evidence(score.stage, score.mean, score.ci_low, score.ci_high, score.n)
+        k = named[0]
+    score = chosen[k]
+    if rule.scale == "none":
+        finite = _values(score)
+        finite = finite[np.isfinite(finite)]
+        sd = float(finite.std(ddof=1)) if finite.size > 1 else None
+        return Evidence(score.stage, score.mean, score.ci_low, score.ci_high, score.n, sd)
+    return _estimate(score.stage, scaled[k], seed, score.method, score.test, score.stage, "scaled")
+
+
+def _scaled(
+    chosen: list[Score], rule: Rule, controls: dict[str, list[Score]] | None
+) -> list[np.ndarray] | None:
+    """Per stage, the per-image values; with ``scale: "controls"``, mapped onto the span the
+    controls reach at that stage: ``(s - mean random) / (mean sobel - mean random)``."""
+    values = [_values(s) for s in chosen]
+    if rule.scale == "none":
+        return values
+    by_stage: dict[str, dict[int, float]] = {}
+    for control in ("control_random", "control_sobel"):
+        for score in (controls or {}).get(control, []):
+            if score.measure == rule.measure and score.mean is not None:
+                by_stage.setdefault(control, {})[score.stage_index] = score.mean
+    out = []
+    for score, v in zip(chosen, values, strict=True):
+        low = by_stage.get("control_random", {}).get(score.stage_index)
+        high = by_stage.get("control_sobel", {}).get(score.stage_index)
+        if low is None or high is None or not high > low:
+            return None
+        out.append((v - low) / (high - low))
+    return out
+
+
+def images_to_decide(ev: Evidence, rule: Rule) -> int | None:
+    """About how many images would put the 95% interval wholly on the side of a threshold the
+    mean already lies on (normal approximation from the per-image spread: 1.96 sd / sqrt(n)
+    against the distance to it); None when the mean lies between the thresholds (no number of
+    images decides) or the spread is unknown."""
+    if ev.mean is None or ev.sd is None:
+        return None
+    below = rule.pass_when == "below"
+    if (ev.mean < rule.threshold) if below else (ev.mean > rule.threshold):
+        gap = abs(rule.threshold - ev.mean)
+    elif (ev.mean >= rule.fail_bound) if below else (ev.mean <= rule.fail_bound):
+        gap = abs(ev.mean - rule.fail_bound)
+    else:
+        return None
+    if gap <= 0:
+        return None
+    return max(ev.n + 1, math.ceil((1.96 * ev.sd / gap) ** 2))
 
 
 def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
@@ -280,8 +456,9 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
         if rule.measure != "entropy_rise"
         else "the maps' entropy did not rise enough"
     )
+    scaled = " (scaled by the controls)" if rule.scale == "controls" else ""
     where = (
-        f"{rule.measure} at {ev.stage}: mean {ev.mean:.3f}, 95% CI [{ev.ci_low:.3f}, "
+        f"{rule.measure}{scaled} at {ev.stage}: mean {ev.mean:.3f}, 95% CI [{ev.ci_low:.3f}, "
         f"{ev.ci_high:.3f}], n={ev.n}"
     )
     if rule.interval == "mean":
@@ -290,20 +467,32 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
     else:
         low, high = ev.ci_low, ev.ci_high
         what = "interval"
+    fail = rule.fail_bound
     on_pass_side = high < rule.threshold if rule.pass_when == "below" else low > rule.threshold
-    on_fail_side = low >= rule.threshold if rule.pass_when == "below" else high <= rule.threshold
+    on_fail_side = low >= fail if rule.pass_when == "below" else high <= fail
     if on_pass_side:
         return "PASS", f"{where}; the {what} lies {below} the threshold {rule.threshold}: {changed}"
     if on_fail_side:
         return (
             "FAIL",
-            f"{where}; the {what} is not {below} the threshold {rule.threshold}: {stayed}",
+            f"{where}; the {what} is not {below} the threshold {fail}: {stayed}",
         )
-    return (
-        "INCONCLUSIVE",
-        f"{where}; the interval straddles the threshold {rule.threshold} "
-        f"(neither entirely {below} nor {above} it)",
-    )
+    if fail == rule.threshold:
+        why = (
+            f"the interval straddles the threshold {rule.threshold} (neither entirely {below} "
+            f"nor {above} it)"
+        )
+    else:
+        why = (
+            f"the interval reaches between the PASS threshold {rule.threshold} and the FAIL "
+            f"threshold {fail}"
+        )
+    needed = images_to_decide(ev, rule)
+    if needed is not None:
+        why += f"; about {needed} images would likely decide it"
+    elif ev.mean is not None and rule.interval == "beyond":
+        why += "; the mean lies between the thresholds, so more images would not decide it"
+    return "INCONCLUSIVE", f"{where}; {why}"
 
 
 def describe_problems(problems: list[MapProblem], limit: int = 3) -> str:
@@ -326,6 +515,11 @@ def decide(
     for test_name, test in tests.items():
         rule = policy.rules.get(test_name)
         raw: dict[str, Verdict] = {}
+        fractions = stage_fractions(test)
+        controls = {
+            c: [s for s in test.scores if s.method == c]
+            for c in ("control_random", "control_sobel")
+        }
         problems_by_method: dict[str, list[MapProblem]] = {}
         for problem in test.map_problems:
             problems_by_method.setdefault(problem.method, []).append(problem)
@@ -359,14 +553,22 @@ def decide(
                     reason="maps that cannot carry a verdict: " + describe_problems(problems),
                     measure=rule.measure,
                     threshold=rule.threshold,
+                    fail_threshold=rule.fail_bound,
                     pass_when=rule.pass_when,
                     **common,
                 )
                 continue
-            ev = evidence([s for s in test.scores if s.method == method], rule, seed)
+            ev = evidence(
+                [s for s in test.scores if s.method == method],
+                rule,
+                seed,
+                fractions=fractions,
+                controls=controls,
+            )
             detail: dict[str, Any] = dict(
                 measure=rule.measure,
                 threshold=rule.threshold,
+                fail_threshold=rule.fail_bound,
                 pass_when=rule.pass_when,
             )
             if ev is None:

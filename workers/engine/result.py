@@ -221,6 +221,8 @@ class Verdict:
     measure: str | None = None
     stage: str | None = None
     threshold: float | None = None
+    # the FAIL side's bound: equal to ``threshold`` unless the rule keeps an indifference zone
+    fail_threshold: float | None = None
     pass_when: str | None = None
     mean: float | None = None
     ci_low: float | None = None

@@ -72,6 +72,7 @@ def _schema() -> Schema:
             "measure": STRING_OR_NULL,
             "stage": STRING_OR_NULL,
             "threshold": NUMBER_OR_NULL,
+            "fail_threshold": NUMBER_OR_NULL,
             "pass_when": STRING_OR_NULL,
             "mean": NUMBER_OR_NULL,
             "ci_low": NUMBER_OR_NULL,
