@@ -5,7 +5,9 @@ architecture works:
 
 * a *unit* at granularity ``module`` is one module that owns parameters (Conv, Linear,
   BatchNorm, ...); at granularity ``block`` it is a child of the root module (ResNet's
-  ``conv1``, ``layer1`` .. ``layer4``, ``fc``) with all the parameterized modules below it;
+  ``conv1``, ``layer1`` .. ``layer4``, ``fc``) with all the parameterized modules below it, a
+  child holding more than half of the model's modules being split into its own children
+  (MobileNet's ``features`` becomes ``features.0`` .. ``features.18``);
 * ``cascading`` randomizes units from the top (logits) down, keeping earlier randomizations
   (one map set per stage, as in the paper's Figure 2); ``cascading_bottom_up`` goes the other
   way; ``independent`` randomizes one unit at a time with all others trained.
@@ -88,24 +90,37 @@ def units(model: nn.Module, granularity: Granularity) -> list[Unit]:
         return [Unit(name, (name,)) for name in modules]
     if granularity != "block":
         raise ValueError(f"granularity must be 'module' or 'block', not {granularity!r}")
-    blocks: dict[str, list[str]] = {}
-    for name in modules:
-        blocks.setdefault(_block_of(model, name), []).append(name)
-    return [Unit(block, tuple(members)) for block, members in blocks.items()]
+    return [Unit(name, tuple(members)) for name, members in _blocks("", modules, len(modules))]
 
 
-def _block_of(model: nn.Module, module_name: str) -> str:
-    """The root's child holding a module. A root with a single child container (e.g. an NHWC
-    adapter wrapping a converted graph) is looked through, so blocks are the real ones."""
-    prefix = ""
-    current = model
-    while True:
-        children = list(current.named_children())
-        if len(children) != 1 or not any(True for _ in children[0][1].children()):
-            break
-        prefix += children[0][0] + "."
-        current = children[0][1]
-    return prefix + module_name[len(prefix) :].split(".")[0]
+# A block holding more than this share of the model's parameterized modules is split into its
+# children: torchvision's MobileNet, EfficientNet, DenseNet and ViT put nearly everything in one
+# root child (``features``, ``encoder``), which as one block would leave a cascade of two stages
+# (the head, then everything else).
+MAX_BLOCK_SHARE = 0.5
+
+
+def _blocks(prefix: str, members: list[str], total: int) -> list[tuple[str, list[str]]]:
+    """The blocks under the container ``prefix`` ("" for the root): its children, in order, each
+    with the parameterized modules below it; a container's own parameters are a block of their
+    own; a child holding more than :data:`MAX_BLOCK_SHARE` of all ``total`` modules is split
+    again (an NHWC adapter or any single wrapper is looked through this way)."""
+    groups: dict[str, list[str]] = {}
+    for name in members:
+        if name == prefix:
+            key = prefix
+        else:
+            head = (name[len(prefix) + 1 :] if prefix else name).split(".")[0]
+            key = f"{prefix}.{head}" if prefix else head
+        groups.setdefault(key, []).append(name)
+    out: list[tuple[str, list[str]]] = []
+    for key, group in groups.items():
+        splittable = key != prefix and any(name != key for name in group)
+        if splittable and len(group) > MAX_BLOCK_SHARE * total:
+            out.extend(_blocks(key, group, total))
+        else:
+            out.append((key, group))
+    return out
 
 
 def stages(unit_list: Sequence[Unit], test: ModelTest) -> list[Stage]:
