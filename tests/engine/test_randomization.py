@@ -36,7 +36,8 @@ def test_resnet18_blocks_are_the_root_children_with_parameters() -> None:
 
 def test_cascading_goes_top_down_and_keeps_earlier_randomizations() -> None:
     block_units = units(small_cnn(), "block")
-    assert [u.name for u in block_units] == ["features", "classifier"]
+    # ``features`` holds 3 of the 4 parameterized modules: more than half, so it is split
+    assert [u.name for u in block_units] == ["features.0", "features.3", "features.4", "classifier"]
     module_units = units(small_cnn(), "module")
     top_down = stages(module_units, "cascading")
     assert [s.name for s in top_down] == ["classifier", "features.4", "features.3", "features.0"]
@@ -106,3 +107,11 @@ def test_parameters_without_an_initializer_are_redrawn_like_a_vit_embedding() ->
     again = CNBlock(8, layer_scale=1e-6, stochastic_depth_prob=0.0)
     reinitialize(again, torch.Generator().manual_seed(1))
     assert torch.equal(again.layer_scale, after)
+
+
+def test_a_root_child_holding_most_of_the_model_is_split_into_its_blocks() -> None:
+    mobilenet = torchvision_model("mobilenet_v2")
+    names = [u.name for u in units(mobilenet, "block")]
+    assert names == [f"features.{k}" for k in range(19)] + ["classifier"]
+    resnet = [u.name for u in units(torchvision_model("resnet18"), "block")]
+    assert resnet == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]  # unchanged
