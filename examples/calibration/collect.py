@@ -16,8 +16,8 @@ Calibration set (docs/policy.md lists each model's numbers):
 
 * the four bundled reference models (32 px; shapes: fresh images drawn with a seed never used in
   training; digits: the held-out test split);
-* torchvision's ResNet-18, MobileNet v2, EfficientNet-B0, a small ConvNeXt and a small ViT,
-  trained here on the shapes at 64 px (``train_families.py``);
+* torchvision's ResNet-18 and MobileNet v2 trained here on the shapes at 64 px, a small ConvNeXt
+  and a small ViT trained here on the digits at 64 px (``train_families.py``);
 * the pretrained ImageNet EfficientNet-Lite1 and -Lite2 from their PyPI packages (legacy ONNX
   exports, as a user would upload them), on scikit-image's photos and crops of them.
 """
@@ -60,8 +60,8 @@ def shapes_images(n: int, size: int) -> list[DecodedImage]:
     return [DecodedImage(f"shape_{i}", shapes.images[i]) for i in range(n)]
 
 
-def digits_images(n: int) -> list[DecodedImage]:
-    images, labels = load_digits_images(32)
+def digits_images(n: int, size: int = 32) -> list[DecodedImage]:
+    images, labels = load_digits_images(size)
     _, test_idx = stratified_split(labels, 0.2, 0)  # the reference models' held-out split
     return [DecodedImage(f"digit_{i}", images[i]) for i in test_idx[:n]]
 
@@ -132,10 +132,15 @@ def calibration_models(models_dir: Path) -> dict[str, tuple[bytes, list[DecodedI
         out[name] = ((REFERENCE / f"{name}.onnx").read_bytes(), shapes_images(MAX_IMAGES, 32), 256)
     for name in ("digits_small_cnn", "digits_small_resnet"):
         out[name] = ((REFERENCE / f"{name}.onnx").read_bytes(), digits_images(MAX_IMAGES), 256)
-    for family in ("resnet18", "mobilenet_v2", "efficientnet_b0", "convnext", "vit"):
+    from examples.calibration.train_families import FAMILIES
+
+    for family, (_, dataset, _, _) in FAMILIES.items():
         path = models_dir / f"{family}.onnx"
         if path.exists():
-            out[f"shapes64_{family}"] = (path.read_bytes(), shapes_images(MAX_IMAGES, 64), 256)
+            images = (
+                shapes_images(MAX_IMAGES, 64) if dataset == "shapes" else digits_images(256, 64)
+            )
+            out[f"{dataset}64_{family}"] = (path.read_bytes(), images, 256)
     for variant in (1, 2):
         out[f"efficientnet_lite{variant}"] = (efficientnet_lite_onnx(variant), photo_images(96), 96)
     return out

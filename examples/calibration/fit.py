@@ -96,6 +96,10 @@ class Thresholds:
     fail_at: float
 
 
+# share of the gap between the two groups left undecided (--zone)
+SETTINGS = {"zone": 0.2}
+
+
 def fit(docs: dict[str, dict[str, Any]], c: Candidate) -> Thresholds | None:
     sensitive, insensitive = [], []
     for doc in docs.values():
@@ -110,7 +114,8 @@ def fit(docs: dict[str, dict[str, Any]], c: Candidate) -> Thresholds | None:
     a, b = max(sensitive), min(insensitive)
     if not a < b:
         return None
-    return Thresholds(a + (b - a) / 3, b - (b - a) / 3)
+    zone = SETTINGS["zone"]
+    return Thresholds(a + (b - a) * (1 - zone) / 2, b - (b - a) * (1 - zone) / 2)
 
 
 def verdict(values: np.ndarray, t: Thresholds, seed_key: str) -> str:
@@ -166,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure", default="ssim")
     parser.add_argument("--upto", type=float, default=0.5)
     parser.add_argument("--scale", action="store_true")
+    parser.add_argument(
+        "--zone", type=float, default=SETTINGS["zone"], help="undecided share of the gap"
+    )
     args = parser.parse_args(argv)
+    SETTINGS["zone"] = args.zone
     docs = load(args.scores)
     if args.candidates:
         print("| rule | " + " | ".join(f"n={n}" for n in IMAGE_COUNTS) + " |")
@@ -183,24 +192,117 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {c.label} | " + " | ".join(cells) + " |")
         return 0
     chosen = Candidate(args.measure, (0.0, args.upto), args.scale)
-    results = leave_one_out(docs, chosen)
-    print(f"rule: {chosen.label}")
-    whole = fit(docs, chosen)
-    print(f"thresholds fitted on every model: {whole}")
-    print("| model | n | " + " | ".join(SENSITIVE + INSENSITIVE) + " |")
-    print("| --- | --- |" + " --- |" * 4)
-    for name, doc in docs.items():
-        cells = []
-        for method in SENSITIVE + INSENSITIVE:
-            values = per_image(doc, method, chosen)
-            if values is None or not applicable(doc, method):
-                cells.append("n/a")
-                continue
-            by_n = (results or {}).get(name, {}).get(method, {})
-            shown = " ".join(f"{by_n[n][0]}" for n in IMAGE_COUNTS if n in by_n)
-            cells.append(f"{np.nanmean(values):.3f} ({shown})")
-        print(f"| {name} | {doc['n_images']} | " + " | ".join(cells) + " |")
+    report(docs, chosen, load(args.scores, "module"))
     return 0
+
+
+def verdict_rows(
+    docs: dict[str, dict[str, Any]], c: Candidate, thresholds: dict[str, Thresholds]
+) -> dict[str, dict[str, dict[int, str]]]:
+    """model -> method -> n -> verdict, each model with its own thresholds."""
+    out: dict[str, dict[str, dict[int, str]]] = {}
+    for name, doc in docs.items():
+        for method in SENSITIVE + INSENSITIVE + ("control_sobel", "control_random"):
+            values = per_image(doc, method, c)
+            if values is None or not applicable(doc, method):
+                continue
+            out.setdefault(name, {})[method] = {
+                n: verdict(values[:n], thresholds[name], f"{name}/{method}/{n}")
+                for n in IMAGE_COUNTS
+                if n <= doc["n_images"]
+            }
+    return out
+
+
+def minimum_images(rows: dict[str, dict[str, dict[int, str]]]) -> int | None:
+    """The smallest image count from which every model's four methods get the paper's verdict
+    at every larger count its data has."""
+    for n in IMAGE_COUNTS:
+        if all(
+            by_n[m] == EXPECTED[method]
+            for by_method in rows.values()
+            for method, by_n in by_method.items()
+            if method in EXPECTED
+            for m in by_n
+            if m >= n
+        ):
+            return n
+    return None
+
+
+def report(
+    docs: dict[str, dict[str, Any]], c: Candidate, modules: dict[str, dict[str, Any]]
+) -> None:
+    whole = fit(docs, c)
+    assert whole is not None, "the sensitive and insensitive groups overlap"
+    print(f"rule: {c.label}")
+    print(
+        f"thresholds fitted on every model: PASS below {whole.pass_below:.3f}, "
+        f"FAIL at or above {whole.fail_at:.3f}\n"
+    )
+    lomo = {name: fit({k: v for k, v in docs.items() if k != name}, c) for name in docs}
+    sections = [
+        (
+            "Each model decided with thresholds fitted on all the others (leave-one-model-out)",
+            verdict_rows(docs, c, {k: t for k, t in lomo.items() if t is not None}),
+        ),
+        (
+            "Each model decided with the shipped thresholds (fitted on every model)",
+            verdict_rows(docs, c, dict.fromkeys(docs, whole)),
+        ),
+    ]
+    for title, rows in sections:
+        print(
+            f"{title}; mean of the per-image value over all its images, then the verdict at "
+            f"n = {', '.join(str(n) for n in IMAGE_COUNTS)} (P/F/I):\n"
+        )
+        methods = SENSITIVE + INSENSITIVE + ("control_sobel", "control_random")
+        print("| model | images | " + " | ".join(methods) + " |")
+        print("| --- | --- |" + " --- |" * len(methods))
+        for name, doc in docs.items():
+            cells = []
+            for method in methods:
+                values = per_image(doc, method, c)
+                if values is None or not applicable(doc, method):
+                    cells.append("n/a")
+                    continue
+                by_n = rows.get(name, {}).get(method, {})
+                shown = "".join(by_n[n][0] for n in IMAGE_COUNTS if n in by_n)
+                cells.append(f"{np.nanmean(values):.3f} {shown}")
+            print(f"| {name} | {doc['n_images']} | " + " | ".join(cells) + " |")
+        totals = []
+        for n in IMAGE_COUNTS:
+            right, total = accuracy(
+                {k: {m: v for m, v in bm.items() if m in EXPECTED} for k, bm in rows.items()}, n
+            )
+            totals.append(f"n={n}: {right}/{total}")
+        print("\npaper's verdict reached: " + ", ".join(totals))
+        print(
+            f"smallest n from which every model's four methods stay right: {minimum_images(rows)}\n"
+        )
+    if modules:
+        print(
+            "Granularity: the same models at module granularity (one stage per "
+            "parameterized module), shipped thresholds, all images:\n"
+        )
+        print("| model | stages (block / module) | " + " | ".join(SENSITIVE + INSENSITIVE) + " |")
+        print("| --- | --- |" + " --- |" * 4)
+        for name, doc in modules.items():
+            block = docs[name]
+            cells = []
+            for method in SENSITIVE + INSENSITIVE:
+                a, b = per_image(block, method, c), per_image(doc, method, c)
+                if a is None or b is None or not applicable(doc, method):
+                    cells.append("n/a")
+                    continue
+                va = verdict(a, whole, f"{name}/{method}/block")
+                vb = verdict(b, whole, f"{name}/{method}/module")
+                cells.append(f"{np.nanmean(a):.3f} {va[0]} / {np.nanmean(b):.3f} {vb[0]}")
+            print(
+                f"| {name} | {len(block['stages'])} / {len(doc['stages'])} | "
+                + " | ".join(cells)
+                + " |"
+            )
 
 
 if __name__ == "__main__":
