@@ -521,12 +521,28 @@ def format_verdicts(report: dict[str, Any]) -> str:
         rule = (policy.get("tests") or {}).get(test)
         if rule:
             stage = rule.get("stage")
+            if isinstance(stage, dict) and "area" in stage:
+                start, end = stage["area"]
+                where = f"averaged over the first {end - start:.0%} of the layers randomized"
+            else:
+                where = f"at {stage}"
+            scaled = " (scaled by the controls)" if rule.get("scale") == "controls" else ""
+            fail = rule.get("fail_threshold", rule["threshold"])
+            other = "above" if rule["pass_when"] == "below" else "below"
+            fails = f", FAIL when it is {other} {fail}" if fail != rule["threshold"] else ""
             rules.append(
-                f"  {test}: {rule['measure']} at {stage}, PASS when the 95% CI is "
-                f"{rule['pass_when']} {rule['threshold']}"
+                f"  {test}: {rule['measure']}{scaled} {where}, PASS when the 95% CI is "
+                f"{rule['pass_when']} {rule['threshold']}{fails}"
             )
     if rules:
         lines += ["numbers are the deciding score's mean; rules:", *rules]
+    recommended = (policy.get("recommended_images") or {}).get("images")
+    audited = len(report.get("images") or [])
+    if isinstance(recommended, int) and 0 < audited < recommended:
+        lines.append(
+            f"note: {audited} images audited; the policy was calibrated to decide from "
+            f"{recommended} images (docs/policy.md), so expect more INCONCLUSIVE verdicts"
+        )
     # one line per reason, with the (method, test) pairs it explains
     explained: dict[str, list[str]] = {}
     for v in verdicts:

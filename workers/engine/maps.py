@@ -169,8 +169,7 @@ def map_problems(
             rule = (
                 f"sum to the target logit within {checks.conservation_tolerance:.0%}"
                 if kind == "total"
-                else f"hand out between 0 and {1 + checks.conservation_tolerance:g} of their "
-                "start"
+                else f"hand out between 0 and {1 + checks.conservation_tolerance:g} of their start"
             )
             add(
                 method,

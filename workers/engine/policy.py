@@ -64,6 +64,7 @@ _TOP_KEYS = {
     "controls",
     "extends",
     "map_checks",
+    "recommended_images",
 }
 _CHECK_KEYS = {
     "zero_floor",
@@ -131,6 +132,8 @@ class Policy:
     controls: dict[str, dict[str, VerdictValue]]
     document: dict[str, Any]
     checks: MapChecks = MapChecks()
+    # the image count from which the calibration models' verdicts were decided and stable
+    recommended_images: int | None = None
 
 
 def default_document() -> dict[str, Any]:
@@ -178,7 +181,20 @@ def load_policy(document: dict[str, Any] | None = None) -> Policy:
             if verdict not in ("PASS", "FAIL"):
                 raise SpecError("policy controls: expected verdict must be PASS or FAIL")
         controls[test] = dict(expected)
-    return Policy(doc["name"], doc["version"], rules, controls, doc, _checks(doc.get("map_checks")))
+    recommended = doc.get("recommended_images")
+    if recommended is not None:
+        if not isinstance(recommended, dict) or not isinstance(recommended.get("images"), int):
+            raise SpecError("policy recommended_images must be {'images': n, 'why': ...}")
+        recommended = recommended["images"]
+    return Policy(
+        doc["name"],
+        doc["version"],
+        rules,
+        controls,
+        doc,
+        _checks(doc.get("map_checks")),
+        recommended,
+    )
 
 
 def _checks(raw: Any) -> MapChecks:
