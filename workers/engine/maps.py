@@ -70,32 +70,36 @@ def conservation_ratios(distributed: np.ndarray, start: np.ndarray) -> np.ndarra
 
 
 def _violations(
-    distributed: np.ndarray, start: np.ndarray, kind: str, tolerance: float
+    distributed: np.ndarray, start: np.ndarray, kind: str, checks: MapChecks
 ) -> np.ndarray:
     """Images whose relevance is not conserved (an image with nothing to distribute, start 0,
-    is never one; a non-finite sum always is)."""
+    is never one; a non-finite sum always is; see :class:`MapChecks` for the two kinds)."""
     ratios = conservation_ratios(distributed, start)
     with np.errstate(invalid="ignore"):
         if kind == "total":
-            off = np.abs(ratios - 1.0) > tolerance
-        else:  # z+ rules keep a positive start positive and never add to it
-            off = (ratios > 1.0 + tolerance) | (ratios < -tolerance)
+            off = np.abs(ratios - 1.0) > checks.conservation_tolerance
+        else:
+            off = np.abs(ratios) > checks.share_bound
     return (start != 0) & (~np.isfinite(ratios) | off)
 
 
 def summarize_conservation(
-    method: str, distributed: np.ndarray, start: np.ndarray, tolerance: float
+    method: str, distributed: np.ndarray, start: np.ndarray, checks: MapChecks
 ) -> Conservation:
     """The report's conservation figure for one relevance method on one model state."""
     kind = METHODS[method].relevance or "total"
     ratios = conservation_ratios(distributed, start)
     finite = ratios[np.isfinite(ratios)]
     definition = (
-        "per image, the input relevance's sum over the target logit (1 when conserved)"
+        "per image, the input relevance's sum over the target logit (1 when conserved); "
+        f"not conserved beyond +-{checks.conservation_tolerance:g}"
         if kind == "total"
-        else "per image, the share of the target's unit relevance reaching the layer (at "
-        "most about 1: biases and skip connections take the rest)"
+        else "per image, the share of the target's unit relevance reaching the layer (about "
+        "1 at a layer every path crosses, less where biases and skip connections take some, "
+        f"possibly above 1 or negative inside a residual branch); not conserved beyond "
+        f"+-{checks.share_bound:g} or when not finite"
     )
+    tolerance = checks.conservation_tolerance if kind == "total" else checks.share_bound
     return Conservation(
         definition=definition,
         mean=float(finite.mean()) if finite.size else None,
@@ -103,7 +107,7 @@ def summarize_conservation(
         max=float(finite.max()) if finite.size else None,
         n=int(finite.size),
         tolerance=tolerance,
-        within_tolerance=not bool(_violations(distributed, start, kind, tolerance).any()),
+        within_tolerance=not bool(_violations(distributed, start, kind, checks).any()),
     )
 
 
@@ -163,13 +167,13 @@ def map_problems(
     for method, (distributed, start) in maps.conservation.items():
         kind = METHODS[method].relevance or "total"
         ratios = conservation_ratios(distributed, start)
-        bad = _violations(distributed, start, kind, checks.conservation_tolerance)
+        bad = _violations(distributed, start, kind, checks)
         if bad.any():
             shown = ", ".join(f"{r:.3g}" for r in ratios[bad][:3])
             rule = (
                 f"sum to the target logit within {checks.conservation_tolerance:.0%}"
                 if kind == "total"
-                else f"hand out between 0 and {1 + checks.conservation_tolerance:g} of their start"
+                else f"hand the layer a finite share of their start within +-{checks.share_bound:g}"
             )
             add(
                 method,

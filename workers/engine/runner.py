@@ -319,9 +319,7 @@ def run_audit(
         problems = tuple(reference_problems.get(name, ()))
         conservation = None
         if name in mapset.conservation:
-            conservation = summarize_conservation(
-                name, *mapset.conservation[name], policy.checks.conservation_tolerance
-            )
+            conservation = summarize_conservation(name, *mapset.conservation[name], policy.checks)
         status: MethodStatus = "ok"
         if any(p.kind != "not_conserved" for p in problems):
             status = "degenerate"
