@@ -20,7 +20,7 @@ from workers.engine.maps import MapSet, map_problems
 from workers.engine.methods import FAMILIES, METHODS
 from workers.engine.models.base import LoadedModel
 from workers.engine.policy import MapChecks, decide, load_policy
-from workers.engine.result import MapProblem, Score, TestResult
+from workers.engine.result import MapProblem, Score, StageInfo, TestResult
 from workers.engine.runner import run_audit
 from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from workers.reports.schema import report_schema
@@ -68,7 +68,9 @@ def test_relevance_beyond_the_tolerance_is_not_conserved() -> None:
 
 
 def _test_with(problems: list[MapProblem], means: dict[str, float]) -> TestResult:
-    result = TestResult(test="cascading", description="", reference="")
+    result = TestResult(
+        test="cascading", description="", reference="", stages=[StageInfo(1, "fc", ("fc",))]
+    )
     for method, mean in means.items():
         values = tuple(mean + 0.001 * i for i in range(8))
         result.scores.append(
