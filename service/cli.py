@@ -529,7 +529,7 @@ def format_verdicts(report: dict[str, Any]) -> str:
             scaled = " (scaled by the controls)" if rule.get("scale") == "controls" else ""
             fail = rule.get("fail_threshold", rule["threshold"])
             other = "above" if rule["pass_when"] == "below" else "below"
-            fails = f", FAIL when it is {other} {fail}" if fail != rule["threshold"] else ""
+            fails = f", FAIL when it is at or {other} {fail}" if fail != rule["threshold"] else ""
             rules.append(
                 f"  {test}: {rule['measure']}{scaled} {where}, PASS when the 95% CI is "
                 f"{rule['pass_when']} {rule['threshold']}{fails}"

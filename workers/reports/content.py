@@ -299,11 +299,28 @@ def rule_sentence(test: str, rule: Mapping[str, Any]) -> str:
         if rule.get("interval", "beyond") == "beyond"
         else "the mean lies"
     )
+    stage = rule.get("stage")
+    scaled = " scaled by the controls" if rule.get("scale") == "controls" else ""
+    if isinstance(stage, dict) and "area" in stage:
+        start, end = stage["area"]
+        where = (
+            f"{rule.get('measure')}{scaled}, averaged per image over the randomization curve "
+            f"from {start:.0%} to {end:.0%} of the layers randomized"
+        )
+    else:
+        where = f"{rule.get('measure')}{scaled} at the {_stage_text(stage)} stage"
+    fail = rule.get("fail_threshold", rule.get("threshold"))
+    if fail != rule.get("threshold"):
+        other = "above" if rule.get("pass_when") == "below" else "below"
+        fail_text = (
+            f"FAIL when it lies at or {other} {fail}, INCONCLUSIVE when it reaches between the "
+            "two thresholds"
+        )
+    else:
+        fail_text = "FAIL when it lies on the other side, INCONCLUSIVE when it straddles it"
     return (
-        f"{test}: decided by {rule.get('measure')} at the {_stage_text(rule.get('stage'))} "
-        f"stage; PASS when {interval_word} {rule.get('pass_when')} {rule.get('threshold')}, "
-        f"FAIL when it lies on the other side, INCONCLUSIVE when the interval straddles it "
-        f"or a control gets the wrong verdict."
+        f"{test}: decided by {where}; PASS when {interval_word} {rule.get('pass_when')} "
+        f"{rule.get('threshold')}, {fail_text} or a control gets the wrong verdict."
     )
 
 
