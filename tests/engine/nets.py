@@ -100,3 +100,32 @@ def images(n: int, size: int = 32, channels: int = 3, seed: int = 0) -> torch.Te
     coarse = torch.randn(n, channels, max(size // 4, 1), max(size // 4, 1), generator=g)
     smooth = nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")
     return (smooth + 0.1 * torch.randn(n, channels, size, size, generator=g)).float()
+
+
+class Doubling(torch.autograd.Function):
+    """The identity, with a backward that doubles: no relevance rule can see it."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, *grads: torch.Tensor) -> torch.Tensor:
+        return 2 * grads[0]
+
+
+class UnconservingCNN(nn.Module):
+    """conv -> ReLU -> :class:`Doubling` -> mean -> linear: LRP's input relevance sums to twice
+    the logit, whatever the rules."""
+
+    def __init__(self, channels: int = 8, num_classes: int = 5) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, channels, 3, padding=1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(x))
+        out = Doubling.apply(features)
+        assert isinstance(out, torch.Tensor)
+        return self.fc(out.mean(dim=(2, 3)))

@@ -20,7 +20,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from zennit.rules import ZPlus
 
-from tests.engine.nets import images, torchvision_model
+from tests.engine.nets import UnconservingCNN, images, torchvision_model
 from tests.engine.onnx_exports import export_module
 from workers.engine.methods import MethodContext, compute_methods, lrp
 from workers.engine.methods.lrp_ops import relevance_rules
@@ -237,31 +237,8 @@ def test_zplus_flat_spreads_what_zplus_would_lose_and_equals_zplus_elsewhere() -
     assert float(flat.sum()) == pytest.approx(5.0)
 
 
-class _Doubling(torch.autograd.Function):
-    """The identity, with a backward that doubles: invisible to every rule."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: object, *grads: torch.Tensor) -> torch.Tensor:
-        return 2 * grads[0]
-
-
-class _Leaky(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(_Doubling.apply(F.relu(self.conv(x))).mean(dim=(2, 3)))
-
-
 def test_relevance_that_is_not_conserved_is_measured() -> None:
-    model = _Leaky().eval()
+    model = UnconservingCNN(channels=4, num_classes=3).eval()
     x = images(2, 8)
     ratios = conservation(model, x, predicted(model, x))
     np.testing.assert_allclose(ratios, 2.0, rtol=1e-3)

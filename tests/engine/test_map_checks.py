@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from service.cli import format_summary
-from tests.engine.nets import images, small_cnn
+from tests.engine.nets import UnconservingCNN, images, small_cnn
 from workers.engine.maps import MapSet, map_problems
 from workers.engine.methods import FAMILIES, METHODS
 from workers.engine.models.base import LoadedModel
@@ -181,33 +181,9 @@ def test_lrp_conservation_is_reported_per_method() -> None:
     assert result.methods["gradient"].conservation is None
 
 
-class _Doubling(torch.autograd.Function):
-    """The identity, with a backward that doubles: no relevance rule can see it."""
-
-    @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx: object, *grads: torch.Tensor) -> torch.Tensor:
-        return 2 * grads[0]
-
-
-class _Unconserving(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = torch.relu(self.conv(x))
-        return self.fc(_Doubling.apply(features).mean(dim=(2, 3)))
-
-
 def test_lrp_that_does_not_conserve_is_reported_and_its_verdicts_are_inconclusive() -> None:
     result = run_audit(
-        _loaded(_Unconserving().eval()), images(4, 16), _spec(methods=("gradient", "lrp"))
+        _loaded(UnconservingCNN().eval()), images(4, 16), _spec(methods=("gradient", "lrp"))
     )
     lrp = result.methods["lrp"]
     assert lrp.status == "not_conserved"

@@ -249,16 +249,33 @@ def _additive(mode: RelevanceRules, func: Any, args: tuple[Any, ...], kw: dict[s
     mode.replaced += 1
     if ra and rb:  # a residual connection: proportional split (Zennit's Norm for a Sum)
         return _apply(_Spec(op, op, (1.0, 1.0)), a, b)
-    if ra:
-        const = b
-        spec = _Spec(lambda x: op(x, const), lambda x: op(x, _zeros_like(const)), (1.0,))
-        out = _apply(spec, a)
-        source = a
+    return _one_activation(mode, op, a, b, bias=True)
+
+
+def _one_activation(
+    mode: RelevanceRules, op: Callable[[Any, Any], Tensor], a: Any, b: Any, *, bias: bool
+) -> Tensor:
+    """``op(a, b)`` where one operand is an activation and the other a constant: the z-rule on
+    the activation, a constant that is added being a bias (left out of the contribution); the
+    result is a gate when the activation is one."""
+    if _runtime(a):
+        source, const = a, b
+
+        def forward(x: Tensor) -> Tensor:
+            return op(x, const)
+
+        def contribution(x: Tensor) -> Tensor:
+            return op(x, _zeros_like(const) if bias else const)
     else:
-        const = a
-        spec = _Spec(lambda x: op(const, x), lambda x: op(_zeros_like(const), x), (1.0,))
-        out = _apply(spec, b)
-        source = b
+        source, const = b, a
+
+        def forward(x: Tensor) -> Tensor:
+            return op(const, x)
+
+        def contribution(x: Tensor) -> Tensor:
+            return op(_zeros_like(const) if bias else const, x)
+
+    out = _apply(_Spec(forward, contribution, (1.0,)), source)
     if mode.is_gate(source):
         mode.mark_gate(out)
     return out
@@ -285,17 +302,7 @@ def _multiplicative(
     mode.replaced += 1
     if ra and rb:
         return _apply(_Spec(op, op, _gate_shares(mode, a, b)), a, b)
-    if ra:
-        const = b
-        out = _apply(_Spec(lambda x: op(x, const), lambda x: op(x, const), (1.0,)), a)
-        source = a
-    else:
-        const = a
-        out = _apply(_Spec(lambda x: op(const, x), lambda x: op(const, x), (1.0,)), b)
-        source = b
-    if mode.is_gate(source):
-        mode.mark_gate(out)
-    return out
+    return _one_activation(mode, op, a, b, bias=False)
 
 
 def _division(mode: RelevanceRules, func: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -309,11 +316,7 @@ def _division(mode: RelevanceRules, func: Any, args: tuple[Any, ...], kw: dict[s
         return _apply(_Spec(op, op, (1.0, 0.0)), a, b)
     if ra:
         mode.replaced += 1
-        const = b
-        out = _apply(_Spec(lambda x: op(x, const), lambda x: op(x, const), (1.0,)), a)
-        if mode.is_gate(a):
-            mode.mark_gate(out)
-        return out
+        return _one_activation(mode, op, a, b, bias=False)
     if rb:  # constant / activation: a normalizer, never a signal
         out = op(a, b)
         mode.mark_gate(out)
