@@ -512,7 +512,10 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
     if needed is not None:
         why += f"; about {needed} images would likely decide it"
     elif ev.mean is not None and rule.interval == "beyond":
-        why += "; the mean lies between the thresholds, so more images would not decide it"
+        why += (
+            "; the mean lies in the undecided zone between the thresholds: more images decide "
+            "it only if the mean moves out of the zone"
+        )
     return "INCONCLUSIVE", f"{where}; {why}"
 
 

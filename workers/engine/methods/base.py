@@ -175,7 +175,7 @@ def cam_layer_choice(
             "would not explain the model; name a layer to use one anyway",
         )
     how = "deepest in the computation" if example is not None else "last registered"
-    return LayerChoice(chosen, f"the {how} conv layer (default)")
+    return LayerChoice(chosen, f"default: the conv layer {how}")
 
 
 def resolve_layer(
