@@ -397,14 +397,31 @@ def _cover(r: _Report) -> tuple[Block, ...]:
     ]
     input_spec = model.get("input_spec") or {}
     if input_spec:
+        sources = model.get("input_spec_sources") or {}
+
+        def said(field: str) -> str:  # where the value came from: graph, metadata, given...
+            return f" ({sources[field]})" if field in sources else ""
+
         rows.append(
             (
                 "input",
                 f"{input_spec.get('channels')} x {input_spec.get('height')} x "
-                f"{input_spec.get('width')} ({input_spec.get('layout')}), mean "
-                f"{input_spec.get('mean')}, std {input_spec.get('std')}",
+                f"{input_spec.get('width')} ({input_spec.get('layout')}){said('height')}, "
+                f"{input_spec.get('channel_order', 'RGB')}{said('channel_order')}, values "
+                f"{input_spec.get('value_range')}{said('value_range')}, mean "
+                f"{input_spec.get('mean')}{said('mean')}, std {input_spec.get('std')}"
+                f"{said('std')}",
             )
         )
+        output = model.get("output") or {}
+        if output.get("head_removed"):
+            rows.append(
+                (
+                    "output",
+                    f"{output.get('name')}: its {output.get('head_removed')} head is left out, "
+                    "saliency explains the pre-softmax scores",
+                )
+            )
     dataset = r.report.get("dataset")
     if dataset:
         rows.append(
