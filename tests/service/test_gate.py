@@ -2,12 +2,14 @@
 real API process (PostgreSQL, Redis) and a real worker, on the bundled shapes CNN.
 
 The audited case is chosen from the verdicts ``saliency-audit run`` gives on the same 16
-images (every 4th of ``examples/reference/shapes_images``, seed 0, cascading): gradient PASSes
-(SSIM 0.18, 95% CI [-0.02, 0.38] below 0.51), guided backprop FAILs (0.97 [0.96, 0.98]: the
-paper's finding), control_random PASSes and control_sobel FAILs. A policy with the cascading
-threshold at 0.18 puts gradient's interval across it (INCONCLUSIVE) while both controls still
-behave. The pure parts (the exit-code decision, the JUnit document, the progress line, the
-deterministic zip, the CI examples) are tested without a server.
+images (every 4th of ``examples/reference/shapes_images``, seed 0, cascading, default policy
+2.0.0: SSIM scaled by the controls, averaged over the first 25% of the stages): gradient
+PASSes (0.16, 95% CI [-0.01, 0.32] below 0.462), guided backprop FAILs (0.94 [0.92, 0.95]:
+the paper's finding), control_random PASSes and control_sobel FAILs. A policy deciding on the
+first stage's SSIM with the threshold at 0.18 puts gradient's interval across it
+(INCONCLUSIVE) while both controls still behave. The pure parts (the exit-code decision, the
+JUnit document, the progress line, the deterministic zip, the CI examples) are tested without
+a server.
 """
 
 from __future__ import annotations
