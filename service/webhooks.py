@@ -64,10 +64,16 @@ def check_url(url: str, allow_private: bool) -> None:
         raise WebhookUrlError("webhook_url must be an http or https URL with a host")
     if parts.username or parts.password:
         raise WebhookUrlError("webhook_url must not carry credentials")
+    try:
+        port = parts.port  # ValueError past 65535, when negative or not a number
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise WebhookUrlError("webhook_url port must be a number in 1-65535")
     if allow_private:
         return
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
+        infos = socket.getaddrinfo(parts.hostname, port or 443, proto=socket.IPPROTO_TCP)
     except socket.gaierror as exc:
         raise WebhookUrlError(
             f"webhook_url host {parts.hostname!r} does not resolve: {exc}"
