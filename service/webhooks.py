@@ -23,6 +23,7 @@ import hmac
 import http.client
 import ipaddress
 import json
+import os
 import re
 import secrets
 import socket
@@ -297,6 +298,11 @@ def open_connection(address: Address, port: int, timeout_s: float | None) -> soc
 
 
 def _tls_context() -> ssl.SSLContext:
+    """The CA bundle requests would use: an operator's ``REQUESTS_CA_BUNDLE`` (or
+    ``CURL_CA_BUNDLE``) when set, else certifi's, so a private CA keeps working."""
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    if bundle:
+        return ssl.create_default_context(cafile=bundle)
     try:
         import certifi  # the CA bundle requests used before: the same receivers verify
     except ImportError:  # pragma: no cover - certifi comes with requests
