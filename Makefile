@@ -21,9 +21,12 @@ bench-env: env
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps quantus==0.6.0
 
+# ruff, then the import rules of pyproject.toml's [tool.importlinter] (the engine stays a library;
+# the API imports only the contract from the engine, never torch)
 lint: env
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 typecheck: env
 	$(BIN)/mypy

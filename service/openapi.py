@@ -23,6 +23,7 @@ from typing import Any
 from workers.engine.catalogue import method_names
 from workers.engine.result import SCHEMA_VERSION
 from workers.engine.spec import MEASURES, TESTS, InputSpec, MethodParams, TrainRecipe
+from workers.reports.schema import report_schema
 
 from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
 from .api.common import DEFAULT_PAGE
@@ -48,6 +49,8 @@ WEBHOOK_STATES = ("pending", "delivered", "failed")
 # what service.webhooks.sign() writes: t=<unix seconds>,v1=<hex HMAC-SHA256>
 SIGNATURE_PATTERN = "^t=[0-9]+,v1=[0-9a-f]{64}$"
 REPORT_SCHEMA_PATH = "/v1/schemas/report.json"
+# the component of report.json (the schema served at REPORT_SCHEMA_PATH, see _report_schemas)
+REPORT = "Report"
 
 FINAL = ", ".join(f"`{s}`" for s in FINAL_STATES)
 DESCRIPTION = f"""\
@@ -76,10 +79,10 @@ operation, any path answers 404 (`not_found`) when nothing is routed there and 4
 `OPTIONS` are answered automatically wherever `GET` is served. A 503 carries `Retry-After`.
 
 **Reports.** A succeeded audit's `report.json` follows the JSON Schema (draft 2020-12) served at
-`GET {REPORT_SCHEMA_PATH}`, versioned with the report's `schema_version` (now
-`{SCHEMA_VERSION}`). Its PDF (`report.pdf`) and HTML (`report`) reports are rendered afterwards
-on a CPU worker (the audit's `documents_state`: `pending` -> `ready` | `failed`); until they
-are ready those routes answer 409 `report_rendering` with `Retry-After`.
+`GET {REPORT_SCHEMA_PATH}` (here the schema `{REPORT}`), versioned with the report's
+`schema_version` (now `{SCHEMA_VERSION}`). Its PDF (`report.pdf`) and HTML (`report`) reports
+are rendered afterwards on a CPU worker (the audit's `documents_state`: `pending` -> `ready` |
+`failed`); until they are ready those routes answer 409 `report_rendering` with `Retry-After`.
 
 **Webhooks.** An audit submitted with `webhook_url` is POSTed to it (JSON, schema
 `WebhookEvent`) when it ends, signed with the tenant's webhook secret in
@@ -95,6 +98,12 @@ def _ref(name: str) -> Schema:
 
 def _nullable(kind: str, **extra: Any) -> Schema:
     return {"type": [kind, "null"], **extra}
+
+
+def _nullable_enum(values: Any, **extra: Any) -> Schema:
+    """One of ``values`` or null. Written as ``anyOf`` (not ``type: [string, null]`` with null
+    in the enum) so that a client generator makes one enum type of it, not one per type."""
+    return {"anyOf": [{"type": "string", "enum": list(values)}, {"type": "null"}], **extra}
 
 
 def _object(properties: dict[str, Schema], **extra: Any) -> Schema:
@@ -396,12 +405,11 @@ def _schemas() -> dict[str, Schema]:
             "heartbeat_at": DATE_TIME_OR_NULL,
             "finished_at": DATE_TIME_OR_NULL,
             "verdict_summary": verdict_summary,
-            "documents_state": {
-                "type": ["string", "null"],
-                "enum": [*DOCUMENTS_STATES, None],
-                "description": "The PDF and HTML reports: null until the audit has succeeded, "
+            "documents_state": _nullable_enum(
+                DOCUMENTS_STATES,
+                description="The PDF and HTML reports: null until the audit has succeeded, "
                 "then pending (rendering on a CPU worker) -> ready | failed.",
-            },
+            ),
             "webhook": {
                 "anyOf": [_ref("AuditWebhook"), {"type": "null"}],
                 "description": "null when the audit was submitted without webhook_url.",
@@ -425,12 +433,11 @@ def _schemas() -> dict[str, Schema]:
     audit_webhook = _object(
         {
             "url": {"type": "string", "format": "uri"},
-            "state": {
-                "type": ["string", "null"],
-                "enum": [*WEBHOOK_STATES, None],
-                "description": "null until the audit ends; pending while deliveries are tried; "
+            "state": _nullable_enum(
+                WEBHOOK_STATES,
+                description="null until the audit ends; pending while deliveries are tried; "
                 "delivered (a 2xx answer) or failed (every attempt used up).",
-            },
+            ),
             "attempts": {"type": "integer", "minimum": 0},
             "error": {
                 **_nullable("string"),
@@ -466,7 +473,7 @@ def _schemas() -> dict[str, Schema]:
         description=f"The body POSTed to an audit's webhook_url when it ends, signed in "
         f"{SIGNATURE_HEADER} (see the auditFinished callback of POST /v1/audits).",
     )
-    nullable_verdict: Schema = {"type": ["string", "null"], "enum": [*VERDICTS, None]}
+    nullable_verdict = _nullable_enum(VERDICTS)
     trend_point = _object(
         {
             "audit_id": ID,
@@ -721,6 +728,37 @@ def _schemas() -> dict[str, Schema]:
     }
 
 
+def _report_schemas() -> dict[str, Schema]:
+    """The report schema served at :data:`REPORT_SCHEMA_PATH` as components: ``Report`` and one
+    ``Report<Name>`` per entry of its ``$defs``, their references rewritten, so report.json's
+    response refers to it and a generated client reads a typed report. Derived from
+    :func:`workers.reports.schema.report_schema`, never written a second time. Its ``$id``,
+    ``$schema`` and ``title`` stay with the served document: an ``$id`` here would move the base
+    of every reference inside it, and generators name a class after a ``title``."""
+    source = report_schema()
+    names = {
+        key: REPORT + "".join(part.capitalize() for part in key.split("_"))
+        for key in source.get("$defs", {})
+    }
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(value) for value in node]
+        if not isinstance(node, dict):
+            return node
+        out = {key: rewrite(value) for key, value in node.items()}
+        ref = out.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            out["$ref"] = SCHEMAS + names[ref.removeprefix("#/$defs/")]
+        return out
+
+    top = {k: v for k, v in source.items() if k not in ("$schema", "$id", "$defs", "title")}
+    schemas = {REPORT: rewrite(top)}
+    for key, schema in source.get("$defs", {}).items():
+        schemas[names[key]] = rewrite(schema)
+    return schemas
+
+
 def _page(
     item: str, extra: dict[str, Schema] | None = None, description: str | None = None
 ) -> Schema:
@@ -741,13 +779,17 @@ def _page(
 
 
 def _upload_form(metadata_schema: str, what: str) -> Schema:
+    """A multipart upload: the binary ``file`` part (``format: binary`` is what client generators
+    read as a file to send as a file part, ``contentMediaType`` what OpenAPI 3.1 says) and the
+    optional JSON ``metadata`` part."""
     return {
         "type": "object",
         "properties": {
             "file": {
                 "type": "string",
+                "format": "binary",
                 "contentMediaType": "application/octet-stream",
-                "description": what,
+                "description": what + " Sent as a file part (with a filename).",
             },
             "metadata": {
                 "$ref": SCHEMAS + metadata_schema,
@@ -852,17 +894,24 @@ def _problem(
     headers: list[str] | None = None,
 ) -> Schema:
     """A problem response with the codes this route can answer for ``status`` (and the headers
-    it can carry: a 503 always has Retry-After, an ``ApiError(retry_after_s=...)`` too)."""
-    detail: Schema = {
+    it can carry: a 503 always has Retry-After, an ``ApiError(retry_after_s=...)`` too).
+
+    The schema is the ``Problem`` component narrowed by keywords beside its ``$ref`` (allowed in
+    an OpenAPI 3.1 schema, where they apply together like ``allOf``): validators check the
+    status and the codes, and client generators, which follow the ``$ref``, make every error of
+    every operation one ``Problem`` type. (An ``allOf`` of ``Problem`` and ``status: {const}``
+    is dropped by openapi-python-client: it cannot merge an integer with a literal.)"""
+    schema: Schema = {
+        **_ref("Problem"),
         "properties": {
             "status": {"const": status},
             "code": {"type": "string", "enum": codes},
             **(extra or {}),
-        }
+        },
     }
     response: Schema = {
         "description": f"{description} (code: {', '.join(codes)})",
-        "content": {PROBLEM_JSON: {"schema": {"allOf": [_ref("Problem"), detail]}}},
+        "content": {PROBLEM_JSON: {"schema": schema}},
     }
     names = list(dict.fromkeys([*(["Retry-After"] if status == 503 else []), *(headers or [])]))
     if names:
@@ -1564,11 +1613,24 @@ def _paths() -> dict[str, Schema]:
                             **_json(
                                 {
                                     "type": "object",
+                                    "anyOf": [
+                                        _ref(REPORT),
+                                        {
+                                            "type": "object",
+                                            "description": "A report stored under an older "
+                                            "schema_version: validate it against the schema "
+                                            "of that version.",
+                                            "properties": {
+                                                "schema_version": {"not": {"const": SCHEMA_VERSION}}
+                                            },
+                                        },
+                                    ],
                                     "description": "The engine's report, with what the "
                                     "service adds (audit_id, dataset, links, artifacts). Its "
                                     "JSON Schema (draft 2020-12) is served at "
                                     f"GET {REPORT_SCHEMA_PATH}, versioned with the "
-                                    f"report's schema_version (now {SCHEMA_VERSION}).",
+                                    f"report's schema_version (now {SCHEMA_VERSION}: the "
+                                    f"{REPORT} schema).",
                                 },
                                 "The report; validate it against GET "
                                 f"{REPORT_SCHEMA_PATH} (the schema of its schema_version).",
@@ -1737,7 +1799,7 @@ def _document() -> dict[str, Any]:
         ],
         "paths": _paths(),
         "components": {
-            "schemas": _schemas(),
+            "schemas": {**_schemas(), **_report_schemas()},
             "parameters": PARAMETERS,
             "headers": HEADERS,
             "responses": RESPONSES,

@@ -1140,9 +1140,9 @@ def test_api_error_codes_are_documented(doc: dict[str, Any]) -> None:
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):
-            parts = node.get("allOf")
-            if isinstance(parts, list) and parts[0] == {"$ref": "#/components/schemas/Problem"}:
-                fields = parts[1]["properties"]
+            # a problem response: the Problem component narrowed by keywords beside its $ref
+            if node.get("$ref") == "#/components/schemas/Problem" and "properties" in node:
+                fields = node["properties"]
                 documented.update((fields["status"]["const"], c) for c in fields["code"]["enum"])
             for value in node.values():
                 walk(value)
