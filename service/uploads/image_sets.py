@@ -1981,9 +1981,3 @@ def _second_pass(
         has_boxes=fields["has_boxes"],
         total_bytes=total,
     )
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(_check_in_child(sys.argv[1:]))
