@@ -2,6 +2,6 @@
 
 import sys
 
-from .image_sets import _check_in_child
+from .onnx_model import check_in_child
 
-sys.exit(_check_in_child(sys.argv[1:]))
+sys.exit(check_in_child(sys.argv[1:]))
