@@ -68,7 +68,7 @@ def scan_state_dict_pickle(data: bytes) -> PickleScan:
             f"unsafe pickle: {exc}; only plain state dicts (torch.save(model.state_dict(), f)) "
             "are accepted",
             code="unsafe_pickle",
-            globals=sorted(scan.globals_seen - ALLOWED_PICKLE_GLOBALS),
+            globals=sorted(g for g in scan.globals_seen if g not in ALLOWED_GLOBALS),
         ) from None
     except _Malformed as exc:
         raise ValueError(f"{exc} at byte {position}") from None
