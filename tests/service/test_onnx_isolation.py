@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from service import uploads
+from service.uploads import onnx_model
 from tests.service.hostile import hostile_models
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"
@@ -19,7 +20,7 @@ ONNX_CASES = [
 
 
 def _inspect(path: Path, isolated: bool, monkeypatch: pytest.MonkeyPatch) -> object:
-    monkeypatch.setattr(uploads, "ONNX_IN_PROCESS_MAX_BYTES", 0 if isolated else 1 << 40)
+    monkeypatch.setattr(onnx_model, "ONNX_IN_PROCESS_MAX_BYTES", 0 if isolated else 1 << 40)
     try:
         return uploads.inspect_model(path, path.name, architecture=None, max_bytes=1 << 31)
     except uploads.UploadRejected as exc:

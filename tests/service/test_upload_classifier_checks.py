@@ -17,7 +17,7 @@ from onnx import helper
 
 from service import uploads
 from service.db import Database
-from service.uploads import DEFAULT_MAX_MODEL_BYTES, UploadRejected, inspect_model
+from service.uploads import DEFAULT_MAX_MODEL_BYTES, UploadRejected, inspect_model, onnx_model
 from tests.engine import onnx_exports
 from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.hostile import safetensors_file
@@ -117,7 +117,7 @@ def test_the_files_own_metadata_can_name_the_output(small_cnn_onnx: bytes, tmp_p
 def test_the_child_process_check_gets_the_output_choice(
     two_outputs: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(uploads, "ONNX_IN_PROCESS_MAX_BYTES", 0)
+    monkeypatch.setattr(onnx_model, "ONNX_IN_PROCESS_MAX_BYTES", 0)
     assert _inspect(tmp_path, two_outputs, output="logits").output == "logits"
     with pytest.raises(UploadRejected) as caught:
         _inspect(tmp_path, two_outputs)

@@ -33,7 +33,9 @@ from service.uploads import (
     ArchiveLimits,
     DatasetManifest,
     UploadRejected,
+    classifier_head,
     inspect_model,
+    pickle_scan,
     read_dataset_archive,
     scan_state_dict_pickle,
 )
@@ -362,7 +364,7 @@ def test_scanner_protocol_2_opcodes_are_those_torch_weights_only_unpickler_imple
     opcode_names = {op.name for op in pickletools.opcodes}
     # pickle's constant names equal pickletools' opcode names for every opcode torch handles
     assert all(getattr(pickle, n, None) is not None for n in handled)
-    assert handled & opcode_names == uploads._TORCH_OPCODES
+    assert handled & opcode_names == pickle_scan.TORCH_OPCODES
 
 
 def test_torchvision_classifier_list_is_torchvisions_own() -> None:
@@ -397,11 +399,11 @@ def test_num_classes_is_read_from_every_torchvision_classifier_head() -> None:
             failing_on_meta.append(name)
             continue
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        assert uploads._num_classes_from_shapes(shapes) == 7, name
+        assert classifier_head.num_classes_from_shapes(shapes) == 7, name
     assert all(name.startswith("regnet_") for name in failing_on_meta)
     small = torchvision.models.regnet_x_400mf(weights=None, num_classes=7)
     shapes = {k: tuple(v.shape) for k, v in small.state_dict().items()}
-    assert uploads._num_classes_from_shapes(shapes) == 7
+    assert classifier_head.num_classes_from_shapes(shapes) == 7
 
 
 def test_service_uploads_never_imports_torch() -> None:
