@@ -2,8 +2,11 @@
 # Two images from one file (docker cannot build on the project's CI machines; see deploy/README.md):
 #   docker build --target api    -t saliency-audit-api .     # slim: Flask, SQLAlchemy, onnx; no torch
 #   docker build --target worker -t saliency-audit-worker .  # CUDA runtime + the CUDA build of torch
+# PYTHON_IMAGE: any Debian-like image with python3.11 and its venv module; deploy/build-local.sh
+# passes one made offline with debootstrap, for machines that cannot pull from a registry.
+ARG PYTHON_IMAGE=python:3.11-slim
 
-FROM python:3.11-slim AS source
+FROM ${PYTHON_IMAGE} AS source
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY service ./service
@@ -11,11 +14,14 @@ COPY workers ./workers
 COPY migrations ./migrations
 
 # ---- the HTTP API, the reconciler and the migrations job: never imports torch -----------------
-FROM python:3.11-slim AS api
-ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+FROM ${PYTHON_IMAGE} AS api
+# a venv first on PATH: the same pip, python and console scripts whether the base is the official
+# python image or Debian's python3 (which has no pip and refuses system-wide installs)
+ENV PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY --from=source /app /app
-RUN pip install '.[api]' 'gunicorn>=23' \
+RUN python3 -m venv /opt/venv \
+    && pip install '.[api]' 'gunicorn>=23' \
     && useradd --uid 10001 --create-home app \
     && mkdir -p /data/artifacts && chown -R app /data
 USER 10001
