@@ -12,7 +12,6 @@ font or stylesheet is fetched from anywhere.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import html
 import json
 import re
@@ -21,8 +20,9 @@ from importlib import metadata
 from typing import Any
 
 from workers.engine.catalogue import method_names
+from workers.engine.contract.schema import components, rendered
 from workers.engine.result import SCHEMA_VERSION
-from workers.engine.spec import MEASURES, TESTS, InputSpec, MethodParams, TrainRecipe
+from workers.engine.spec import MEASURES, TESTS, AuditSpec, InputSpec
 
 from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
 from .api.common import DEFAULT_PAGE
@@ -121,103 +121,19 @@ def _string_list(item: Schema, what: str, *, nullable: bool = True) -> Schema:
     return {"anyOf": kinds}
 
 
-_PY_TYPES: dict[str, Schema] = {
-    "int": {"type": "integer"},
-    "float": {"type": "number"},
-    "str": {"type": "string"},
-    "bool": {"type": "boolean"},
-}
-
-
-def _dataclass_object(cls: type, overrides: dict[str, Schema], description: str) -> Schema:
-    """The fields of an engine dataclass with their defaults; unknown fields are refused."""
-    properties: dict[str, Schema] = {}
-    for f in dataclasses.fields(cls):
-        schema = dict(overrides.get(f.name) or _PY_TYPES[str(f.type)])
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-            schema["default"] = list(default) if isinstance(default, tuple) else default
-        properties[f.name] = schema
-    return {
-        "type": "object",
-        "description": description,
-        "properties": properties,
-        "additionalProperties": False,
-    }
+INPUT_SPEC_DESCRIPTION = (
+    "How raw images become the model's input tensor: resized to height x width, put in "
+    "channel_order, scaled from [0, 255] to value_range (e.g. [0, 255] for a model that "
+    "takes raw pixel values), then normalized with (x - mean) / std; and which output "
+    "holds the class scores. A field left out is read from the ONNX file where it says it "
+    "(the input's size and layout; the metadata entry saliency_audit.input_spec), else it "
+    "keeps its default (assumed); report.json's model.input_spec_sources says which."
+)
 
 
 def _schemas() -> dict[str, Schema]:
-    positive = {"type": "integer", "minimum": 1}
-    method_params = _dataclass_object(
-        MethodParams,
-        {
-            "ig_steps": positive,
-            "ig_baseline": {"type": "string", "enum": ["zero", "black"]},
-            "noise_samples": positive,
-            "noise_level": {"type": "number", "minimum": 0},
-            "scorecam_batch": positive,
-            "map_reduction": {"type": "string", "enum": ["sum", "max_abs"]},
-            "smprt_samples": positive,
-            "smprt_noise_level": {"type": "number", "minimum": 0},
-            "emprt_bins": positive,
-        },
-        "Parameters shared by the saliency methods (names follow Captum where it has one).",
-    )
-    train_recipe = _dataclass_object(
-        TrainRecipe,
-        {
-            "target_accuracy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "max_epochs": positive,
-            "max_seconds": {"type": "number", "exclusiveMinimum": 0},
-            "batch_size": positive,
-            "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-        },
-        "How the data randomization test trains its two copies of the architecture.",
-    )
-    floats = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 3}
-    input_spec = _dataclass_object(
-        InputSpec,
-        {
-            "height": positive,
-            "width": positive,
-            "channels": {"type": "integer", "enum": [1, 3]},
-            "layout": {"type": "string", "enum": ["NCHW", "NHWC"]},
-            "mean": floats,
-            "std": {**floats, "items": {"type": "number", "exclusiveMinimum": 0}},
-            "value_range": {
-                "type": "array",
-                "items": {"type": "number"},
-                "minItems": 2,
-                "maxItems": 2,
-                "description": "[low, high] with high > low",
-            },
-            "class_names": _nullable("array", items={"type": "string"}),
-            "channel_order": {
-                "type": "string",
-                "enum": ["RGB", "BGR"],
-                "description": "The channel order the model was trained on; BGR reverses the "
-                "decoded image's channels before scaling. mean and std are in this order.",
-            },
-            "output": {
-                "anyOf": [
-                    {"type": "string", "minLength": 1},
-                    {"type": "integer", "minimum": 0},
-                    {"type": "null"},
-                ],
-                "description": "The ONNX graph output holding the class scores, by name or "
-                "index; required when the graph has several float outputs (422 "
-                "output_required lists them). It must be [N, C] with C >= 2 (422 "
-                "not_a_classifier). A Softmax or LogSoftmax at its end is left out: maps "
-                "explain the pre-softmax scores.",
-            },
-        },
-        "How raw images become the model's input tensor: resized to height x width, put in "
-        "channel_order, scaled from [0, 255] to value_range (e.g. [0, 255] for a model that "
-        "takes raw pixel values), then normalized with (x - mean) / std; and which output "
-        "holds the class scores. A field left out is read from the ONNX file where it says it "
-        "(the input's size and layout; the metadata entry saliency_audit.input_spec), else it "
-        "keeps its default (assumed); report.json's model.input_spec_sources says which.",
-    )
+    contract = components([AuditSpec, InputSpec])
+    input_spec = {**contract["InputSpec"], "description": INPUT_SPEC_DESCRIPTION}
     model_metadata_props: dict[str, Schema] = {
         "name": {
             "type": "string",
@@ -328,25 +244,10 @@ def _schemas() -> dict[str, Schema]:
     if set(audit_request_props) != BODY_KEYS:  # pragma: no cover - a code change
         raise RuntimeError("the audit request schema is out of date with BODY_KEYS")
 
-    audit_spec = _object(
-        {
-            "methods": {"type": "array", "items": {"type": "string"}},
-            "layer": _nullable("string"),
-            "seed": {"type": "integer"},
-            "batch_size": {"type": "integer"},
-            "device": {"type": "string"},
-            "params": {"$ref": SCHEMAS + "MethodParams"},
-            "fidelity_atol": {"type": "number", "minimum": 0},
-            "fidelity_rtol": {"type": "number", "minimum": 0},
-            "tests": {"type": "array", "items": {"type": "string", "enum": list(TESTS)}},
-            "granularity": {"type": "string", "enum": ["module", "block"]},
-            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
-            "policy": _nullable("object"),
-            "training": {"$ref": SCHEMAS + "TrainRecipe"},
-            "layers": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
-        },
-        description="The validated request as the engine runs it (every default filled in).",
-    )
+    audit_spec = {
+        **rendered(contract["AuditSpec"]),
+        "description": "The validated request as the engine runs it (every default filled in).",
+    }
     verdict = _object(
         {
             "method": {"type": "string"},
@@ -670,8 +571,8 @@ def _schemas() -> dict[str, Schema]:
         "AuditWebhook": audit_webhook,
         "WebhookEvent": webhook_event,
         "Verdict": verdict,
-        "MethodParams": method_params,
-        "TrainRecipe": train_recipe,
+        "MethodParams": contract["MethodParams"],
+        "TrainRecipe": contract["TrainRecipe"],
         "Model": model,
         "ModelPage": _page("Model"),
         "ModelHistory": model_history,
