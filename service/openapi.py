@@ -20,7 +20,11 @@ from importlib import metadata
 from typing import Any
 
 from workers.engine.catalogue import method_names
-from workers.engine.contract.schema import components, rendered
+from workers.engine.contract.catalogue import Catalogue
+from workers.engine.contract.problem import Problem
+from workers.engine.contract.report import Heatmap, Score
+from workers.engine.contract.schema import components, name_enums, rendered
+from workers.engine.contract.verdicts import PassWhen, Verdict, VerdictValue
 from workers.engine.result import SCHEMA_VERSION
 from workers.engine.spec import MEASURES, TESTS, AuditSpec, InputSpec
 
@@ -39,7 +43,6 @@ Schema = dict[str, Any]
 TITLE = "saliency-audit"
 SCHEMAS = "#/components/schemas/"
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 MODEL_FORMATS = ("onnx", "safetensors", "torch")
 # the audit's PDF and HTML reports (null until it has succeeded) and its webhook (null until
 # it has ended): the values service.jobs and workers.tasks write
@@ -133,6 +136,11 @@ INPUT_SPEC_DESCRIPTION = (
 
 def _schemas() -> dict[str, Schema]:
     contract = components([AuditSpec, InputSpec])
+    for name, schema in components(
+        [Verdict, Score, Heatmap, Catalogue, Problem], mode="serialization"
+    ).items():
+        contract.setdefault(name, rendered(schema, every_property=False))
+    contract = name_enums(contract, {"VerdictValue": VerdictValue, "PassWhen": PassWhen})
     input_spec = {**contract["InputSpec"], "description": INPUT_SPEC_DESCRIPTION}
     model_metadata_props: dict[str, Schema] = {
         "name": {
@@ -248,29 +256,11 @@ def _schemas() -> dict[str, Schema]:
         **rendered(contract["AuditSpec"]),
         "description": "The validated request as the engine runs it (every default filled in).",
     }
-    verdict = _object(
-        {
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "verdict": {"type": "string", "enum": list(VERDICTS)},
-            "reason": {"type": "string"},
-            "measure": _nullable("string"),
-            "stage": _nullable("string"),
-            "threshold": NUMBER_OR_NULL,
-            "mean": NUMBER_OR_NULL,
-            "ci_low": NUMBER_OR_NULL,
-            "ci_high": NUMBER_OR_NULL,
-            "n": {"type": "integer", "minimum": 0},
-            "is_control": {"type": "boolean"},
-            "policy_version": _nullable("string"),
-        },
-        description="The decision for one (method, test) under the policy.",
-    )
     verdict_summary: Schema = {
         **_nullable("object"),
         "additionalProperties": {
             "type": "object",
-            "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+            "additionalProperties": _ref("VerdictValue"),
         },
         "description": "method -> test -> verdict, once the audit has succeeded.",
     }
@@ -298,8 +288,7 @@ def _schemas() -> dict[str, Schema]:
             "finished_at": DATE_TIME_OR_NULL,
             "verdict_summary": verdict_summary,
             "documents_state": {
-                "type": ["string", "null"],
-                "enum": [*DOCUMENTS_STATES, None],
+                "anyOf": [_ref("DocumentsState"), {"type": "null"}],
                 "description": "The PDF and HTML reports: null until the audit has succeeded, "
                 "then pending (rendering on a CPU worker) -> ready | failed.",
             },
@@ -327,8 +316,7 @@ def _schemas() -> dict[str, Schema]:
         {
             "url": {"type": "string", "format": "uri"},
             "state": {
-                "type": ["string", "null"],
-                "enum": [*WEBHOOK_STATES, None],
+                "anyOf": [_ref("WebhookState"), {"type": "null"}],
                 "description": "null until the audit ends; pending while deliveries are tried; "
                 "delivered (a 2xx answer) or failed (every attempt used up).",
             },
@@ -367,14 +355,14 @@ def _schemas() -> dict[str, Schema]:
         description=f"The body POSTed to an audit's webhook_url when it ends, signed in "
         f"{SIGNATURE_HEADER} (see the auditFinished callback of POST /v1/audits).",
     )
-    nullable_verdict: Schema = {"type": ["string", "null"], "enum": [*VERDICTS, None]}
+    nullable_verdict: Schema = {"anyOf": [_ref("VerdictValue"), {"type": "null"}]}
     trend_point = _object(
         {
             "audit_id": ID,
             "finished_at": DATE_TIME_OR_NULL,
             "verdicts": {
                 "type": "object",
-                "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+                "additionalProperties": _ref("VerdictValue"),
                 "description": "test -> verdict.",
             },
         },
@@ -475,85 +463,37 @@ def _schemas() -> dict[str, Schema]:
             },
         ],
     }
-    result = _object(
-        {
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "measure": {"type": "string"},
-            "stage": {"type": "string"},
-            "stage_index": {"type": "integer"},
-            "mean": NUMBER_OR_NULL,
-            "ci_low": NUMBER_OR_NULL,
-            "ci_high": NUMBER_OR_NULL,
-            "n": {"type": "integer", "minimum": 0},
-            "n_undefined": {"type": "integer", "minimum": 0},
-        },
-        description="One score: the mean similarity over the images with its 95% bootstrap "
-        "interval.",
-    )
-    heatmap = _object(
-        {
-            "kind": {"type": "string", "enum": ["heatmap_png", "overlay_png"]},
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "stage": {"type": "string"},
-            "image": {"type": "string"},
-            "sha256": SHA256,
-            "url": {**LINK, "description": "GET it for the image/png."},
-        }
-    )
-    method_info = _object(
-        {
-            "name": {"type": "string"},
-            "family": {"type": "string"},
-            "reference": {"type": "string"},
-            "description": {"type": "string"},
-            "needs_conv_layer": {"type": "boolean"},
-            "is_control": {"type": "boolean"},
-        }
-    )
-    test_info = _object(
-        {
-            "name": {"type": "string", "enum": list(TESTS)},
-            "description": {"type": "string"},
-            "reference": {"type": "string"},
-        }
-    )
-    catalogue = _object(
-        {
-            "methods": {"type": "array", "items": _ref("MethodInfo")},
-            "tests": {"type": "array", "items": _ref("TestInfo")},
-            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
-            "default_policy": {
-                "type": "object",
-                "description": "The verdict policy used when an audit gives none.",
-                "properties": {
-                    "format": {"type": "integer"},
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "description": {"type": "string"},
-                    "tests": {"type": "object"},
-                    "controls": {"type": "object"},
-                },
-            },
-        }
-    )
-    problem = {
-        "type": "object",
-        "description": "An RFC 9457 problem; routes add fields of their own.",
+    score = contract.pop("Score")
+    result = {
+        **score,
+        "properties": {k: v for k, v in score["properties"].items() if k != "values"},
+        "required": [k for k in score["required"] if k != "values"],
+        "description": "One score: the mean similarity over the images with its 95% bootstrap "
+        "interval (report.json's Score without the per-image values).",
+    }
+    heatmap = contract["Heatmap"]
+    heatmap = {
+        **heatmap,
         "properties": {
-            "type": {"type": "string", "format": "uri-reference"},
-            "title": {"type": "string"},
-            "status": {"type": "integer", "minimum": 400, "maximum": 599},
-            "detail": {"type": "string"},
-            "code": {"type": "string"},
-            "instance": _nullable("string"),
+            **heatmap["properties"],
+            "url": {**LINK, "description": "GET it for the image/png."},
         },
-        "required": ["type", "title", "status", "detail", "code"],
-        "additionalProperties": True,
+    }
+    named_enums: dict[str, Schema] = {
+        "DocumentsState": {
+            "type": "string",
+            "enum": list(DOCUMENTS_STATES),
+            "description": "The PDF and HTML reports: pending (rendering) -> ready | failed.",
+        },
+        "WebhookState": {
+            "type": "string",
+            "enum": list(WEBHOOK_STATES),
+            "description": "pending while deliveries are tried; delivered or failed.",
+        },
     }
     return {
-        "Problem": problem,
+        **contract,
+        **named_enums,
         "AuditState": {
             "type": "string",
             "enum": list(AUDIT_STATES),
@@ -561,6 +501,7 @@ def _schemas() -> dict[str, Schema]:
         },
         "Audit": audit,
         "AuditSpec": audit_spec,
+        "Heatmap": heatmap,
         "AuditRequest": {
             "type": "object",
             "properties": audit_request_props,
@@ -570,9 +511,6 @@ def _schemas() -> dict[str, Schema]:
         "AuditPage": _page("Audit"),
         "AuditWebhook": audit_webhook,
         "WebhookEvent": webhook_event,
-        "Verdict": verdict,
-        "MethodParams": contract["MethodParams"],
-        "TrainRecipe": contract["TrainRecipe"],
         "Model": model,
         "ModelPage": _page("Model"),
         "ModelHistory": model_history,
@@ -602,11 +540,7 @@ def _schemas() -> dict[str, Schema]:
         "DatasetUpload": _upload_form("DatasetMetadata", "A zip or tar archive of images."),
         "Result": result,
         "ResultList": _object({"items": {"type": "array", "items": _ref("Result")}}),
-        "Heatmap": heatmap,
         "HeatmapList": _object({"items": {"type": "array", "items": _ref("Heatmap")}}),
-        "MethodInfo": method_info,
-        "TestInfo": test_info,
-        "Catalogue": catalogue,
         "Health": _object({"status": {"type": "string", "const": "ok"}}),
         "Ready": _object(
             {

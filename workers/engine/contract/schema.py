@@ -66,11 +66,36 @@ def _add(table: dict[str, Schema], name: str, schema: Schema) -> None:
     table[name] = schema
 
 
-def rendered(schema: Schema) -> Schema:
-    """An object schema as a response renders it: every property present, no defaults (a
-    default only speaks about what a request may leave out)."""
+def rendered(schema: Schema, *, every_property: bool = True) -> Schema:
+    """An object schema as a response renders it: no defaults (a default only speaks about
+    what a request may leave out) and, with ``every_property``, every property present."""
+    if "properties" not in schema:
+        return schema
     properties = {
         name: {k: v for k, v in prop.items() if k != "default"}
         for name, prop in schema["properties"].items()
     }
-    return {**schema, "properties": properties, "required": list(properties)}
+    required = list(properties) if every_property else schema.get("required", [])
+    return {**schema, "properties": properties, **({"required": required} if required else {})}
+
+
+def name_enums(
+    table: dict[str, Schema], enums: dict[str, Any], *, ref_template: str = COMPONENTS
+) -> dict[str, Schema]:
+    """``table`` with each of ``enums`` (name -> a Literal type) as a component of its own and
+    every inline copy of it replaced by a reference, so a nullable one reads
+    ``anyOf: [{$ref}, {type: null}]`` and a client generator makes one type of it."""
+    named = {name: schema_of(shape) for name, shape in enums.items()}
+
+    def replace(node: Any) -> Any:
+        if isinstance(node, dict):
+            for name, schema in named.items():
+                if node.get("enum") == schema["enum"] and node.get("type") == schema["type"]:
+                    rest = {k: v for k, v in node.items() if k not in ("enum", "type", "default")}
+                    return {"$ref": ref_template.format(model=name), **rest}
+            return {k: replace(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [replace(v) for v in node]
+        return node
+
+    return {**{k: replace(v) for k, v in table.items()}, **named}
