@@ -182,6 +182,8 @@ def _schemas() -> dict[str, Schema]:
     if set(dataset_metadata_props) != DATASET_METADATA_KEYS:  # pragma: no cover
         raise RuntimeError("the dataset metadata schema is out of date with METADATA_KEYS")
 
+    # the request's fields that the engine's AuditSpec declares keep its bounds and defaults
+    spec_props = contract["AuditSpec"]["properties"]
     tests_enum = [*TESTS, "all"]
     audit_request_props: dict[str, Schema] = {
         "model_id": {**ID, "description": "A model of this tenant (422 unknown_model)."},
@@ -216,22 +218,20 @@ def _schemas() -> dict[str, Schema]:
             "description": "A verdict policy document (default: default_policy of "
             "GET /v1/methods).",
         },
-        "seed": {"type": "integer", "default": 0},
+        "seed": spec_props["seed"],
         "granularity": {
-            "type": "string",
-            "enum": ["module", "block"],
-            "default": "block",
+            **spec_props["granularity"],
             "description": "Stages of the model randomization tests: one per parameterized "
             "module, or one per child of the model's root.",
         },
         "measures": {
-            **_string_list({"type": "string", "enum": list(MEASURES)}, "measure names"),
+            **_string_list(spec_props["measures"]["items"], "measure names"),
             "default": list(MEASURES),
             "description": "Similarity measures to score; a non-empty subset.",
         },
         "params": {"anyOf": [{"$ref": SCHEMAS + "MethodParams"}, {"type": "null"}]},
         "training": {"anyOf": [{"$ref": SCHEMAS + "TrainRecipe"}, {"type": "null"}]},
-        "batch_size": {"type": "integer", "minimum": 1, "default": 16},
+        "batch_size": spec_props["batch_size"],
         "webhook_url": {
             "anyOf": [
                 {
