@@ -1,10 +1,13 @@
 """The OpenAPI 3.1 description of the HTTP API (``GET /openapi.json``) and its HTML page
 (``GET /docs``).
 
-The document is plain data, built once per process from the same constants the routes use
-(the blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`,
-the engine's tests, measures, methods and dataclass fields), so an enum or a field list cannot
-drift from the code; ``tests/service/test_openapi.py`` checks the rest (every route documented,
+The document is plain data, built once per process. The shapes that cross the engine's
+boundary (audit spec and parameters, input spec, verdicts, scores, heatmaps, catalogue, policy,
+problem) are the components pydantic generates from the contract (``workers/engine/contract``);
+the service's own shapes are written here from the same constants the routes use (the
+blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`), so an
+enum or a field list cannot drift from the code. ``tests/service/test_contract.py`` checks the
+generated components, ``tests/service/test_openapi.py`` the rest (every route documented,
 every rendered object valid against its schema). The HTML page is self-contained: no script,
 font or stylesheet is fetched from anywhere.
 """

@@ -9,11 +9,14 @@ these declarations come the validation (engine and API refuse the same things, w
   dataclasses whose bounds are ``Field`` metadata. They validate on construction, which is what
   the engine's hand-written ``__post_init__`` checks did before; pydantic dataclasses keep them
   frozen stdlib-compatible dataclasses, so the engine code around them is unchanged.
-* :mod:`.verdicts`: the verdict values, the controls and the :class:`Verdict` shape.
+* :mod:`.verdicts`: ``VERDICTS``, ``CONTROLS``, ``PassWhen`` and the :class:`Verdict` shape.
 * :mod:`.report`: scores, summaries, map statistics, method and test results and the
   report.json document.
 * :mod:`.catalogue`: what ``GET /v1/methods`` lists (methods, tests, the default policy).
+* :mod:`.policy`: the verdict policy document; ``workers/engine/policy.py`` takes its key sets
+  from it and keeps the checks that span fields, with their messages.
 * :mod:`.problem`: the RFC 9457 problem every error response is.
+* :mod:`.schema`: the one JSON Schema generator (no titles), components and named enums.
 
 The result shapes (:mod:`.report`, :class:`Verdict`) are plain stdlib dataclasses whose schema
 pydantic derives with ``TypeAdapter``: the engine builds thousands of them in an audit and
