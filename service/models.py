@@ -229,6 +229,8 @@ class ResultRow(Base):
 
 
 class VerdictRow(Base):
+    """One verdict of an audit: a column per field of the contract's ``Verdict``."""
+
     __tablename__ = "verdicts"
     __table_args__ = (UniqueConstraint("audit_id", "method", "test", name="uq_verdicts_audit_key"),)
 
@@ -242,6 +244,8 @@ class VerdictRow(Base):
     measure: Mapped[str | None] = mapped_column(String(100))
     stage: Mapped[str | None] = mapped_column(String(300))
     threshold: Mapped[float | None] = mapped_column(Float)
+    fail_threshold: Mapped[float | None] = mapped_column(Float)
+    pass_when: Mapped[str | None] = mapped_column(String(20))
     mean: Mapped[float | None] = mapped_column(Float)
     ci_low: Mapped[float | None] = mapped_column(Float)
     ci_high: Mapped[float | None] = mapped_column(Float)

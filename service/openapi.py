@@ -1,10 +1,13 @@
 """The OpenAPI 3.1 description of the HTTP API (``GET /openapi.json``) and its HTML page
 (``GET /docs``).
 
-The document is plain data, built once per process from the same constants the routes use
-(the blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`,
-the engine's tests, measures, methods and dataclass fields), so an enum or a field list cannot
-drift from the code; ``tests/service/test_openapi.py`` checks the rest (every route documented,
+The document is plain data, built once per process. The shapes that cross the engine's
+boundary (audit spec and parameters, input spec, verdicts, scores, heatmaps, catalogue, policy,
+problem) are the components pydantic generates from the contract (``workers/engine/contract``);
+the service's own shapes are written here from the same constants the routes use (the
+blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`), so an
+enum or a field list cannot drift from the code. ``tests/service/test_contract.py`` checks the
+generated components, ``tests/service/test_openapi.py`` the rest (every route documented,
 every rendered object valid against its schema). The HTML page is self-contained: no script,
 font or stylesheet is fetched from anywhere.
 """
@@ -12,7 +15,6 @@ font or stylesheet is fetched from anywhere.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import html
 import json
 import re
@@ -21,8 +23,13 @@ from importlib import metadata
 from typing import Any
 
 from workers.engine.catalogue import method_names
+from workers.engine.contract.catalogue import Catalogue
+from workers.engine.contract.problem import Problem
+from workers.engine.contract.report import Heatmap, ReportDocument, Score
+from workers.engine.contract.schema import components, name_enums, rendered, schema_of
+from workers.engine.contract.verdicts import PassWhen, Verdict, VerdictValue
 from workers.engine.result import SCHEMA_VERSION
-from workers.engine.spec import MEASURES, TESTS, InputSpec, MethodParams, TrainRecipe
+from workers.engine.spec import MEASURES, TESTS, AuditSpec, InputSpec
 from workers.reports.schema import report_schema
 
 from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
@@ -40,7 +47,6 @@ Schema = dict[str, Any]
 TITLE = "saliency-audit"
 SCHEMAS = "#/components/schemas/"
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
 MODEL_FORMATS = ("onnx", "safetensors", "torch")
 # the audit's PDF and HTML reports (null until it has succeeded) and its webhook (null until
 # it has ended): the values service.jobs and workers.tasks write
@@ -100,12 +106,6 @@ def _nullable(kind: str, **extra: Any) -> Schema:
     return {"type": [kind, "null"], **extra}
 
 
-def _nullable_enum(values: Any, **extra: Any) -> Schema:
-    """One of ``values`` or null. Written as ``anyOf`` (not ``type: [string, null]`` with null
-    in the enum) so that a client generator makes one enum type of it, not one per type."""
-    return {"anyOf": [{"type": "string", "enum": list(values)}, {"type": "null"}], **extra}
-
-
 def _object(properties: dict[str, Schema], **extra: Any) -> Schema:
     """An object whose every property is always present (what a route renders)."""
     return {"type": "object", "properties": properties, "required": list(properties), **extra}
@@ -130,103 +130,24 @@ def _string_list(item: Schema, what: str, *, nullable: bool = True) -> Schema:
     return {"anyOf": kinds}
 
 
-_PY_TYPES: dict[str, Schema] = {
-    "int": {"type": "integer"},
-    "float": {"type": "number"},
-    "str": {"type": "string"},
-    "bool": {"type": "boolean"},
-}
-
-
-def _dataclass_object(cls: type, overrides: dict[str, Schema], description: str) -> Schema:
-    """The fields of an engine dataclass with their defaults; unknown fields are refused."""
-    properties: dict[str, Schema] = {}
-    for f in dataclasses.fields(cls):
-        schema = dict(overrides.get(f.name) or _PY_TYPES[str(f.type)])
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-            schema["default"] = list(default) if isinstance(default, tuple) else default
-        properties[f.name] = schema
-    return {
-        "type": "object",
-        "description": description,
-        "properties": properties,
-        "additionalProperties": False,
-    }
+INPUT_SPEC_DESCRIPTION = (
+    "How raw images become the model's input tensor: resized to height x width, put in "
+    "channel_order, scaled from [0, 255] to value_range (e.g. [0, 255] for a model that "
+    "takes raw pixel values), then normalized with (x - mean) / std; and which output "
+    "holds the class scores. A field left out is read from the ONNX file where it says it "
+    "(the input's size and layout; the metadata entry saliency_audit.input_spec), else it "
+    "keeps its default (assumed); report.json's model.input_spec_sources says which."
+)
 
 
 def _schemas() -> dict[str, Schema]:
-    positive = {"type": "integer", "minimum": 1}
-    method_params = _dataclass_object(
-        MethodParams,
-        {
-            "ig_steps": positive,
-            "ig_baseline": {"type": "string", "enum": ["zero", "black"]},
-            "noise_samples": positive,
-            "noise_level": {"type": "number", "minimum": 0},
-            "scorecam_batch": positive,
-            "map_reduction": {"type": "string", "enum": ["sum", "max_abs"]},
-            "smprt_samples": positive,
-            "smprt_noise_level": {"type": "number", "minimum": 0},
-            "emprt_bins": positive,
-        },
-        "Parameters shared by the saliency methods (names follow Captum where it has one).",
-    )
-    train_recipe = _dataclass_object(
-        TrainRecipe,
-        {
-            "target_accuracy": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-            "max_epochs": positive,
-            "max_seconds": {"type": "number", "exclusiveMinimum": 0},
-            "batch_size": positive,
-            "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-        },
-        "How the data randomization test trains its two copies of the architecture.",
-    )
-    floats = {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": 3}
-    input_spec = _dataclass_object(
-        InputSpec,
-        {
-            "height": positive,
-            "width": positive,
-            "channels": {"type": "integer", "enum": [1, 3]},
-            "layout": {"type": "string", "enum": ["NCHW", "NHWC"]},
-            "mean": floats,
-            "std": {**floats, "items": {"type": "number", "exclusiveMinimum": 0}},
-            "value_range": {
-                "type": "array",
-                "items": {"type": "number"},
-                "minItems": 2,
-                "maxItems": 2,
-                "description": "[low, high] with high > low",
-            },
-            "class_names": _nullable("array", items={"type": "string"}),
-            "channel_order": {
-                "type": "string",
-                "enum": ["RGB", "BGR"],
-                "description": "The channel order the model was trained on; BGR reverses the "
-                "decoded image's channels before scaling. mean and std are in this order.",
-            },
-            "output": {
-                "anyOf": [
-                    {"type": "string", "minLength": 1},
-                    {"type": "integer", "minimum": 0},
-                    {"type": "null"},
-                ],
-                "description": "The ONNX graph output holding the class scores, by name or "
-                "index; required when the graph has several float outputs (422 "
-                "output_required lists them). It must be [N, C] with C >= 2 (422 "
-                "not_a_classifier). A Softmax or LogSoftmax at its end is left out: maps "
-                "explain the pre-softmax scores.",
-            },
-        },
-        "How raw images become the model's input tensor: resized to height x width, put in "
-        "channel_order, scaled from [0, 255] to value_range (e.g. [0, 255] for a model that "
-        "takes raw pixel values), then normalized with (x - mean) / std; and which output "
-        "holds the class scores. A field left out is read from the ONNX file where it says it "
-        "(the input's size and layout; the metadata entry saliency_audit.input_spec), else it "
-        "keeps its default (assumed); report.json's model.input_spec_sources says which.",
-    )
+    contract = components([AuditSpec, InputSpec])
+    for name, schema in components(
+        [Verdict, Score, Heatmap, Catalogue, Problem], mode="serialization"
+    ).items():
+        contract.setdefault(name, rendered(schema, every_property=False))
+    contract = name_enums(contract, {"VerdictValue": VerdictValue, "PassWhen": PassWhen})
+    input_spec = {**contract["InputSpec"], "description": INPUT_SPEC_DESCRIPTION}
     model_metadata_props: dict[str, Schema] = {
         "name": {
             "type": "string",
@@ -267,6 +188,8 @@ def _schemas() -> dict[str, Schema]:
     if set(dataset_metadata_props) != DATASET_METADATA_KEYS:  # pragma: no cover
         raise RuntimeError("the dataset metadata schema is out of date with METADATA_KEYS")
 
+    # the request's fields that the engine's AuditSpec declares keep its bounds and defaults
+    spec_props = contract["AuditSpec"]["properties"]
     tests_enum = [*TESTS, "all"]
     audit_request_props: dict[str, Schema] = {
         "model_id": {**ID, "description": "A model of this tenant (422 unknown_model)."},
@@ -301,22 +224,20 @@ def _schemas() -> dict[str, Schema]:
             "description": "A verdict policy document (default: default_policy of "
             "GET /v1/methods).",
         },
-        "seed": {"type": "integer", "default": 0},
+        "seed": spec_props["seed"],
         "granularity": {
-            "type": "string",
-            "enum": ["module", "block"],
-            "default": "block",
+            **spec_props["granularity"],
             "description": "Stages of the model randomization tests: one per parameterized "
             "module, or one per child of the model's root.",
         },
         "measures": {
-            **_string_list({"type": "string", "enum": list(MEASURES)}, "measure names"),
+            **_string_list(spec_props["measures"]["items"], "measure names"),
             "default": list(MEASURES),
             "description": "Similarity measures to score; a non-empty subset.",
         },
         "params": {"anyOf": [{"$ref": SCHEMAS + "MethodParams"}, {"type": "null"}]},
         "training": {"anyOf": [{"$ref": SCHEMAS + "TrainRecipe"}, {"type": "null"}]},
-        "batch_size": {"type": "integer", "minimum": 1, "default": 16},
+        "batch_size": spec_props["batch_size"],
         "webhook_url": {
             "anyOf": [
                 {
@@ -337,48 +258,15 @@ def _schemas() -> dict[str, Schema]:
     if set(audit_request_props) != BODY_KEYS:  # pragma: no cover - a code change
         raise RuntimeError("the audit request schema is out of date with BODY_KEYS")
 
-    audit_spec = _object(
-        {
-            "methods": {"type": "array", "items": {"type": "string"}},
-            "layer": _nullable("string"),
-            "seed": {"type": "integer"},
-            "batch_size": {"type": "integer"},
-            "device": {"type": "string"},
-            "params": {"$ref": SCHEMAS + "MethodParams"},
-            "fidelity_atol": {"type": "number", "minimum": 0},
-            "fidelity_rtol": {"type": "number", "minimum": 0},
-            "tests": {"type": "array", "items": {"type": "string", "enum": list(TESTS)}},
-            "granularity": {"type": "string", "enum": ["module", "block"]},
-            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
-            "policy": _nullable("object"),
-            "training": {"$ref": SCHEMAS + "TrainRecipe"},
-            "layers": {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "null"}]},
-        },
-        description="The validated request as the engine runs it (every default filled in).",
-    )
-    verdict = _object(
-        {
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "verdict": {"type": "string", "enum": list(VERDICTS)},
-            "reason": {"type": "string"},
-            "measure": _nullable("string"),
-            "stage": _nullable("string"),
-            "threshold": NUMBER_OR_NULL,
-            "mean": NUMBER_OR_NULL,
-            "ci_low": NUMBER_OR_NULL,
-            "ci_high": NUMBER_OR_NULL,
-            "n": {"type": "integer", "minimum": 0},
-            "is_control": {"type": "boolean"},
-            "policy_version": _nullable("string"),
-        },
-        description="The decision for one (method, test) under the policy.",
-    )
+    audit_spec = {
+        **rendered(contract["AuditSpec"]),
+        "description": "The validated request as the engine runs it (every default filled in).",
+    }
     verdict_summary: Schema = {
         **_nullable("object"),
         "additionalProperties": {
             "type": "object",
-            "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+            "additionalProperties": _ref("VerdictValue"),
         },
         "description": "method -> test -> verdict, once the audit has succeeded.",
     }
@@ -405,11 +293,11 @@ def _schemas() -> dict[str, Schema]:
             "heartbeat_at": DATE_TIME_OR_NULL,
             "finished_at": DATE_TIME_OR_NULL,
             "verdict_summary": verdict_summary,
-            "documents_state": _nullable_enum(
-                DOCUMENTS_STATES,
-                description="The PDF and HTML reports: null until the audit has succeeded, "
+            "documents_state": {
+                "anyOf": [_ref("DocumentsState"), {"type": "null"}],
+                "description": "The PDF and HTML reports: null until the audit has succeeded, "
                 "then pending (rendering on a CPU worker) -> ready | failed.",
-            ),
+            },
             "webhook": {
                 "anyOf": [_ref("AuditWebhook"), {"type": "null"}],
                 "description": "null when the audit was submitted without webhook_url.",
@@ -433,11 +321,11 @@ def _schemas() -> dict[str, Schema]:
     audit_webhook = _object(
         {
             "url": {"type": "string", "format": "uri"},
-            "state": _nullable_enum(
-                WEBHOOK_STATES,
-                description="null until the audit ends; pending while deliveries are tried; "
+            "state": {
+                "anyOf": [_ref("WebhookState"), {"type": "null"}],
+                "description": "null until the audit ends; pending while deliveries are tried; "
                 "delivered (a 2xx answer) or failed (every attempt used up).",
-            ),
+            },
             "attempts": {"type": "integer", "minimum": 0},
             "error": {
                 **_nullable("string"),
@@ -473,14 +361,14 @@ def _schemas() -> dict[str, Schema]:
         description=f"The body POSTed to an audit's webhook_url when it ends, signed in "
         f"{SIGNATURE_HEADER} (see the auditFinished callback of POST /v1/audits).",
     )
-    nullable_verdict = _nullable_enum(VERDICTS)
+    nullable_verdict: Schema = {"anyOf": [_ref("VerdictValue"), {"type": "null"}]}
     trend_point = _object(
         {
             "audit_id": ID,
             "finished_at": DATE_TIME_OR_NULL,
             "verdicts": {
                 "type": "object",
-                "additionalProperties": {"type": "string", "enum": list(VERDICTS)},
+                "additionalProperties": _ref("VerdictValue"),
                 "description": "test -> verdict.",
             },
         },
@@ -581,85 +469,37 @@ def _schemas() -> dict[str, Schema]:
             },
         ],
     }
-    result = _object(
-        {
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "measure": {"type": "string"},
-            "stage": {"type": "string"},
-            "stage_index": {"type": "integer"},
-            "mean": NUMBER_OR_NULL,
-            "ci_low": NUMBER_OR_NULL,
-            "ci_high": NUMBER_OR_NULL,
-            "n": {"type": "integer", "minimum": 0},
-            "n_undefined": {"type": "integer", "minimum": 0},
-        },
-        description="One score: the mean similarity over the images with its 95% bootstrap "
-        "interval.",
-    )
-    heatmap = _object(
-        {
-            "kind": {"type": "string", "enum": ["heatmap_png", "overlay_png"]},
-            "method": {"type": "string"},
-            "test": {"type": "string"},
-            "stage": {"type": "string"},
-            "image": {"type": "string"},
-            "sha256": SHA256,
-            "url": {**LINK, "description": "GET it for the image/png."},
-        }
-    )
-    method_info = _object(
-        {
-            "name": {"type": "string"},
-            "family": {"type": "string"},
-            "reference": {"type": "string"},
-            "description": {"type": "string"},
-            "needs_conv_layer": {"type": "boolean"},
-            "is_control": {"type": "boolean"},
-        }
-    )
-    test_info = _object(
-        {
-            "name": {"type": "string", "enum": list(TESTS)},
-            "description": {"type": "string"},
-            "reference": {"type": "string"},
-        }
-    )
-    catalogue = _object(
-        {
-            "methods": {"type": "array", "items": _ref("MethodInfo")},
-            "tests": {"type": "array", "items": _ref("TestInfo")},
-            "measures": {"type": "array", "items": {"type": "string", "enum": list(MEASURES)}},
-            "default_policy": {
-                "type": "object",
-                "description": "The verdict policy used when an audit gives none.",
-                "properties": {
-                    "format": {"type": "integer"},
-                    "name": {"type": "string"},
-                    "version": {"type": "string"},
-                    "description": {"type": "string"},
-                    "tests": {"type": "object"},
-                    "controls": {"type": "object"},
-                },
-            },
-        }
-    )
-    problem = {
-        "type": "object",
-        "description": "An RFC 9457 problem; routes add fields of their own.",
+    score = contract.pop("Score")
+    result = {
+        **score,
+        "properties": {k: v for k, v in score["properties"].items() if k != "values"},
+        "required": [k for k in score["required"] if k != "values"],
+        "description": "One score: the mean similarity over the images with its 95% bootstrap "
+        "interval (report.json's Score without the per-image values).",
+    }
+    heatmap = contract["Heatmap"]
+    heatmap = {
+        **heatmap,
         "properties": {
-            "type": {"type": "string", "format": "uri-reference"},
-            "title": {"type": "string"},
-            "status": {"type": "integer", "minimum": 400, "maximum": 599},
-            "detail": {"type": "string"},
-            "code": {"type": "string"},
-            "instance": _nullable("string"),
+            **heatmap["properties"],
+            "url": {**LINK, "description": "GET it for the image/png."},
         },
-        "required": ["type", "title", "status", "detail", "code"],
-        "additionalProperties": True,
+    }
+    named_enums: dict[str, Schema] = {
+        "DocumentsState": {
+            "type": "string",
+            "enum": list(DOCUMENTS_STATES),
+            "description": "The PDF and HTML reports: pending (rendering) -> ready | failed.",
+        },
+        "WebhookState": {
+            "type": "string",
+            "enum": list(WEBHOOK_STATES),
+            "description": "pending while deliveries are tried; delivered or failed.",
+        },
     }
     return {
-        "Problem": problem,
+        **contract,
+        **named_enums,
         "AuditState": {
             "type": "string",
             "enum": list(AUDIT_STATES),
@@ -667,6 +507,7 @@ def _schemas() -> dict[str, Schema]:
         },
         "Audit": audit,
         "AuditSpec": audit_spec,
+        "Heatmap": heatmap,
         "AuditRequest": {
             "type": "object",
             "properties": audit_request_props,
@@ -676,9 +517,6 @@ def _schemas() -> dict[str, Schema]:
         "AuditPage": _page("Audit"),
         "AuditWebhook": audit_webhook,
         "WebhookEvent": webhook_event,
-        "Verdict": verdict,
-        "MethodParams": method_params,
-        "TrainRecipe": train_recipe,
         "Model": model,
         "ModelPage": _page("Model"),
         "ModelHistory": model_history,
@@ -708,11 +546,7 @@ def _schemas() -> dict[str, Schema]:
         "DatasetUpload": _upload_form("DatasetMetadata", "A zip or tar archive of images."),
         "Result": result,
         "ResultList": _object({"items": {"type": "array", "items": _ref("Result")}}),
-        "Heatmap": heatmap,
         "HeatmapList": _object({"items": {"type": "array", "items": _ref("Heatmap")}}),
-        "MethodInfo": method_info,
-        "TestInfo": test_info,
-        "Catalogue": catalogue,
         "Health": _object({"status": {"type": "string", "const": "ok"}}),
         "Ready": _object(
             {
@@ -728,6 +562,11 @@ def _schemas() -> dict[str, Schema]:
     }
 
 
+def _report_component(key: str) -> str:
+    name = "".join(part[:1].upper() + part[1:] for part in key.split("_"))
+    return name if name.startswith(REPORT) else REPORT + name
+
+
 def _report_schemas() -> dict[str, Schema]:
     """The report schema served at :data:`REPORT_SCHEMA_PATH` as components: ``Report`` and one
     ``Report<Name>`` per entry of its ``$defs``, their references rewritten, so report.json's
@@ -735,11 +574,13 @@ def _report_schemas() -> dict[str, Schema]:
     :func:`workers.reports.schema.report_schema`, never written a second time. Its ``$id``,
     ``$schema`` and ``title`` stay with the served document: an ``$id`` here would move the base
     of every reference inside it, and generators name a class after a ``title``."""
-    source = report_schema()
-    names = {
-        key: REPORT + "".join(part.capitalize() for part in key.split("_"))
-        for key in source.get("$defs", {})
+    # the generated schema before single-use blocks are inlined: every shape keeps its name, so
+    # a generated client has ReportVerdict, ReportMethodResult, ... rather than anonymous types
+    source = {
+        **report_schema(),
+        **schema_of(ReportDocument, ref_template="#/$defs/{model}", mode="serialization"),
     }
+    names = {key: _report_component(key) for key in source.get("$defs", {})}
 
     def rewrite(node: Any) -> Any:
         if isinstance(node, list):

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from typing import Any
 
@@ -472,25 +472,7 @@ def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Any) -> None:
         summary: dict[str, dict[str, str]] = {}
         for v in result.verdicts:
             summary.setdefault(v.method, {})[v.test] = v.verdict
-            session.add(
-                VerdictRow(
-                    tenant_id=tenant_id,
-                    audit_id=audit_id,
-                    method=v.method,
-                    test=v.test,
-                    verdict=v.verdict,
-                    reason=v.reason,
-                    measure=v.measure,
-                    stage=v.stage,
-                    threshold=v.threshold,
-                    mean=v.mean,
-                    ci_low=v.ci_low,
-                    ci_high=v.ci_high,
-                    n=v.n,
-                    is_control=v.is_control,
-                    policy_version=v.policy_version,
-                )
-            )
+            session.add(VerdictRow(tenant_id=tenant_id, audit_id=audit_id, **asdict(v)))
         session.add_all(artifacts)
         return {"report_sha256": report_sha, "maps_sha256": maps_sha, "verdict_summary": summary}
 

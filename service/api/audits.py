@@ -9,6 +9,7 @@ the same audit, the same key with another body is a 422.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -18,6 +19,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from workers.engine.catalogue import check_methods
+from workers.engine.contract.report import PICTURE_KINDS
+from workers.engine.contract.verdicts import Verdict
 from workers.engine.errors import SpecError
 from workers.engine.policy import load_policy
 from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
@@ -61,7 +64,8 @@ BODY_KEYS = {
     "webhook_url",
 }
 RETRY_AFTER_S = 2
-PICTURE_KINDS = ("heatmap_png", "overlay_png")
+# a verdict row renders as the contract's Verdict: one column per field
+VERDICT_FIELDS = tuple(f.name for f in dataclasses.fields(Verdict))
 MAX_IDEMPOTENCY_KEY = 200
 
 
@@ -174,24 +178,7 @@ def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, 
         "links": links,
     }
     if verdicts is not None:
-        body["verdicts"] = [
-            {
-                "method": v.method,
-                "test": v.test,
-                "verdict": v.verdict,
-                "reason": v.reason,
-                "measure": v.measure,
-                "stage": v.stage,
-                "threshold": v.threshold,
-                "mean": v.mean,
-                "ci_low": v.ci_low,
-                "ci_high": v.ci_high,
-                "n": v.n,
-                "is_control": v.is_control,
-                "policy_version": v.policy_version,
-            }
-            for v in verdicts
-        ]
+        body["verdicts"] = [{name: getattr(v, name) for name in VERDICT_FIELDS} for v in verdicts]
     return body
 
 

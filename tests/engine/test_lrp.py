@@ -26,7 +26,7 @@ from workers.engine.methods import lrp
 from workers.engine.methods.base import MethodContext, compute_methods
 from workers.engine.models.canonize import batchnorm_merge_pairs, canonized, lrp_canonizers
 from workers.engine.models.onnx_convert import load_onnx
-from workers.engine.spec import MethodParams
+from workers.engine.spec import LRP_COMPOSITES, MethodParams
 
 COMPOSITES = ["epsilon_plus_flat", "epsilon_alpha2_beta1", "z_plus"]
 CONSERVATION_RTOL = 0.05
@@ -126,9 +126,14 @@ def test_unknown_composite_is_a_spec_error_that_lists_the_known_names() -> None:
         lrp.lrp_composite("epsilon_gamma_flat")
     for name in COMPOSITES:
         assert name in info.value.message
-    ctx = MethodContext(params=MethodParams(lrp_composite="nope"))
+    # the spec refuses it already (the contract's enum), with the same list of known names
     with pytest.raises(SpecError, match="z_plus"):
+        ctx = MethodContext(params=MethodParams(lrp_composite="nope"))  # type: ignore[arg-type]
         compute_methods(small_cnn(), images(1, size=8), torch.tensor([0]), ["lrp"], ctx)
+
+
+def test_the_contract_names_every_composite() -> None:
+    assert set(LRP_COMPOSITES) == set(lrp.LRP_COMPOSITES)
 
 
 @pytest.mark.parametrize("composite", COMPOSITES)

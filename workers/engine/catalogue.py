@@ -15,13 +15,14 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .contract.catalogue import CatalogueFile
 from .errors import SpecError
 
 
 @cache
 def catalogue() -> dict[str, Any]:
     text = resources.files(__package__).joinpath("catalogue.json").read_text()
-    value: dict[str, Any] = json.loads(text)
+    value: dict[str, Any] = CatalogueFile.model_validate_json(text).model_dump(mode="json")
     return value
 
 

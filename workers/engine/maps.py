@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import similarity
+from .contract.verdicts import CONTROLS
 from .errors import MethodFailedError, NotApplicableError
 from .methods import METHODS, MethodContext, compute_methods, method_info
 from .policy import MapChecks
@@ -26,8 +27,6 @@ from .spec import AuditSpec
 from .stats import key_seed
 
 ProgressCallback = Callable[[float, str], None]
-
-CONTROLS: tuple[str, ...] = ("control_sobel", "control_random")
 
 
 def _no_progress(fraction: float, step: str) -> None:

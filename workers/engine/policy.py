@@ -36,43 +36,21 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .contract.policy import POLICY_FORMAT, PolicyMapChecks, PolicyRule, keys
+from .contract.policy import Policy as PolicyDocument
+from .contract.verdicts import CONTROLS
 from .errors import SpecError
 from .result import MapProblem, Score, TestResult, Verdict, VerdictValue
 from .spec import MEASURES, TESTS
 from .stats import bootstrap_mean, key_seed
 
-POLICY_FORMAT = 1
 DECIDING_MEASURES = (*MEASURES, "entropy_rise")
-_RULE_KEYS = {
-    "measure",
-    "stage",
-    "threshold",
-    "fail_threshold",
-    "scale",
-    "pass_when",
-    "interval",
-    "why",
-}
+# the keys a document, a rule and the map checks may have: the contract's declarations
+_RULE_KEYS = keys(PolicyRule)
 # stage selectors that summarize the whole curve: need stages that accumulate randomization
 CURVE_TESTS = ("cascading", "cascading_bottom_up")
-_TOP_KEYS = {
-    "format",
-    "name",
-    "version",
-    "description",
-    "tests",
-    "controls",
-    "extends",
-    "map_checks",
-    "recommended_images",
-}
-_CHECK_KEYS = {
-    "zero_floor",
-    "constant_rtol",
-    "share_bound",
-    "conservation_tolerance",
-    "why",
-}
+_TOP_KEYS = keys(PolicyDocument)
+_CHECK_KEYS = keys(PolicyMapChecks)
 
 
 @dataclass(frozen=True)
@@ -181,7 +159,7 @@ def load_policy(document: dict[str, Any] | None = None) -> Policy:
         if test not in TESTS or not isinstance(expected, dict):
             raise SpecError(f"policy controls: unknown test {test!r} or not an object")
         for control, verdict in expected.items():
-            if control not in ("control_sobel", "control_random"):
+            if control not in CONTROLS:
                 raise SpecError(f"policy controls: unknown control {control!r}")
             if verdict not in ("PASS", "FAIL"):
                 raise SpecError("policy controls: expected verdict must be PASS or FAIL")

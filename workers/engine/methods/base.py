@@ -23,26 +23,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..contract.catalogue import MethodInfo
 from ..errors import MethodFailedError, NotApplicableError, SpecError
 from ..spec import MethodParams
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What the registry knows about a method, for discovery and reports."""
-
-    name: str
-    family: str
-    reference: str
-    description: str
-    needs_conv_layer: bool = False
-    is_control: bool = False
-    # relevance methods report conservation: "total" (the map's sum should equal the target
-    # logit: LRP to the input) or "share" (the share of the target's relevance reaching a
-    # layer, at most about 1: Relevance-CAM); None for the others
-    relevance: str | None = None
-    # the map's values scale as the explained score to this power (squared gradients: 2)
-    scale_power: int = 1
 
 
 @dataclass

@@ -1,0 +1,400 @@
+"""What an audit produced, and the ``report.json`` document that carries it.
+
+The result shapes the engine builds by the thousand (scores, summaries, map statistics, method
+and test results, images) are plain frozen dataclasses: no validation cost at construction,
+``dataclasses.asdict`` writes them, and pydantic derives their JSON Schema from the same
+declaration (``__pydantic_config__``: closed objects, every key required as written). The
+blocks that only exist as JSON (the report's spec summary, model, fidelity check, and what the
+service adds) are pydantic models. :class:`ReportDocument` is the whole document;
+``workers/reports/schema.py`` publishes its schema.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Literal, get_args
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic.json_schema import SkipJsonSchema
+
+from .spec import InputSpec, SpecSource
+from .verdicts import Count, Verdict, VerdictValue
+
+__all__ = ["Verdict", "VerdictValue"]
+
+# 3: the layers analysis; the service adds dataset, links, artifacts
+# 4: method statuses error / degenerate / not_conserved, relevance conservation per method,
+#    map problems per test (a report of version 3 still reads)
+SchemaVersion = Literal["4"]
+SCHEMA_VERSION: str = get_args(SchemaVersion)[0]
+READABLE_SCHEMA_VERSIONS = ("3", SCHEMA_VERSION)
+
+# ok; not_applicable (the method has no rule for this model, with the reason); error (it raised,
+# with the message; the rest of the audit stands); degenerate (its maps on the trained model are
+# constant, all zero or not finite); not_conserved (a relevance method lost or created relevance
+# beyond the policy's tolerance). The last two are still scored, never decided on.
+MethodStatus = Literal["ok", "not_applicable", "error", "degenerate", "not_conserved"]
+ProblemKind = Literal["error", "non_finite", "all_zero", "constant", "not_conserved"]
+# the pictures of an audit's maps the service stores and links
+PictureKind = Literal["heatmap_png", "overlay_png"]
+PICTURE_KINDS: tuple[PictureKind, ...] = get_args(PictureKind)
+
+Sha256 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def optional(**extra: Any) -> Any:
+    """A key a document may leave out (default None), documented by its type alone."""
+    return Field(default=None, json_schema_extra=_no_default, **extra)
+
+
+# the result dataclasses: closed, and every key present in the document
+_WRITTEN = ConfigDict(
+    extra="forbid", json_schema_serialization_defaults_required=True, arbitrary_types_allowed=True
+)
+TRAINED_STAGE = "trained"
+
+
+def finite_or_none(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class ScoreSummary:
+    """A per-image score reduced over images: mean, sample std and n (NaNs excluded, counted)."""
+
+    __pydantic_config__ = _WRITTEN
+
+    mean: float | None
+    std: float | None
+    n: Count
+    n_undefined: Count = 0
+
+    @classmethod
+    def of(cls, values: np.ndarray) -> ScoreSummary:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        finite = values[np.isfinite(values)]
+        n = int(finite.size)
+        return cls(
+            mean=finite_or_none(float(finite.mean())) if n else None,
+            std=finite_or_none(float(finite.std(ddof=1))) if n > 1 else None,
+            n=n,
+            n_undefined=int(values.size - n),
+        )
+
+
+@dataclass(frozen=True)
+class MapStatistics:
+    """Statistics of one method's maps (channels reduced), pooled over all audit images."""
+
+    __pydantic_config__ = _WRITTEN
+
+    n_images: int
+    height: int
+    width: int
+    native_channels: int  # channels the method produced before reduction (C or 1)
+    # None where undefined (non-finite values in the maps)
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    mean_abs: float | None
+    fraction_positive: float
+    fraction_zero: float
+    # Share of total |map| mass in the top 10% of pixels per image, averaged over images whose
+    # map is not all zero: 0.1 for a flat map, near 1 for a very concentrated one; None when
+    # every map is all zero.
+    top10_mass: float | None
+
+
+@dataclass(frozen=True)
+class MapProblem:
+    """Why one method's maps in one model state cannot carry a verdict: the method raised
+    (``error``), or ``n_images`` of ``n_total`` maps are not finite, all zero (max |m| at or
+    below the policy's floor), constant, or their relevance is not conserved."""
+
+    __pydantic_config__ = _WRITTEN
+
+    method: str
+    stage: str
+    kind: ProblemKind
+    n_images: Count
+    n_total: Count
+    detail: str
+
+    def describe(self) -> str:
+        where = "the trained model" if self.stage == TRAINED_STAGE else f"stage {self.stage}"
+        if self.kind == "error":
+            return f"{self.method} failed at {where}: {self.detail}"
+        return f"{self.method} at {where}: {self.n_images} of {self.n_total} maps {self.detail}"
+
+
+@dataclass(frozen=True)
+class Conservation:
+    """How much relevance a relevance method's maps distributed, relative to where it started,
+    per image (``ratio``: 1 when conserved). For ``lrp`` the start is the target logit and the
+    ratio is the input relevance's sum over it; for ``relevance_cam`` (and LRP stopped at a
+    layer) the start is the target's unit relevance and the ratio is the share reaching the
+    layer, at most about 1 (biases and skip connections take the rest)."""
+
+    __pydantic_config__ = _WRITTEN
+
+    definition: str
+    mean: float | None
+    min: float | None
+    max: float | None
+    n: Count
+    tolerance: Annotated[float, Field(ge=0)]
+    within_tolerance: bool
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    __pydantic_config__ = _WRITTEN
+
+    name: str
+    family: str
+    status: MethodStatus
+    reference: str
+    is_control: bool
+    layer: str | None = None
+    reason: str | None = None
+    family_time_s: float | None = None  # wall time of the family's shared passes
+    shared_with: tuple[str, ...] = ()
+    statistics: MapStatistics | None = None
+    # similarity of this method's maps to the edge-detector control, per measure
+    similarity_to_sobel: dict[str, ScoreSummary] = field(default_factory=dict)
+    conservation: Conservation | None = None
+    problems: tuple[MapProblem, ...] = ()
+
+
+@dataclass(frozen=True)
+class Score:
+    """One (method, test, stage, measure) score: per-image values, their mean, a seeded
+    bootstrap 95% interval of the mean and n (images with a defined value)."""
+
+    __pydantic_config__ = _WRITTEN
+
+    method: str
+    test: str
+    stage: str
+    stage_index: Count
+    measure: str
+    mean: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: Count
+    n_undefined: Count
+    values: tuple[float | None, ...] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage of a test: ``name`` is the unit randomized at this stage (a module name), and
+    ``randomized`` every module whose weights are random at it."""
+
+    __pydantic_config__ = _WRITTEN
+
+    index: int
+    name: str
+    randomized: tuple[str, ...] = ()
+
+
+@dataclass
+class TestResult:
+    """What one test measured. ``status`` is ``ok``, or ``not_run`` with the ``reason``."""
+
+    __test__: ClassVar[bool] = False  # a result, not a pytest test class
+    __pydantic_config__ = _WRITTEN
+
+    test: str
+    description: str
+    reference: str
+    status: Literal["ok", "not_run"] = "ok"
+    reason: str | None = None
+    granularity: str | None = None
+    stages: list[StageInfo] = field(default_factory=list)
+    scores: list[Score] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    # maps of a (method, stage) that cannot carry a verdict (the trained model's included)
+    map_problems: list[MapProblem] = field(default_factory=list)
+    # first images' maps per stage and method, for heatmap grids; not part of the JSON document
+    example_maps: SkipJsonSchema[dict[str, dict[str, np.ndarray]]] = field(
+        default_factory=dict, repr=False
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "test": self.test,
+            "description": self.description,
+            "reference": self.reference,
+            "status": self.status,
+            "reason": self.reason,
+            "granularity": self.granularity,
+            "stages": [asdict(s) for s in self.stages],
+            "scores": [asdict(s) for s in self.scores],
+            "details": self.details,
+            "map_problems": [asdict(p) for p in self.map_problems],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TestResult:
+        return cls(
+            **{
+                **data,
+                "stages": [
+                    StageInfo(**{**s, "randomized": tuple(s["randomized"])}) for s in data["stages"]
+                ],
+                "scores": [Score(**{**s, "values": tuple(s["values"])}) for s in data["scores"]],
+                "map_problems": [MapProblem(**p) for p in data.get("map_problems", [])],
+            }
+        )
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    __pydantic_config__ = _WRITTEN
+
+    name: str
+    target: Count
+    target_name: str | None
+    predicted: Count
+    probability: Probability  # softmax probability of the target class
+
+
+# --- the blocks of report.json that exist only as JSON ----------------------------------------
+
+_OPEN = ConfigDict(extra="allow")
+_CLOSED = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class ReportSpec(BaseModel):
+    """The audit spec as run (``AuditSpec.to_dict()``) and the CAM layer it resolved to."""
+
+    model_config = _OPEN
+
+    methods: list[str]
+    seed: int
+    tests: list[str]
+    measures: list[str]
+    resolved_layer: str | None
+
+
+# where each field of the input spec used came from (every field of InputSpec, closed)
+InputSpecSources: type[BaseModel] = create_model(
+    "InputSpecSources",
+    __config__=_CLOSED,
+    __doc__="Where each field of input_spec came from: graph (the model file's graph or "
+    "architecture), metadata (the ONNX metadata entry saliency_audit.input_spec), given (the "
+    "user's input spec) or assumed (a default nobody stated).",
+    **{f.name: (SpecSource, ...) for f in fields(InputSpec)},  # type: ignore[call-overload]
+)
+
+
+class ModelOutput(BaseModel):
+    """The model output explained: the graph output (name, index, shape); head_removed, a
+    Softmax or LogSoftmax the graph ends in, left out so that saliency explains the
+    pre-softmax scores (the tensor named by scores, which the fidelity check compares with ONNX
+    Runtime); probabilities, how the reported probabilities relate to the graph's output."""
+
+    model_config = _CLOSED
+
+    name: str
+    index: Count
+    shape: list[int | None] | None
+    num_classes: int | None
+    head_removed: Literal["Softmax", "LogSoftmax"] | None
+    scores: str | None
+    explained: Literal["pre_softmax_scores", "output"]
+    probabilities: Literal["graph_output", "exp_graph_output", "softmax_of_output"]
+
+
+class ReportModel(BaseModel):
+    """The audited model: its file's fingerprint, the input spec used and the output."""
+
+    model_config = _OPEN
+
+    source: Any
+    sha256: Sha256
+    input_spec: InputSpec = Field(description="The input spec used.")
+    num_classes: int
+    input_spec_sources: InputSpecSources | SkipJsonSchema[None] = optional()  # type: ignore[valid-type]
+    output: ModelOutput | None = None
+
+
+class Fidelity(BaseModel):
+    """How closely the converted graph follows ONNX Runtime (``max_rel_diff`` and ``rtol`` are
+    missing from version 3 reports written before the relative tolerance)."""
+
+    model_config = _OPEN
+
+    max_abs_diff: float
+    max_rel_diff: float | SkipJsonSchema[None] = optional()
+    atol: Annotated[float, Field(ge=0)]
+    rtol: Annotated[float, Field(ge=0)] | SkipJsonSchema[None] = optional()
+    argmax_agreement: Probability
+    n_images: Annotated[int, Field(ge=1)]
+    provider: str | SkipJsonSchema[None] = optional()
+    passed: bool | SkipJsonSchema[None] = optional()
+
+
+class Heatmap(BaseModel):
+    """One stored picture of a map: a heatmap or an overlay of one image at one stage."""
+
+    model_config = _CLOSED
+
+    kind: PictureKind
+    method: str
+    test: str
+    stage: str
+    image: str
+    sha256: Sha256
+    url: str
+
+
+class ReportArtifact(Heatmap):
+    """A picture as report.json links it, with its media type."""
+
+    media_type: str
+
+
+class ReportDataset(BaseModel):
+    model_config = _OPEN
+
+    id: Any
+    sha256: Sha256
+    n_images: int
+
+
+class ReportDocument(BaseModel):
+    """What one audit measured and decided: verdicts per (method, test) with the policy, every
+    score per (method, test, stage, measure) with its per-image values, mean, 95% bootstrap
+    interval and n, the model and data fingerprints, the fidelity check of a converted ONNX
+    graph, the environment, and (from the service) links to every artifact."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Annotated[SchemaVersion, WithJsonSchema({"const": SCHEMA_VERSION})]
+    verdicts: list[Verdict]
+    spec: ReportSpec
+    model: ReportModel
+    fidelity: Fidelity | None
+    images: Annotated[list[ImageRecord], Field(min_length=1)]
+    methods: dict[str, MethodResult]
+    environment: dict[str, str]
+    timings_s: dict[str, float]
+    policy: dict[str, Any] | None
+    tests: dict[str, TestResult]
+    # what the service adds to what ``saliency-audit run`` writes
+    audit_id: str | SkipJsonSchema[None] = optional()
+    created_at: datetime | None = Field(default=None, description="When the audit was submitted.")
+    dataset: ReportDataset | SkipJsonSchema[None] = optional()
+    links: dict[str, str] | SkipJsonSchema[None] = optional()
+    artifacts: list[ReportArtifact] | SkipJsonSchema[None] = optional()

@@ -1,0 +1,330 @@
+"""What an audit runs on and what it runs, with every bound the engine enforces.
+
+The four shapes are pydantic dataclasses: they stay plain frozen dataclasses for the engine
+(``dataclasses.asdict``, ``replace``, equality, tuples), they validate on construction, and
+their bounds are ``Field`` metadata, so the engine, the API and the JSON Schema of the OpenAPI
+document read the same declaration. Numbers are strict (``"3"`` and ``True`` are not
+integers), as the engine always was. A :class:`pydantic.ValidationError` never leaves this
+module: :func:`spec_error` turns it into the engine's :class:`~workers.engine.errors.SpecError`
+in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from functools import cache
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+from ..errors import SpecError
+
+Layout = Literal["NCHW", "NHWC"]
+ChannelOrder = Literal["RGB", "BGR"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The grayscale version of the ImageNet statistics, for one-channel inputs.
+GRAY_MEAN = (0.449,)
+GRAY_STD = (0.226,)
+
+# Where a field of the input spec used came from: read from the model file (``graph``: the ONNX
+# input's shape and layout, or a torchvision architecture's own head; ``metadata``: the ONNX
+# metadata entry ``saliency_audit.input_spec``), ``given`` by the caller (CLI ``--input-spec``,
+# API ``metadata.input_spec``), or ``assumed`` (a default nobody stated, such as ImageNet's
+# mean and std).
+SpecSource = Literal["graph", "metadata", "given", "assumed"]
+SPEC_SOURCES: tuple[SpecSource, ...] = get_args(SpecSource)
+
+# The tests an audit can run (descriptions and references: workers/engine/sanity.py TEST_INFO).
+ModelRandomizationTest = Literal["cascading", "cascading_bottom_up", "independent"]
+MODEL_RANDOMIZATION_TESTS: tuple[str, ...] = get_args(ModelRandomizationTest)
+# analyses measure without deciding a verdict: the per-layer heatmaps and their faithfulness
+Analysis = Literal["layers"]
+ANALYSES: tuple[str, ...] = get_args(Analysis)
+TestName = Literal[
+    ModelRandomizationTest, "data_randomization", "smprt", "emprt", "random_logit", Analysis
+]
+TESTS: tuple[str, ...] = (
+    *MODEL_RANDOMIZATION_TESTS,
+    "data_randomization",
+    "smprt",
+    "emprt",
+    "random_logit",
+    *ANALYSES,
+)
+Measure = Literal["spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman"]
+MEASURES: tuple[str, ...] = get_args(Measure)
+Granularity = Literal["module", "block"]
+# the named Zennit composites of workers/engine/methods/lrp.py (a test checks they agree)
+LrpComposite = Literal["epsilon_plus_flat", "epsilon_alpha2_beta1", "z_plus"]
+LRP_COMPOSITES: tuple[str, ...] = get_args(LrpComposite)
+
+if TYPE_CHECKING:
+    # the engine's code reads these fields as plain ints and strings; validation and the
+    # schema see the enums below
+    Channels = int
+    TestField = str
+    MeasureField = str
+else:
+    Channels = Literal[1, 3]
+    TestField = TestName
+    MeasureField = Measure
+
+AtLeastOne = Annotated[int, Strict(), Field(ge=1)]
+NonNegative = Annotated[float, Strict(), Field(ge=0)]
+Positive = Annotated[float, Strict(), Field(gt=0)]
+Integer = Annotated[int, Strict()]
+
+_CONFIG = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class InputSpec:
+    """How raw images become the model's input tensor, and which output holds the scores.
+
+    A decoded image (RGB, or L when ``channels == 1``) is resized to ``height`` x ``width``,
+    put in ``channel_order`` (BGR reverses the decoded RGB channels), scaled linearly from
+    [0, 255] to ``value_range``, then normalized per channel with ``(x - mean) / std``, where
+    ``mean`` and ``std`` are in the model's channel order. ``layout`` is the layout the *file*
+    expects; the engine always works in NCHW and the model adapter permutes for NHWC graphs.
+    ``output`` names the graph output holding the class scores (its name, or its index among
+    the graph's outputs); it is needed only when a graph has several float outputs.
+    """
+
+    height: AtLeastOne = 224
+    width: AtLeastOne = 224
+    channels: Channels = 3
+    layout: Layout = "NCHW"
+    mean: Annotated[tuple[float, ...], Field(min_length=1, max_length=3)] = IMAGENET_MEAN
+    std: Annotated[tuple[Positive, ...], Field(min_length=1, max_length=3)] = IMAGENET_STD
+    value_range: Annotated[
+        tuple[float, float], Field(description="[low, high] with high > low")
+    ] = (0.0, 1.0)
+    class_names: tuple[str, ...] | None = None
+    channel_order: Annotated[
+        ChannelOrder,
+        Field(
+            description="The channel order the model was trained on; BGR reverses the decoded "
+            "image's channels before scaling. mean and std are in this order."
+        ),
+    ] = "RGB"
+    output: Annotated[
+        Annotated[str, Field(min_length=1)] | Annotated[int, Strict(), Field(ge=0)] | None,
+        Field(
+            description="The ONNX graph output holding the class scores, by name or index; "
+            "required when the graph has several float outputs (422 output_required lists "
+            "them). It must be [N, C] with C >= 2 (422 not_a_classifier). A Softmax or "
+            "LogSoftmax at its end is left out: maps explain the pre-softmax scores."
+        ),
+    ] = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        return _validated(cls, data, handler)
+
+    def __post_init__(self) -> None:
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise SpecError(f"{name} needs 1 or {self.channels} values, got {len(values)}")
+        lo, hi = self.value_range
+        if not hi > lo:
+            raise SpecError(f"value_range must be increasing, got {self.value_range}")
+        if self.channel_order == "BGR" and self.channels != 3:
+            raise SpecError("channel_order BGR needs 3 channels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
+        return cls(**_known(cls, data, "input spec"))
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class MethodParams:
+    """Parameters shared by the saliency methods (names follow Captum where it has one)."""
+
+    ig_steps: AtLeastOne = 32
+    ig_baseline: Literal["zero", "black"] = "zero"  # zero = the data set's mean colour
+    noise_samples: AtLeastOne = 16
+    noise_level: NonNegative = 0.15  # sigma / (max(x) - min(x)), as in Smilkov et al. 2017
+    scorecam_batch: AtLeastOne = 64
+    lrp_composite: LrpComposite = "epsilon_plus_flat"
+    map_reduction: Literal["sum", "max_abs"] = "sum"  # channels -> one map (the paper sums)
+    # sMPRT (Hedstrom et al. 2023; Quantus SmoothMPRT defaults): maps averaged over this many
+    # noisy copies of each image, noise sigma = level * (max(x) - min(x)) per image
+    smprt_samples: AtLeastOne = 50
+    smprt_noise_level: NonNegative = 0.1
+    # eMPRT: histogram bins of the discrete entropy of a map (Quantus discrete_entropy)
+    emprt_bins: Annotated[int, Strict(), Field(ge=2)] = 100
+    # layer analysis: steps of the deletion / insertion curves (Petsiuk et al. 2018) and the
+    # threshold of the [0, 1]-normalized map for the localization IoU
+    faithfulness_steps: AtLeastOne = 16
+    localization_threshold: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.5
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        return _validated(cls, data, handler)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class TrainRecipe:
+    """How the data randomization test trains its two copies of the architecture.
+
+    Both copies (permuted labels and true labels) start from a fresh seeded initialization and
+    use this recipe: Adam at ``learning_rate``, mini-batches of ``batch_size`` shuffled by a
+    seeded generator, no augmentation, until the training accuracy reaches
+    ``target_accuracy`` or ``max_epochs`` / ``max_seconds`` run out. With the defaults the
+    reference small CNN (BatchNorm folded away by the ONNX export) memorizes the permuted
+    labels of scikit-learn's digits (1438 images) in 89 and 98 epochs for seeds 0 and 1; a
+    learning rate of 3e-3 was faster for one seed and left another stuck at chance.
+    """
+
+    target_accuracy: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.99
+    max_epochs: AtLeastOne = 200
+    max_seconds: Positive = 1800.0
+    batch_size: AtLeastOne = 32
+    learning_rate: Positive = 1e-3
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        return _validated(cls, data, handler)
+
+
+@dataclass(frozen=True, config=_CONFIG)
+class AuditSpec:
+    """What to run.
+
+    ``layer`` is a module name for the CAM family (None: the deepest conv); ``layers`` are the
+    module names the ``layers`` analysis explains (None: the output of every block, shallow to
+    deep). ``tests`` are names
+    from :data:`TESTS`; ``granularity`` decides the stages of the model randomization tests
+    (one per parameterized module, or one per child of the model's root); ``measures`` are the
+    similarity measures scored; ``policy`` is a policy document (None: the shipped default).
+    """
+
+    methods: Annotated[tuple[str, ...], Field(min_length=1)]
+    layer: str | None = None
+    seed: Integer = 0
+    batch_size: AtLeastOne = 16
+    device: str = "cpu"
+    params: MethodParams = dataclasses.field(default_factory=MethodParams)
+    fidelity_atol: NonNegative = 1e-3  # max |logit difference| tolerated vs ONNX Runtime
+    # ... plus this fraction of the image's largest |logit|: float32 rounding grows with the
+    # logits (faithful conversions measured at 4e-7 to 1.3e-6 of it, EfficientNet-Lite and a
+    # random inception_v3 whose logits reach 2e12 included; docs/onnx.md)
+    fidelity_rtol: NonNegative = 1e-5
+    tests: tuple[TestField, ...] = ()
+    granularity: Granularity = "block"
+    measures: Annotated[tuple[MeasureField, ...], Field(min_length=1)] = MEASURES
+    policy: dict[str, Any] | None = None
+    training: TrainRecipe = dataclasses.field(default_factory=TrainRecipe)
+    layers: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        return _validated(cls, data, handler)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditSpec:
+        """The inverse of :meth:`to_dict` (how the service stores a spec and hands it to a
+        worker); unknown fields and parameters are a :class:`SpecError`."""
+        return cls(**_known(cls, data, "audit spec"))
+
+
+# --- errors: pydantic's findings as the engine's SpecError messages ---------------------------
+
+_ALWAYS: dict[str, str] = {
+    "methods": "at least one method is required",
+    "layers": "layers must name at least one module (or be left out)",
+    "fidelity_atol": "fidelity_atol and fidelity_rtol must be >= 0",
+    "fidelity_rtol": "fidelity_atol and fidelity_rtol must be >= 0",
+    "std": "std values must be positive",
+    "measures": "measures must be a non-empty subset of " + ", ".join(MEASURES),
+    "lrp_composite": "unknown LRP composite {input!r}; known composites: "
+    + ", ".join(sorted(LRP_COMPOSITES)),
+    "output": "output must be a graph output's name or its index (>= 0), got {input!r}",
+}
+
+
+def _known(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise SpecError(f"unknown {what} fields: {sorted(unknown)}")
+    return dict(data)
+
+
+def _validated(cls: type, data: Any, handler: Callable[[Any], Any]) -> Any:
+    try:
+        return handler(data)
+    except ValidationError as exc:
+        raise spec_error(cls, exc) from None
+
+
+@cache
+def _fields() -> dict[str, Any]:
+    """Field name -> its pydantic FieldInfo, across the four spec shapes."""
+    found: dict[str, Any] = {}
+    for shape in (InputSpec, MethodParams, TrainRecipe, AuditSpec):
+        found.update(shape.__pydantic_fields__)  # type: ignore[union-attr]
+    return found
+
+
+def _bounds(name: str) -> str | None:
+    """``">= 1"`` or ``"in (0, 1]"``: the numeric bounds declared on a field."""
+    lower = upper = None
+    for item in _fields()[name].metadata:
+        if isinstance(item, Ge | Gt):
+            lower = item
+        elif isinstance(item, Le | Lt):
+            upper = item
+    if lower and upper:
+        low = f"({lower.gt}" if isinstance(lower, Gt) else f"[{lower.ge}"
+        high = f"{upper.lt})" if isinstance(upper, Lt) else f"{upper.le}]"
+        return f"in {low}, {high}"
+    if lower:
+        return f"> {lower.gt}" if isinstance(lower, Gt) else f">= {lower.ge}"
+    return None
+
+
+def spec_error(cls: type, exc: ValidationError) -> SpecError:
+    """The first finding of a spec validation as a :class:`SpecError` with the engine's words
+    (e.g. ``ig_steps must be >= 1``, ``unknown tests ['x'] (known: ...)``)."""
+    errors = exc.errors(include_url=False)
+    fields = _fields()
+    first = errors[0]
+    names = [part for part in first["loc"] if isinstance(part, str) and part in fields]
+    name = names[-1] if names else ""
+    kind = first["type"]
+    value = first.get("input")
+    if kind == "unexpected_keyword_argument":
+        unknown = sorted(
+            str(e["loc"][-1]) for e in errors if e["type"] == "unexpected_keyword_argument"
+        )
+        owner = {InputSpec: "input spec", MethodParams: "params", TrainRecipe: "training"}
+        return SpecError(f"unknown {owner.get(cls, 'audit spec')} fields: {unknown}")
+    if name == "tests":
+        known = ", ".join(TESTS)
+        unknown = [e.get("input") for e in errors if e["loc"][:1] == ("tests",)]
+        return SpecError(f"unknown tests {unknown} (known: {known})")
+    if name in _ALWAYS:
+        return SpecError(_ALWAYS[name].format(input=value))
+    if kind == "literal_error":
+        choices = first.get("ctx", {}).get("expected", "").replace("'", "")
+        return SpecError(f"{name} must be {choices}, got {value!r}")
+    bounds = _bounds(name) if name else None
+    if bounds and kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return SpecError(f"{name} must be {bounds}")
+    where = name or ".".join(str(p) for p in first["loc"])
+    return SpecError(f"invalid {where}: {first['msg']} (got {value!r})")
