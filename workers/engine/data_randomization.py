@@ -13,7 +13,7 @@ the audited model itself, and memorization cannot be verified here (the result s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,12 +22,11 @@ from torch import nn
 from .errors import SpecError
 from .maps import MapSet, compute_maps
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .result import StageInfo, TestResult
 from .sanity import TEST_INFO, examples_of, problems_of, scores_of, similarity_values
 from .spec import AuditSpec
 from .training import accuracy, fresh_copy, permuted_labels, train_classifier
-
-ProgressCallback = Callable[[float, str], None]
 
 STAGE = "random_labels"
 
@@ -61,7 +60,7 @@ def data_randomization(
     train: LabeledImages | None = None,
     random_label_model: nn.Module | None = None,
     checks: MapChecks | None = None,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """Train (or take) a random-label model and a true-label control; score their maps."""
     info = TEST_INFO["data_randomization"]

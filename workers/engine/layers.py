@@ -28,12 +28,11 @@ from .maps import compute_maps, conservation_ratios
 from .methods._ort import ort_forward
 from .methods.lrp import lrp_layer_relevance
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .randomization import units
 from .result import Score, StageInfo, TestResult
 from .sanity import TEST_INFO, make_score, problems_of
 from .spec import AuditSpec
-
-ProgressCallback = Callable[[float, str], None]
 
 TEST = "layers"
 CAM_METHODS: tuple[str, ...] = ("relevance_cam", "gradcam", "gradcam_pp", "scorecam")
@@ -154,7 +153,7 @@ def layer_analysis(
     device: torch.device,
     masks: torch.Tensor | None = None,
     checks: MapChecks | None = None,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """Heatmaps of :data:`METHODS` at each layer, scored per image (see the module docstring).
 

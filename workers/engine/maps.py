@@ -11,7 +11,7 @@ relevance is not conserved. The thresholds are the policy's (:class:`MapChecks`)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,17 +21,12 @@ from . import similarity
 from .errors import MethodFailedError, NotApplicableError
 from .methods import METHODS, MethodContext, compute_methods, method_info
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .result import Conservation, MapProblem
 from .spec import AuditSpec
 from .stats import key_seed
 
-ProgressCallback = Callable[[float, str], None]
-
 CONTROLS: tuple[str, ...] = ("control_sobel", "control_random")
-
-
-def _no_progress(fraction: float, step: str) -> None:
-    pass
 
 
 def methods_to_run(requested: Sequence[str]) -> list[str]:
@@ -196,7 +191,7 @@ def compute_maps(
     device: torch.device,
     baseline: torch.Tensor | None = None,
     random_control_key: str = "",
-    progress: ProgressCallback = _no_progress,
+    progress: ProgressCallback = no_progress,
 ) -> MapSet:
     """Every method in ``names`` on every image, batch by batch, each family once per batch.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 
@@ -28,6 +28,7 @@ from .methods.integrated import baseline_for_input_spec
 from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
 from .policy import decide, load_policy
+from .progress import ProgressCallback, no_progress
 from .result import (
     TRAINED_STAGE,
     AuditResult,
@@ -42,12 +43,6 @@ from .result import (
 from .spec import ANALYSES, MODEL_RANDOMIZATION_TESTS, AuditSpec
 
 __all__ = ["MapSet", "compute_maps", "methods_to_run", "run_audit"]
-
-ProgressCallback = Callable[[float, str], None]
-
-
-def _no_progress(fraction: float, step: str) -> None:
-    pass
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,7 +105,7 @@ def run_audit(
     train: LabeledImages | None = None,
     random_label_model: LoadedModel | None = None,
     masks: torch.Tensor | None = None,
-    progress: ProgressCallback = _no_progress,
+    progress: ProgressCallback = no_progress,
 ) -> AuditResult:
     """Compute ``spec.methods`` (plus the controls) on ``images``, run ``spec.tests`` and decide
     the verdicts.

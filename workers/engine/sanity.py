@@ -16,7 +16,7 @@ per audit by :class:`RandomizedStates`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,9 +25,9 @@ import torch
 from . import similarity
 from .maps import MapSet, compute_maps, degenerate_maps, map_problems
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .randomization import (
     NORMALIZATION_HANDLING,
-    Granularity,
     ModelTest,
     Randomizer,
     parameterized_modules,
@@ -36,10 +36,8 @@ from .randomization import (
     units,
 )
 from .result import TRAINED_STAGE, MapProblem, Score, StageInfo, TestResult
-from .spec import AuditSpec
+from .spec import AuditSpec, Granularity
 from .stats import bootstrap_mean, key_seed
-
-ProgressCallback = Callable[[float, str], None]
 
 KEEP_EXAMPLES = 4  # images per stage whose maps are kept for heatmap grids
 
@@ -337,7 +335,7 @@ def model_randomization(
     *,
     test: ModelTest,
     granularity: Granularity,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """One model parameter randomization test: a score per stage, method and measure."""
     stage_list = stages(units(states.module, granularity), test)
@@ -380,7 +378,7 @@ def model_randomization(
 FULL_RANDOMIZATION = "full_randomization"
 
 
-def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+def emprt(states: RandomizedStates, progress: ProgressCallback = no_progress) -> TestResult:
     """eMPRT: per image, (H(random map) - H(trained map)) / H(trained map) with H the discrete
     entropy of the map's value histogram; the random model has every parameterized module
     re-initialized. Undefined (left out of the mean, counted) where the trained map is constant.
@@ -506,7 +504,7 @@ def smoothed_maps(
     )
 
 
-def smprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+def smprt(states: RandomizedStates, progress: ProgressCallback = no_progress) -> TestResult:
     """sMPRT at full randomization: noise-averaged maps of the trained model vs noise-averaged
     maps of the model with every parameterized module re-initialized, same noise draws (Quantus
     SmoothMPRT with ``skip_layers=True``, i.e. its last correlation)."""
@@ -577,7 +575,7 @@ def other_classes(targets: torch.Tensor, num_classes: int, seed: int) -> torch.T
 
 
 def random_logit(
-    states: RandomizedStates, num_classes: int, progress: ProgressCallback = lambda f, s: None
+    states: RandomizedStates, num_classes: int, progress: ProgressCallback = no_progress
 ) -> TestResult:
     """Random Logit: the trained model's map for the target vs its map for a random other
     class, same images. Class-sensitive methods give dissimilar maps."""
