@@ -180,6 +180,41 @@ def map_problems(
     return out
 
 
+@dataclass(frozen=True)
+class MapInputs:
+    """What a map set is computed from: the model state (``module``, in whatever state its
+    weights are when :meth:`compute` runs), the images and targets explained, the methods, the
+    spec (seed, batch size, parameters), the CAM layer, the device and the Integrated Gradients
+    baseline. An audit builds it once; a test that changes one part (another class, noisy
+    images, a retrained copy) derives its own with ``dataclasses.replace``."""
+
+    module: torch.nn.Module
+    images: torch.Tensor
+    targets: torch.Tensor
+    names: Sequence[str]
+    spec: AuditSpec
+    layer: str | None
+    device: torch.device
+    baseline: torch.Tensor | None = None
+
+    def compute(
+        self, random_control_key: str = "", progress: ProgressCallback = no_progress
+    ) -> MapSet:
+        """The map set of these inputs (see :func:`compute_maps`)."""
+        return compute_maps(
+            self.module,
+            self.images,
+            self.targets,
+            self.names,
+            self.spec,
+            self.layer,
+            device=self.device,
+            baseline=self.baseline,
+            random_control_key=random_control_key,
+            progress=progress,
+        )
+
+
 def compute_maps(
     module: torch.nn.Module,
     images: torch.Tensor,
