@@ -180,7 +180,7 @@ def map_problems(
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: identity, not value equality
 class MapInputs:
     """What a map set is computed from: the model state (``module``, in whatever state its
     weights are when :meth:`compute` runs), the images and targets explained, the methods, the

@@ -30,9 +30,9 @@ from ..spec import AuditSpec
 CheckKind = Literal["test", "analysis"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AuditContext:
-    """Everything a check runs on, built once per audit by :func:`~..runner.run_audit`.
+    """Everything a check runs on, built once per audit by :func:`~workers.engine.runner.run_audit`.
 
     ``inputs`` are the trained model, the images and targets explained, the methods, the
     spec, the CAM layer, the device and the IG baseline (a check derives changed inputs with
