@@ -9,8 +9,8 @@ import scipy.stats
 import torch
 
 from tests.engine.nets import images, small_cnn
-from workers.engine import sanity
-from workers.engine.maps import compute_maps, methods_to_run
+from workers.engine import maps, sanity
+from workers.engine.maps import MapInputs, compute_maps, methods_to_run
 from workers.engine.methods import resolve_layer
 from workers.engine.spec import AuditSpec, MethodParams
 
@@ -39,7 +39,8 @@ def _states(
     layer = resolve_layer(model, None)
     cpu = torch.device("cpu")
     reference = compute_maps(model, x, targets, names, spec, layer, device=cpu)
-    return sanity.RandomizedStates(model, x, targets, names, spec, layer, reference, device=cpu)
+    inputs = MapInputs(model, x, targets, names, spec, layer, cpu)
+    return sanity.RandomizedStates(inputs, reference)
 
 
 def _cascade(seed: int) -> list:  # type: ignore[type-arg]
@@ -75,13 +76,13 @@ def test_a_model_state_shared_by_two_tests_is_computed_once(
 ) -> None:
     states = _states()
     calls = []
-    real = sanity.compute_maps
+    real = maps.compute_maps
 
     def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(kwargs.get("random_control_key"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sanity, "compute_maps", counting)
+    monkeypatch.setattr(maps, "compute_maps", counting)
     top_down = sanity.model_randomization(states, test="cascading", granularity="module")
     bottom_up = sanity.model_randomization(states, test="cascading_bottom_up", granularity="module")
     independent = sanity.model_randomization(states, test="independent", granularity="module")

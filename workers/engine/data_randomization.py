@@ -13,21 +13,21 @@ the audited model itself, and memorization cannot be verified here (the result s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .errors import SpecError
-from .maps import MapSet, compute_maps
+from .maps import MapInputs, MapSet
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .result import StageInfo, TestResult
-from .sanity import TEST_INFO, examples_of, problems_of, scores_of, similarity_values
+from .sanity import examples_of, problems_of, registered_check, scores_of, similarity_values
 from .spec import AuditSpec
 from .training import accuracy, fresh_copy, permuted_labels, train_classifier
-
-ProgressCallback = Callable[[float, str], None]
 
 STAGE = "random_labels"
 
@@ -61,10 +61,10 @@ def data_randomization(
     train: LabeledImages | None = None,
     random_label_model: nn.Module | None = None,
     checks: MapChecks | None = None,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """Train (or take) a random-label model and a true-label control; score their maps."""
-    info = TEST_INFO["data_randomization"]
+    info = registered_check("data_randomization")
     result = TestResult(
         test="data_randomization",
         description=info.description,
@@ -136,16 +136,10 @@ def data_randomization(
         }
         share = 0.8
 
+    inputs = MapInputs(module, images, targets, names, spec, layer, device, baseline)
+
     def maps_of(model: nn.Module, key: str, lo: float, hi: float) -> MapSet:
-        return compute_maps(
-            model,
-            images,
-            targets,
-            names,
-            spec,
-            layer,
-            device=device,
-            baseline=baseline,
+        return dataclasses.replace(inputs, module=model).compute(
             random_control_key=key,
             progress=lambda f, s: progress(lo + (hi - lo) * f, f"{key} model maps: {s}"),
         )

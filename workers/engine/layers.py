@@ -24,16 +24,15 @@ from torch import nn
 
 from . import faithfulness
 from .errors import SpecError
-from .maps import compute_maps, conservation_ratios
+from .maps import MapInputs, conservation_ratios
 from .methods._ort import ort_forward
 from .methods.lrp import lrp_layer_relevance
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .randomization import units
 from .result import Score, StageInfo, TestResult
-from .sanity import TEST_INFO, make_score, problems_of
+from .sanity import make_score, problems_of, registered_check
 from .spec import AuditSpec
-
-ProgressCallback = Callable[[float, str], None]
 
 TEST = "layers"
 CAM_METHODS: tuple[str, ...] = ("relevance_cam", "gradcam", "gradcam_pp", "scorecam")
@@ -154,7 +153,7 @@ def layer_analysis(
     device: torch.device,
     masks: torch.Tensor | None = None,
     checks: MapChecks | None = None,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """Heatmaps of :data:`METHODS` at each layer, scored per image (see the module docstring).
 
@@ -191,7 +190,7 @@ def layer_analysis(
             return torch.softmax(forward(batch.to(device)).float(), dim=1).cpu()
 
     y = faithfulness.target_probabilities(probabilities, x, t, spec.batch_size)
-    info = TEST_INFO[TEST]
+    info = registered_check(TEST)
     result = TestResult(
         test=TEST, description=info.description, reference=info.reference, granularity="block"
     )
@@ -205,28 +204,21 @@ def layer_analysis(
         def sub(f: float, step: str, base: float = base, label: str = label) -> None:
             progress(base + per_layer * f, f"layer {label}: {step}")
 
-        mapset = compute_maps(
+        at_layer = MapInputs(
             module,
             images,
             targets,
             [*(m for m in CAM_METHODS if m != "scorecam"), CONTROL],
             spec,
             layer,
-            device=device,
-            progress=lambda f, step: sub(0.1 * f, step),
+            device,
         )
+        mapset = at_layer.compute(progress=lambda f, step: sub(0.1 * f, step))
         channels = output_shapes[layer][1]
         group = max(1, min(spec.batch_size, SCORECAM_PASSES_PER_STEP // max(channels, 1)))
-        scored = compute_maps(
-            module,
-            images,
-            targets,
-            ["scorecam"],
-            dataclasses.replace(spec, batch_size=group),
-            layer,
-            device=device,
-            progress=lambda f, step: sub(0.1 + 0.5 * f, step),
-        )
+        scored = dataclasses.replace(
+            at_layer, names=["scorecam"], spec=dataclasses.replace(spec, batch_size=group)
+        ).compute(progress=lambda f, step: sub(0.1 + 0.5 * f, step))
         maps = {name: torch.from_numpy(m) for name, m in {**mapset.maps, **scored.maps}.items()}
         for name, reason in {**mapset.not_applicable, **scored.not_applicable}.items():
             not_applicable.setdefault(label, {})[name] = reason

@@ -11,7 +11,7 @@ relevance is not conserved. The thresholds are the policy's (:class:`MapChecks`)
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,15 +22,10 @@ from .contract.verdicts import CONTROLS
 from .errors import MethodFailedError, NotApplicableError
 from .methods import METHODS, MethodContext, compute_methods, method_info
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .result import Conservation, MapProblem
 from .spec import AuditSpec
 from .stats import key_seed
-
-ProgressCallback = Callable[[float, str], None]
-
-
-def _no_progress(fraction: float, step: str) -> None:
-    pass
 
 
 def methods_to_run(requested: Sequence[str]) -> list[str]:
@@ -184,6 +179,41 @@ def map_problems(
     return out
 
 
+@dataclass(frozen=True, eq=False)  # tensors: identity, not value equality
+class MapInputs:
+    """What a map set is computed from: the model state (``module``, in whatever state its
+    weights are when :meth:`compute` runs), the images and targets explained, the methods, the
+    spec (seed, batch size, parameters), the CAM layer, the device and the Integrated Gradients
+    baseline. An audit builds it once; a test that changes one part (another class, noisy
+    images, a retrained copy) derives its own with ``dataclasses.replace``."""
+
+    module: torch.nn.Module
+    images: torch.Tensor
+    targets: torch.Tensor
+    names: Sequence[str]
+    spec: AuditSpec
+    layer: str | None
+    device: torch.device
+    baseline: torch.Tensor | None = None
+
+    def compute(
+        self, random_control_key: str = "", progress: ProgressCallback = no_progress
+    ) -> MapSet:
+        """The map set of these inputs (see :func:`compute_maps`)."""
+        return compute_maps(
+            self.module,
+            self.images,
+            self.targets,
+            self.names,
+            self.spec,
+            self.layer,
+            device=self.device,
+            baseline=self.baseline,
+            random_control_key=random_control_key,
+            progress=progress,
+        )
+
+
 def compute_maps(
     module: torch.nn.Module,
     images: torch.Tensor,
@@ -195,7 +225,7 @@ def compute_maps(
     device: torch.device,
     baseline: torch.Tensor | None = None,
     random_control_key: str = "",
-    progress: ProgressCallback = _no_progress,
+    progress: ProgressCallback = no_progress,
 ) -> MapSet:
     """Every method in ``names`` on every image, batch by batch, each family once per batch.
 

@@ -33,9 +33,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-Granularity = Literal["module", "block"]
+from .spec import Granularity
+
 ModelTest = Literal["cascading", "cascading_bottom_up", "independent"]
-MODEL_TESTS: tuple[ModelTest, ...] = ("cascading", "cascading_bottom_up", "independent")
 
 # Stated in every result: what happens to normalization layers when their unit is randomized.
 NORMALIZATION_HANDLING = (

@@ -2,16 +2,17 @@
 
 It checks an ONNX model's converted graph against ONNX Runtime, computes every requested
 saliency method on every image with the trained model (each method family once per batch, so
-methods that share passes share them), runs the requested sanity checks against those maps
-(:mod:`.sanity`, :mod:`.data_randomization`), and decides a verdict per (method, test) with the
-policy (:mod:`.policy`).
+methods that share passes share them), runs the requested sanity checks and analyses against
+those maps (each a registered check, :mod:`.checks`, run on one :class:`~.checks.AuditContext`),
+and decides a verdict per (method, test) with the policy (:mod:`.policy`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 
@@ -19,15 +20,23 @@ import numpy as np
 import torch
 
 from . import sanity, similarity
-from .data_randomization import LabeledImages, data_randomization
+from .checks import AuditContext, Check, check_info
+from .data_randomization import LabeledImages
 from .errors import SpecError
-from .layers import layer_analysis
-from .maps import MapSet, compute_maps, map_problems, methods_to_run, summarize_conservation
+from .maps import (
+    MapInputs,
+    MapSet,
+    compute_maps,
+    map_problems,
+    methods_to_run,
+    summarize_conservation,
+)
 from .methods import METHODS, cam_layer_choice
 from .methods.integrated import baseline_for_input_spec
 from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
 from .policy import decide, load_policy
+from .progress import ProgressCallback, no_progress
 from .result import (
     TRAINED_STAGE,
     AuditResult,
@@ -39,15 +48,9 @@ from .result import (
     TestResult,
     finite_or_none,
 )
-from .spec import ANALYSES, MODEL_RANDOMIZATION_TESTS, AuditSpec
+from .spec import AuditSpec
 
 __all__ = ["MapSet", "compute_maps", "methods_to_run", "run_audit"]
-
-ProgressCallback = Callable[[float, str], None]
-
-
-def _no_progress(fraction: float, step: str) -> None:
-    pass
 
 
 def resolve_device(device: str) -> torch.device:
@@ -110,7 +113,7 @@ def run_audit(
     train: LabeledImages | None = None,
     random_label_model: LoadedModel | None = None,
     masks: torch.Tensor | None = None,
-    progress: ProgressCallback = _no_progress,
+    progress: ProgressCallback = no_progress,
 ) -> AuditResult:
     """Compute ``spec.methods`` (plus the controls) on ``images``, run ``spec.tests`` and decide
     the verdicts.
@@ -126,11 +129,13 @@ def run_audit(
     names = methods_to_run(spec.methods)
     lrp_composite(spec.params.lrp_composite)  # an unknown composite fails now, not mid-run
     policy = load_policy(spec.policy)  # so does an invalid policy
-    if "data_randomization" in spec.tests and train is None and random_label_model is None:
-        raise SpecError(
-            "the data_randomization test needs a labeled training set (a folder per class) "
-            "or a model trained on random labels"
-        )
+    checks = [check_info(name) for name in spec.tests]
+    for check in checks:
+        if check.needs_training_data and train is None and random_label_model is None:
+            raise SpecError(
+                f"the {check.name} test needs a labeled training set (a folder per class) "
+                "or a model trained on random labels"
+            )
     n = int(images.shape[0])
     if n == 0:
         raise SpecError("no images to audit")
@@ -187,88 +192,36 @@ def run_audit(
             "model's architecture"
         )
 
-    weights = _progress_weights(spec, module)
+    weights = _progress_weights(spec, module, checks)
     share = 0.9 * weights["maps"] / sum(weights.values())
     baseline = baseline_for_input_spec(model.input_spec, spec.params.ig_baseline)
     t0 = time.perf_counter()
-    mapset = compute_maps(
-        module,
-        images,
-        targets,
-        names,
-        spec,
-        layer,
-        device=device,
-        baseline=baseline,
-        progress=lambda f, step: progress(0.05 + share * f, step),
-    )
+    inputs = MapInputs(module, images, targets, names, spec, layer, device, baseline)
+    mapset = inputs.compute(progress=lambda f, step: progress(0.05 + share * f, step))
     timings["maps"] = time.perf_counter() - t0
     position = 0.05 + share
 
     tests: dict[str, TestResult] = {}
-    states = sanity.RandomizedStates(
-        module,
-        images,
-        targets,
-        names,
-        spec,
-        layer,
-        mapset,
-        device=device,
-        baseline=baseline,
-        checks=policy.checks,
+    ctx = AuditContext(
+        inputs=inputs,
+        states=sanity.RandomizedStates(inputs, mapset, checks=policy.checks),
+        num_classes=int(probs.shape[1]),
+        train=train,
+        random_label_model=random_label_model.module if random_label_model is not None else None,
+        masks=masks,
     )
-    for test in spec.tests:
-        span = 0.9 * weights[test] / sum(weights.values())
+    for check in checks:
+        span = 0.9 * weights[check.name] / sum(weights.values())
 
-        def test_progress(f: float, step: str, start: float = position, span: float = span) -> None:
+        def check_progress(
+            f: float, step: str, start: float = position, span: float = span
+        ) -> None:
             progress(start + span * f, step)
 
         t0 = time.perf_counter()
-        if test in MODEL_RANDOMIZATION_TESTS:
-            tests[test] = sanity.model_randomization(
-                states,
-                test=test,  # type: ignore[arg-type]
-                granularity=spec.granularity,
-                progress=test_progress,
-            )
-        elif test == "smprt":
-            tests[test] = sanity.smprt(states, test_progress)
-        elif test == "emprt":
-            tests[test] = sanity.emprt(states, test_progress)
-        elif test == "random_logit":
-            tests[test] = sanity.random_logit(states, int(probs.shape[1]), test_progress)
-        elif test == "layers":
-            tests[test] = layer_analysis(
-                module,
-                images,
-                targets,
-                spec,
-                device=device,
-                masks=masks,
-                checks=policy.checks,
-                progress=test_progress,
-            )
-        else:
-            tests[test] = data_randomization(
-                module,
-                images,
-                targets,
-                names,
-                spec,
-                layer,
-                device=device,
-                baseline=baseline,
-                num_classes=int(probs.shape[1]),
-                train=train,
-                random_label_model=(
-                    random_label_model.module if random_label_model is not None else None
-                ),
-                checks=policy.checks,
-                progress=test_progress,
-            )
-        states.restore()  # every test leaves the trained weights (a no-op after the tests)
-        timings[f"test_{test}"] = time.perf_counter() - t0
+        tests[check.name] = check.run(dataclasses.replace(ctx, progress=check_progress))
+        ctx.states.restore()  # every check leaves the trained weights (a no-op after the tests)
+        timings[f"test_{check.name}"] = time.perf_counter() - t0
         position += span
     family_time = mapset.family_time
     native_channels = mapset.native_channels
@@ -284,7 +237,7 @@ def run_audit(
     progress(0.96, "summaries and verdicts")
     verdicts = decide(
         policy,
-        {name: test for name, test in tests.items() if name not in ANALYSES},
+        {name: test for name, test in tests.items() if check_info(name).kind == "test"},
         {name: (METHODS[name].is_control, not_applicable.get(name)) for name in names},
         spec.seed,
     )
@@ -384,25 +337,14 @@ def run_audit(
     )
 
 
-def _progress_weights(spec: AuditSpec, module: torch.nn.Module) -> dict[str, float]:
+def _progress_weights(
+    spec: AuditSpec, module: torch.nn.Module, checks: Sequence[Check]
+) -> dict[str, float]:
     """Rough cost of each part of an audit in map-set computations, for the progress bar."""
     from .randomization import units
 
     n_units = len(units(module, spec.granularity))
-    weights = {"maps": 1.0}
-    for test in spec.tests:
-        if test in MODEL_RANDOMIZATION_TESTS:
-            weights[test] = float(n_units)
-        elif test == "smprt":
-            weights[test] = 2.0 * spec.params.smprt_samples
-        elif test == "data_randomization":
-            weights[test] = 20.0  # training dominates; it depends on the data
-        elif test == "layers":
-            # per layer: four CAM methods and LRP, then 2 x steps forward passes per map
-            weights[test] = 3.0 * n_units
-        else:
-            weights[test] = 1.0
-    return weights
+    return {"maps": 1.0} | {check.name: check.cost(spec, n_units) for check in checks}
 
 
 def environment(device: torch.device) -> dict[str, str]:

@@ -16,18 +16,19 @@ per audit by :class:`RandomizedStates`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import similarity
-from .maps import MapSet, compute_maps, degenerate_maps, map_problems
+from .maps import MapInputs, MapSet, degenerate_maps, map_problems
 from .policy import MapChecks
+from .progress import ProgressCallback, no_progress
 from .randomization import (
     NORMALIZATION_HANDLING,
-    Granularity,
     ModelTest,
     Randomizer,
     parameterized_modules,
@@ -36,64 +37,31 @@ from .randomization import (
     units,
 )
 from .result import TRAINED_STAGE, MapProblem, Score, StageInfo, TestResult
-from .spec import AuditSpec
+from .spec import AuditSpec, Granularity
 from .stats import bootstrap_mean, key_seed
 
-ProgressCallback = Callable[[float, str], None]
+if TYPE_CHECKING:
+    from .checks import Check
 
 KEEP_EXAMPLES = 4  # images per stage whose maps are kept for heatmap grids
 
 
-@dataclass(frozen=True)
-class TestInfo:
-    description: str
-    reference: str
+def registered_check(test: str) -> Check:
+    """The check registered as ``test`` in :mod:`.checks`: its description and reference head
+    the test's result."""
+    from .checks import check_info  # here: the check modules import this module
+
+    return check_info(test)
 
 
-TEST_INFO: dict[str, TestInfo] = {
-    "cascading": TestInfo(
-        "Model parameter randomization, cascading from the logits down: one stage per unit, "
-        "earlier randomizations kept; maps compared with the trained model's.",
-        "Adebayo et al. 2018, Sanity Checks for Saliency Maps, section 3.1 (Figure 2)",
-    ),
-    "cascading_bottom_up": TestInfo(
-        "Model parameter randomization, cascading from the input up: one stage per unit, "
-        "earlier randomizations kept.",
-        "Adebayo et al. 2018, section 3.1; bottom-up order as in Quantus MPRT",
-    ),
-    "independent": TestInfo(
-        "Model parameter randomization of one unit at a time, all others trained.",
-        "Adebayo et al. 2018, section 3.1 (independent randomization)",
-    ),
-    "data_randomization": TestInfo(
-        "The architecture trained on permuted labels until it memorizes them, compared with "
-        "a copy trained on the true labels with the same recipe, on the audit images.",
-        "Adebayo et al. 2018, section 3.2",
-    ),
-    "smprt": TestInfo(
-        "Smooth MPRT: maps averaged over noisy copies of each image (shattered-gradient "
-        "noise removed) before the trained and the fully randomized model are compared.",
-        "Hedstrom et al. 2023, Sanity Checks Revisited, sMPRT (Quantus SmoothMPRT)",
-    ),
-    "emprt": TestInfo(
-        "Efficient MPRT: relative rise of the discrete entropy of each map from the trained "
-        "to the fully randomized model, (H_random - H_trained) / H_trained.",
-        "Hedstrom et al. 2023, eMPRT (Quantus EfficientMPRT, discrete_entropy)",
-    ),
-    "random_logit": TestInfo(
-        "The map for the target class compared with the map for a random other class.",
-        "Sixt et al. 2020, When Explanations Lie; Quantus RandomLogit",
-    ),
-    "layers": TestInfo(
-        "Per-layer heatmaps (Relevance-CAM, Grad-CAM, Grad-CAM++, Score-CAM, LRP relevance at "
-        "the layer, and the random-map control) at the output of each block, scored for "
-        "faithfulness (Average Drop / Increase, deletion / insertion AUC) and, with masks, "
-        "localization (IoU, pointing game); an analysis, with no verdict.",
-        "Lee et al. 2021, Relevance-CAM, CVPR; Chattopadhay et al. 2018, Grad-CAM++, WACV "
-        "(Average Drop / Increase); Petsiuk et al. 2018, RISE, BMVC (deletion / insertion); "
-        "Zhang et al. 2018, IJCV (pointing game)",
-    ),
-}
+def __getattr__(name: str) -> dict[str, Check]:
+    # TEST_INFO (test name -> its description and reference), read by the CLI and the
+    # catalogue, is the check registry itself; looked up late for the same reason
+    if name == "TEST_INFO":
+        from .checks import CHECKS
+
+        return CHECKS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PreparedReference:
@@ -261,34 +229,40 @@ class RandomizedStates:
     trained model's ``reference`` maps."""
 
     def __init__(
-        self,
-        module: torch.nn.Module,
-        images: torch.Tensor,
-        targets: torch.Tensor,
-        names: Sequence[str],
-        spec: AuditSpec,
-        layer: str | None,
-        reference: MapSet,
-        *,
-        device: torch.device,
-        baseline: torch.Tensor | None = None,
-        checks: MapChecks | None = None,
+        self, inputs: MapInputs, reference: MapSet, *, checks: MapChecks | None = None
     ) -> None:
-        self.module = module
+        self.inputs = inputs
         self.checks = checks or MapChecks()
         # the trained model's maps that cannot carry a verdict: every test reports them
         self.reference_problems = problems_of(reference, self.checks, TRAINED_STAGE)
-        self.baseline = baseline
-        self.images = images
-        self.targets = targets
-        self.names = list(names)
-        self.spec = spec
-        self.layer = layer
         self.reference = reference
         self.prepared = PreparedReference(reference)
-        self.device = device
         self._cache: dict[frozenset[str], StateEvaluation] = {}
-        self._randomizer = Randomizer(module, seed=spec.seed)
+        self._randomizer = Randomizer(inputs.module, seed=inputs.spec.seed)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.inputs.module
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.inputs.images
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.inputs.targets
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.inputs.names)
+
+    @property
+    def spec(self) -> AuditSpec:
+        return self.inputs.spec
+
+    @property
+    def layer(self) -> str | None:
+        return self.inputs.layer
 
     def restore(self) -> None:
         """Put the trained weights back (after a test's last evaluation)."""
@@ -303,17 +277,8 @@ class RandomizedStates:
             # then re-draws only the unit it adds (same weights as randomizing from scratch).
             self._randomizer.set(list(randomized_modules))
             try:
-                maps = compute_maps(
-                    self.module,
-                    self.images,
-                    self.targets,
-                    self.names,
-                    self.spec,
-                    self.layer,
-                    device=self.device,
-                    baseline=self.baseline,
-                    random_control_key="randomized/" + "|".join(sorted(key)),
-                    progress=progress,
+                maps = self.inputs.compute(
+                    random_control_key="randomized/" + "|".join(sorted(key)), progress=progress
                 )
             except BaseException:
                 self.restore()
@@ -337,11 +302,11 @@ def model_randomization(
     *,
     test: ModelTest,
     granularity: Granularity,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TestResult:
     """One model parameter randomization test: a score per stage, method and measure."""
     stage_list = stages(units(states.module, granularity), test)
-    info = TEST_INFO[test]
+    info = registered_check(test)
     result = TestResult(
         test=test,
         description=info.description,
@@ -380,12 +345,12 @@ def model_randomization(
 FULL_RANDOMIZATION = "full_randomization"
 
 
-def emprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+def emprt(states: RandomizedStates, progress: ProgressCallback = no_progress) -> TestResult:
     """eMPRT: per image, (H(random map) - H(trained map)) / H(trained map) with H the discrete
     entropy of the map's value histogram; the random model has every parameterized module
     re-initialized. Undefined (left out of the mean, counted) where the trained map is constant.
     """
-    info = TEST_INFO["emprt"]
+    info = registered_check("emprt")
     everything = tuple(parameterized_modules(states.module))
     try:
         evaluation = states.evaluate(everything, progress)
@@ -447,19 +412,14 @@ def noisy_copies(images: torch.Tensor, level: float, samples: int, seed: int) ->
 
 
 def smoothed_maps(
-    module: torch.nn.Module,
+    inputs: MapInputs,
     copies: Sequence[torch.Tensor],
-    targets: torch.Tensor,
-    names: Sequence[str],
-    spec: AuditSpec,
-    layer: str | None,
     *,
-    device: torch.device,
-    baseline: torch.Tensor | None,
     random_control_key: str,
     progress: ProgressCallback,
 ) -> MapSet:
-    """Maps averaged over the noisy copies of the images (sMPRT's denoised explanations)."""
+    """Maps of ``inputs`` averaged over the noisy copies of its images (sMPRT's denoised
+    explanations)."""
     total: dict[str, np.ndarray] = {}
     errors: dict[str, str] = {}
     conserved: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -469,17 +429,8 @@ def smoothed_maps(
         def copy_progress(f: float, step: str, k: int = k) -> None:
             progress((k + f) / len(copies), f"noisy copy {k + 1}/{len(copies)}: {step}")
 
-        last = compute_maps(
-            module,
-            x,
-            targets,
-            names,
-            spec,
-            layer,
-            device=device,
-            baseline=baseline,
-            random_control_key=f"{random_control_key}/{k}",
-            progress=copy_progress,
+        last = dataclasses.replace(inputs, images=x).compute(
+            random_control_key=f"{random_control_key}/{k}", progress=copy_progress
         )
         for method, maps in last.maps.items():
             total[method] = total.get(method, 0.0) + maps.astype(np.float64)
@@ -506,38 +457,28 @@ def smoothed_maps(
     )
 
 
-def smprt(states: RandomizedStates, progress: ProgressCallback = lambda f, s: None) -> TestResult:
+def smprt(states: RandomizedStates, progress: ProgressCallback = no_progress) -> TestResult:
     """sMPRT at full randomization: noise-averaged maps of the trained model vs noise-averaged
     maps of the model with every parameterized module re-initialized, same noise draws (Quantus
     SmoothMPRT with ``skip_layers=True``, i.e. its last correlation)."""
-    info = TEST_INFO["smprt"]
+    info = registered_check("smprt")
     params = states.spec.params
     copies = noisy_copies(
         states.images, params.smprt_noise_level, params.smprt_samples, states.spec.seed
     )
-    common = dict(
-        targets=states.targets,
-        names=states.names,
-        spec=states.spec,
-        layer=states.layer,
-        device=states.device,
-        baseline=states.baseline,
-    )
     trained = smoothed_maps(
-        states.module,
+        states.inputs,
         copies,
         random_control_key="smprt/trained",
         progress=lambda f, s: progress(0.5 * f, f"trained model: {s}"),
-        **common,  # type: ignore[arg-type]
     )
     everything = tuple(parameterized_modules(states.module))
     with randomized(states.module, everything, seed=states.spec.seed):
         random = smoothed_maps(
-            states.module,
+            states.inputs,
             copies,
             random_control_key="smprt/random",
             progress=lambda f, s: progress(0.5 + 0.5 * f, f"random model: {s}"),
-            **common,  # type: ignore[arg-type]
         )
     result = TestResult(
         test="smprt",
@@ -577,11 +518,11 @@ def other_classes(targets: torch.Tensor, num_classes: int, seed: int) -> torch.T
 
 
 def random_logit(
-    states: RandomizedStates, num_classes: int, progress: ProgressCallback = lambda f, s: None
+    states: RandomizedStates, num_classes: int, progress: ProgressCallback = no_progress
 ) -> TestResult:
     """Random Logit: the trained model's map for the target vs its map for a random other
     class, same images. Class-sensitive methods give dissimilar maps."""
-    info = TEST_INFO["random_logit"]
+    info = registered_check("random_logit")
     result = TestResult(
         test="random_logit",
         description=info.description,
@@ -593,17 +534,8 @@ def random_logit(
         result.reason = "the model has a single output class"
         return result
     others = other_classes(states.targets, num_classes, states.spec.seed)
-    maps = compute_maps(
-        states.module,
-        states.images,
-        others,
-        states.names,
-        states.spec,
-        states.layer,
-        device=states.device,
-        baseline=states.baseline,
-        random_control_key="random_logit",
-        progress=progress,
+    maps = dataclasses.replace(states.inputs, targets=others).compute(
+        random_control_key="random_logit", progress=progress
     )
     result.details = {"other_classes": [int(c) for c in others]}
     result.example_maps["random_class"] = examples_of(maps)

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import SpecError
+from .progress import ProgressCallback, no_progress
 from .randomization import module_seed, parameterized_modules, reinitialize
 from .spec import TrainRecipe
 from .stats import key_seed
-
-ProgressCallback = Callable[[float, str], None]
 
 
 @dataclass(frozen=True)
@@ -96,7 +94,7 @@ def train_classifier(
     *,
     seed: int,
     label_kind: str,
-    progress: ProgressCallback = lambda f, s: None,
+    progress: ProgressCallback = no_progress,
 ) -> TrainingRun:
     """Train ``module`` in place on (images, labels) with ``recipe``; return what happened.
 
