@@ -27,7 +27,8 @@ from sqlalchemy.orm import Session
 
 from .config import Config
 from .db import Database
-from .models import FINAL_STATES, Audit, AuditArtifact, AuditPart, ResultRow, VerdictRow, utcnow
+from .models import Audit, AuditArtifact, AuditPart, ResultRow, VerdictRow, utcnow
+from .states import FINAL_STATES
 
 log = logging.getLogger(__name__)
 
