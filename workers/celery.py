@@ -1,4 +1,8 @@
-"""The Celery app: ``celery -A workers worker -Q gpu`` finds it here.
+"""The Celery app, built by :func:`create_celery` from a :class:`~service.config.Config`.
+
+``celery -A workers worker -Q gpu`` finds this module and asks it for ``app``: the worker's app
+is built then, from the environment (:func:`worker_app`), never when the module is imported, so
+the API process and the tests build theirs from the configuration they hold.
 
 Settings follow the job-lifecycle rules of ARCHITECTURE.md: late acknowledgement and
 rejection on a lost worker (a killed worker's audit is delivered again), one message prefetched
@@ -11,18 +15,24 @@ This module imports neither torch nor the engine: the API process imports it to 
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 from celery import Celery
 
 from service.config import Config
+from service.jobs import PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
+
+from .tasks import register_tasks
 
 
 def create_celery(config: Config) -> Celery:
+    """A Celery app with the workers' tasks registered; it sends and runs tasks for
+    ``config`` (broker, queues, time limits)."""
     broker = config.resolved_broker_url
     if broker.startswith("sqla+sqlite:///"):
         Path(broker.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
-    app = Celery("saliency_audit", broker=broker, include=["workers.tasks", "workers.parts"])
+    app = Celery("saliency_audit", broker=broker)
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -31,10 +41,10 @@ def create_celery(config: Config) -> Celery:
         worker_pool="prefork",
         task_default_queue=config.queue,
         task_routes={
-            "workers.run_audit": {"queue": config.queue},
-            "workers.run_audit_part": {"queue": config.queue},
-            "workers.render_reports": {"queue": config.cpu_queue},
-            "workers.deliver_webhook": {"queue": config.cpu_queue},
+            TASK_NAME: {"queue": config.queue},
+            PART_TASK: {"queue": config.queue},
+            RENDER_TASK: {"queue": config.cpu_queue},
+            WEBHOOK_TASK: {"queue": config.cpu_queue},
         },
         task_soft_time_limit=config.soft_time_limit_s,
         task_time_limit=config.hard_time_limit_s,
@@ -55,7 +65,18 @@ def create_celery(config: Config) -> Celery:
         accept_content=["json"],
     )
     app.conf.saliency_audit_config = config
+    register_tasks(app)
     return app
 
 
-app = create_celery(Config.from_env())
+@cache
+def worker_app() -> Celery:
+    """The app of a ``celery -A workers worker`` process: configured from the environment."""
+    return create_celery(Config.from_env())
+
+
+def __getattr__(name: str) -> Celery:
+    # ``celery -A workers`` looks up ``workers.celery.app``: build it on that first look-up
+    if name == "app":
+        return worker_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
