@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from service.cli import format_summary
 from service.client import Client
+from workers.reports.text import format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "examples" / "reference" / "shapes_small_resnet.onnx"

@@ -1,7 +1,9 @@
 """``saliency-audit``: the command line.
 
-This module is imported by the API process too, so it never imports torch at module level:
-commands that compute import the engine inside their handler.
+The parser for every command, and one small handler per command that imports what the command
+needs when it runs: ``serve`` loads neither torch nor the HTTP client, ``run`` is
+:mod:`workers.local` (the engine, beside the worker task it mirrors) and ``gate`` is
+:mod:`service.gate` (the client).
 """
 
 from __future__ import annotations
@@ -10,18 +12,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .gate import add_gate_arguments, run_gate
+from .arguments import add_gate_arguments, csv_list
 
 EXIT_OK = 0
 EXIT_ERROR = 2
-
-
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--images", required=True, type=Path, help="folder of images")
     run.add_argument(
         "--methods",
-        type=_csv,
+        type=csv_list,
         default=None,
         help="comma-separated method names (default: all; see `saliency-audit methods`)",
     )
@@ -61,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--layers",
-        type=_csv,
+        type=csv_list,
         default=None,
         help="module names the `layers` analysis explains (default: the output of every block)",
     )
@@ -91,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--tests",
-        type=_csv,
+        type=csv_list,
         default=["cascading"],
         help="comma-separated tests (default: cascading; 'none' for maps only; 'all' for every "
         "sanity check; 'layers' for the per-layer heatmap analysis; see `saliency-audit "
@@ -106,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--measures",
-        type=_csv,
+        type=csv_list,
         default=None,
         help="similarity measures to score (default: all)",
     )
@@ -212,349 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_json(path: Path | None, what: str) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"error: cannot read {what} {path}: {exc}") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"error: {what} {path} must hold a JSON object")
-    return value
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from workers.engine.errors import EngineError
+    from workers.local import run_local
 
-    try:
-        return _run(args)
-    except EngineError as exc:
-        print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
-        return EXIT_ERROR
+    return run_local(args)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
+def cmd_gate(args: argparse.Namespace) -> int:
+    from .gate import run_gate
 
-    import numpy as np
-    import torch
-
-    from workers.engine.data_randomization import LabeledImages
-    from workers.engine.images import (
-        load_image_folder,
-        load_labeled_folder,
-        load_mask_folder,
-        masks_tensor,
-        preprocess,
-    )
-    from workers.engine.methods import METHODS
-    from workers.engine.models.loader import load_model
-    from workers.engine.runner import run_audit
-    from workers.engine.spec import (
-        ANALYSES,
-        MEASURES,
-        TESTS,
-        AuditSpec,
-        MethodParams,
-        TrainRecipe,
-    )
-
-    try:
-        model_bytes = args.model.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read model {args.model}: {exc.strerror}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        params = MethodParams(**_read_json(args.params, "method parameters"))
-    except TypeError as exc:
-        print(f"error: invalid method parameters: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    try:
-        recipe = TrainRecipe(**_read_json(args.train_recipe, "training recipe"))
-    except TypeError as exc:
-        print(f"error: invalid training recipe: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
-    tests = args.tests
-    if tests == ["none"]:
-        tests = []
-    elif tests == ["all"]:
-        tests = [t for t in TESTS if t not in ANALYSES]
-        if args.train is None and args.random_label_model is None:
-            tests.remove("data_randomization")
-    spec = AuditSpec(
-        methods=tuple(methods),
-        layer=args.layer,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        device=args.device,
-        params=params,
-        tests=tuple(tests),
-        granularity=args.granularity,
-        measures=tuple(args.measures or MEASURES),
-        policy=_read_json(args.policy, "policy") if args.policy else None,
-        training=recipe,
-        layers=tuple(args.layers) if args.layers else None,
-    )
-    model = load_model(
-        model_bytes,
-        architecture=args.arch,
-        input_spec_overrides=_read_json(args.input_spec, "input spec"),
-    )
-    print(
-        format_input_spec(
-            asdict(model.input_spec),
-            model.input_spec_sources,
-            model.output.to_dict() if model.output is not None else None,
-        ),
-        flush=True,
-    )
-    decoded = load_image_folder(args.images, model.input_spec.channels)
-    images = preprocess(decoded, model.input_spec)
-    masks = None
-    if args.masks is not None:
-        masks = masks_tensor(
-            load_mask_folder(args.masks, [d.name for d in decoded]), model.input_spec
-        )
-    train = None
-    if args.train is not None:
-        train_images, labels, _ = load_labeled_folder(
-            args.train, model.input_spec.channels, model.input_spec.class_names
-        )
-        train = LabeledImages(
-            preprocess(train_images, model.input_spec), torch.tensor(labels, dtype=torch.int64)
-        )
-    random_label_model = None
-    if args.random_label_model is not None:
-        try:
-            random_bytes = args.random_label_model.read_bytes()
-        except OSError as exc:
-            print(
-                f"error: cannot read model {args.random_label_model}: {exc.strerror}",
-                file=sys.stderr,
-            )
-            return EXIT_ERROR
-        random_label_model = load_model(
-            random_bytes,
-            architecture=args.arch,
-            input_spec_overrides=_read_json(args.input_spec, "input spec"),
-        )
-
-    last = [0.0]
-
-    def progress(fraction: float, step: str) -> None:
-        now = time.monotonic()
-        if not args.quiet and (now - last[0] > 1.0 or fraction >= 1.0):
-            print(f"[{fraction * 100:5.1f}%] {step}", file=sys.stderr, flush=True)
-            last[0] = now
-
-    result = run_audit(
-        model,
-        images,
-        spec,
-        image_names=[d.name for d in decoded],
-        train=train,
-        random_label_model=random_label_model,
-        masks=masks,
-        progress=progress,
-    )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = args.out / "report.json"
-    report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
-    np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
-    print(format_summary(result.to_dict()))
-    print(f"\nwrote {report} and {args.out / 'maps.npz'}")
-    return EXIT_OK
-
-
-def format_input_spec(
-    spec: dict[str, Any], sources: Mapping[str, str], output: dict[str, Any] | None
-) -> str:
-    """The input spec an audit uses, each value with where it came from (graph, metadata,
-    given or assumed), and the output it explains: printed before anything is computed, so a
-    wrong guess is seen before it costs an audit."""
-
-    def src(*names: str) -> str:
-        found = list(dict.fromkeys(sources.get(n, "?") for n in names))
-        return f"({', '.join(found)})"
-
-    def values(key: str) -> str:
-        return "[" + ", ".join(f"{v:g}" for v in spec[key]) + "]"
-
-    lines = [
-        "input spec used (where each value came from):",
-        f"  size           {spec['height']}x{spec['width']} {src('height', 'width')}",
-        f"  layout         {spec['layout']}, {spec['channels']} "
-        f"{'channel' if spec['channels'] == 1 else 'channels'} {src('layout', 'channels')}",
-        f"  channel order  {spec['channel_order']} {src('channel_order')}"
-        if spec["channels"] == 3
-        else "  channel order  - (one channel: grayscale)",
-        f"  value range    {values('value_range')} {src('value_range')}",
-        f"  mean           {values('mean')} {src('mean')}",
-        f"  std            {values('std')} {src('std')}",
-    ]
-    if output is not None:
-        shape = "[" + ", ".join("N" if d is None else str(d) for d in output["shape"] or []) + "]"
-        explained = (
-            f"; its {output['head_removed']} is left out: maps explain the pre-softmax scores "
-            f"{output['scores']!r}"
-            if output.get("head_removed")
-            else ""
-        )
-        lines.append(f"  output         {output['name']!r} {shape}{explained} {src('output')}")
-    return "\n".join(lines)
-
-
-def format_summary(report: dict[str, Any]) -> str:
-    """A plain-text table of the methods for the terminal."""
-    lines = []
-    fid = report.get("fidelity")
-    if fid:
-        relative = fid.get("max_rel_diff")
-        lines.append(
-            f"fidelity vs ONNX Runtime ({fid['provider']}): max |diff| {fid['max_abs_diff']:.2e}"
-            + (f", relative {relative:.2e}" if relative is not None else "")
-            + f" (atol {fid['atol']:.0e}"
-            + (f", rtol {fid['rtol']:.0e}" if fid.get("rtol") is not None else "")
-            + f"), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
-            f"over {fid['n_images']} images"
-        )
-    spec = report["spec"]
-    layer, why = spec.get("resolved_layer"), spec.get("layer_reason")
-    lines.append(f"layer for CAM methods: {layer or 'none'}" + (f" ({why})" if why else ""))
-    header = (
-        f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
-        f"{'conserved':>11}"
-    )
-    lines += [header, "-" * len(header)]
-
-    def fmt(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    unusual = []
-    for name, m in report["methods"].items():
-        stats = m.get("statistics") or {}
-        ssim = (m.get("similarity_to_sobel") or {}).get("ssim") or {}
-        conservation = m.get("conservation") or {}
-        lines.append(
-            f"{name:<22}{m['status']:<16}{fmt(m.get('family_time_s'), '.2f'):>8}"
-            f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
-            f"{fmt(ssim.get('mean'), '.2f'):>12}{fmt(conservation.get('mean'), '.3f'):>11}"
-        )
-        if m["status"] != "ok" and m.get("reason"):
-            unusual.append(f"  {name} ({m['status']}): {m['reason']}")
-    if any((m.get("conservation") or {}) for m in report["methods"].values()):
-        lines.append(
-            "conserved: mean over images of the relevance a relevance method handed out over "
-            "its start (LRP: input sum / target logit)"
-        )
-    if unusual:
-        lines += ["not ok:", *unusual]
-    if "layers" in (report.get("tests") or {}):
-        lines += ["", format_layers(report["tests"]["layers"])]
-    verdicts = report.get("verdicts") or []
-    if verdicts:
-        lines += ["", format_verdicts(report)]
-    return "\n".join(lines)
-
-
-LAYER_METRIC_TITLES = {
-    "average_drop": "Average Drop % (lower is better)",
-    "average_increase": "Average Increase % (higher is better)",
-    "deletion_auc": "deletion AUC (lower is better)",
-    "insertion_auc": "insertion AUC (higher is better)",
-    "iou": "localization IoU (higher is better)",
-    "pointing_game": "pointing game hits (higher is better)",
-}
-
-
-def format_layers(test: dict[str, Any]) -> str:
-    """The per-layer analysis as one small table per metric: layers down, methods across."""
-    details = test.get("details") or {}
-    methods = details.get("methods") or []
-    layers = [row["label"] for row in details.get("layers") or []]
-    by_key = {(s["stage"], s["method"], s["measure"]): s for s in test["scores"]}
-    beats = details.get("beats_random") or {}
-    lines = ["per-layer analysis (mean over images; * = beats control_random at that layer)"]
-    for metric in details.get("metrics") or []:
-        lines += ["", LAYER_METRIC_TITLES.get(metric, metric)]
-        header = f"{'layer':<14}" + "".join(f"{m:>16}" for m in methods)
-        lines += [header, "-" * len(header)]
-        for layer in layers:
-            cells = []
-            for method in methods:
-                score = by_key.get((layer, method, metric))
-                if score is None or score["mean"] is None:
-                    cells.append(f"{'-':>16}")
-                    continue
-                mark = "*" if (beats.get(layer) or {}).get(method, {}).get(metric) else " "
-                cells.append(f"{score['mean']:>15.3g}{mark}")
-            lines.append(f"{layer:<14}" + "".join(cells))
-    return "\n".join(lines)
-
-
-def format_verdicts(report: dict[str, Any]) -> str:
-    """The verdict table: one row per method, one column per test, then the reasons that make
-    a verdict INCONCLUSIVE (a user's first question about one)."""
-    verdicts = report.get("verdicts") or []
-    tests = list(dict.fromkeys(v["test"] for v in verdicts))
-    methods = list(dict.fromkeys(v["method"] for v in verdicts))
-    by_key = {(v["method"], v["test"]): v for v in verdicts}
-    policy = report.get("policy") or {}
-    width = max(19, *(len(t) + 2 for t in tests))  # "INCONCLUSIVE -0.12" and a space
-    lines = [f"verdicts (policy {policy.get('name')} {policy.get('version')})"]
-    header = f"{'method':<22}" + "".join(f"{t:<{width}}" for t in tests)
-    lines += [header, "-" * len(header)]
-    for method in methods:
-        cells = []
-        for test in tests:
-            v = by_key.get((method, test))
-            if v is None:
-                cells.append(f"{'-':<{width}}")
-                continue
-            mean = "" if v.get("mean") is None else f" {v['mean']:.2f}"
-            cells.append(f"{v['verdict'] + mean:<{width}}")
-        lines.append(f"{method:<22}" + "".join(cells))
-    rules = []
-    for test in tests:
-        rule = (policy.get("tests") or {}).get(test)
-        if rule:
-            stage = rule.get("stage")
-            if isinstance(stage, dict) and "area" in stage:
-                start, end = stage["area"]
-                where = f"averaged over the first {end - start:.0%} of the layers randomized"
-            else:
-                where = f"at {stage}"
-            scaled = " (scaled by the controls)" if rule.get("scale") == "controls" else ""
-            fail = rule.get("fail_threshold", rule["threshold"])
-            other = "above" if rule["pass_when"] == "below" else "below"
-            fails = f", FAIL when it is at or {other} {fail}" if fail != rule["threshold"] else ""
-            rules.append(
-                f"  {test}: {rule['measure']}{scaled} {where}, PASS when the 95% CI is "
-                f"{rule['pass_when']} {rule['threshold']}{fails}"
-            )
-    if rules:
-        lines += ["numbers are the deciding score's mean; rules:", *rules]
-    recommended = (policy.get("recommended_images") or {}).get("images")
-    audited = len(report.get("images") or [])
-    if isinstance(recommended, int) and 0 < audited < recommended:
-        lines.append(
-            f"note: {audited} images audited; the policy was calibrated to decide from "
-            f"{recommended} images (docs/policy.md), so expect more INCONCLUSIVE verdicts"
-        )
-    # one line per reason, with the (method, test) pairs it explains
-    explained: dict[str, list[str]] = {}
-    for v in verdicts:
-        if v["verdict"] == "INCONCLUSIVE":
-            reason = v["reason"].split(" (by the rule alone")[0]
-            explained.setdefault(reason, []).append(f"{v['method']}/{v['test']}")
-    if explained:
-        lines.append("inconclusive because:")
-        for reason, pairs in explained.items():
-            shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
-            lines.append(f"  {shown}: {reason}")
-    return "\n".join(lines)
+    return run_gate(args)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -686,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "keys": cmd_keys,
         "db": cmd_db,
         "reconcile": cmd_reconcile,
-        "gate": run_gate,
+        "gate": cmd_gate,
     }
     return handlers[args.command](args)
 

@@ -35,20 +35,23 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, TextIO, get_args
 
 import requests
 
+from workers.engine.catalogue import control_names
+from workers.engine.result import VerdictValue
+from workers.reports.text import format_verdicts
+
+from . import routes
+from .arguments import INCONCLUSIVE_MODES, InconclusiveMode
 from .client import ApiProblem, Client, zip_folder_deterministic
+from .states import FINAL_STATES
 
 EXIT_PASS = 0
 EXIT_FAIL = 1
 EXIT_ERROR = 2
-InconclusiveMode = Literal["error", "fail", "pass"]
-INCONCLUSIVE_MODES: tuple[InconclusiveMode, ...] = ("error", "fail", "pass")
-CONTROLS = ("control_sobel", "control_random")
-VERDICTS = ("PASS", "FAIL", "INCONCLUSIVE")
-FINAL_STATES = ("succeeded", "failed", "canceled")
+VERDICTS: tuple[str, ...] = get_args(VerdictValue)
 DEFAULT_POLL_S = 2.0
 MAX_POLL_S = 30.0
 JUNIT_SUITE = "saliency-audit"
@@ -334,122 +337,6 @@ class Progress:
 # --- the command -------------------------------------------------------------------------
 
 
-def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return number
-
-
-def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``gate`` sub-command's options."""
-    parser.add_argument(
-        "--server",
-        metavar="URL",
-        default=None,
-        help="base URL of the service (default: $SALIENCY_AUDIT_URL)",
-    )
-    parser.add_argument(
-        "--api-key",
-        metavar="KEY",
-        default=None,
-        help="API key sak_... (default: $SALIENCY_AUDIT_KEY; the environment keeps it out of "
-        "the process list)",
-    )
-    parser.add_argument(
-        "--model",
-        metavar="FILE",
-        required=True,
-        type=Path,
-        help="ONNX file, or weights with --arch",
-    )
-    parser.add_argument(
-        "--arch",
-        metavar="NAME",
-        default=None,
-        help="torchvision architecture of a weights file (e.g. resnet18)",
-    )
-    images = parser.add_mutually_exclusive_group(required=True)
-    images.add_argument(
-        "--images",
-        metavar="PATH",
-        type=Path,
-        help="folder of images (zipped deterministically on the fly) or a zip / tar archive",
-    )
-    images.add_argument("--dataset-id", metavar="ID", help="a dataset the service already holds")
-    train = parser.add_mutually_exclusive_group()
-    train.add_argument(
-        "--train",
-        metavar="PATH",
-        type=Path,
-        help="labeled training set for data_randomization: a folder with one sub-folder per "
-        "class, or such an archive",
-    )
-    train.add_argument(
-        "--train-dataset-id", metavar="ID", help="a labeled dataset the service already holds"
-    )
-    parser.add_argument(
-        "--methods",
-        metavar="A,B",
-        required=True,
-        type=_csv,
-        help="comma-separated saliency methods to audit",
-    )
-    parser.add_argument(
-        "--tests",
-        metavar="A,B",
-        type=_csv,
-        default=["cascading"],
-        help="comma-separated tests (default: cascading; 'all' for every sanity check)",
-    )
-    parser.add_argument(
-        "--require",
-        metavar="A,B",
-        required=True,
-        type=_csv,
-        help="comma-separated methods that must PASS every test for the gate to pass (each "
-        "must be in --methods, or be a control)",
-    )
-    parser.add_argument(
-        "--policy",
-        metavar="FILE",
-        type=Path,
-        default=None,
-        help='verdict policy JSON file (a file with "extends": "default" overrides entries)',
-    )
-    parser.add_argument(
-        "--junit", metavar="FILE", type=Path, default=None, help="write a JUnit XML report here"
-    )
-    parser.add_argument(
-        "--timeout",
-        metavar="S",
-        type=_positive,
-        default=3600.0,
-        help="seconds the whole gate may take (default 3600); past it: exit 2, and a re-run "
-        "attaches to the same audit",
-    )
-    parser.add_argument(
-        "--inconclusive",
-        choices=INCONCLUSIVE_MODES,
-        default="error",
-        help="what an INCONCLUSIVE verdict of a required method does: error (exit 2, the "
-        "default), fail (exit 1) or pass",
-    )
-    parser.add_argument(
-        "--idempotency-key",
-        metavar="K",
-        default=None,
-        help="default: derived from the model's and the images' sha256 and the request, so "
-        "the same job attaches to the same audit; pass a new one to force a new audit",
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
-    return parser
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -539,7 +426,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]
         raise GateError("bad_arguments", "--methods must name at least one saliency method")
     if not args.require:
         raise GateError("bad_arguments", "--require must name at least one method")
-    not_audited = [m for m in args.require if m not in args.methods and m not in CONTROLS]
+    controls = control_names()
+    not_audited = [m for m in args.require if m not in args.methods and m not in controls]
     if not_audited:
         raise GateError(
             "required_not_audited",
@@ -608,8 +496,6 @@ def _dataset(
 def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], None]) -> int:
     from workers.engine.spec import ANALYSES
 
-    from .cli import format_verdicts
-
     server, key, policy = _check_arguments(args)
     context.server = server
     deadline = context.started + args.timeout
@@ -650,7 +536,7 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
     context.properties["audit_id"] = audit["id"]
     note(
         f"audit: {'attached to' if submitted.replayed else 'submitted'} {audit['id']} "
-        f"({audit['state']}); {server.rstrip('/')}/v1/audits/{audit['id']}"
+        f"({audit['state']}); {server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}"
     )
 
     audit = _wait(client, audit, submitted.retry_after_s, deadline, args, note)
@@ -667,7 +553,7 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
     verdicts = list(report.get("verdicts") or [])
     tests = [t for t in (report.get("spec") or {}).get("tests") or [] if t not in ANALYSES]
     policy_doc = report.get("policy") or {}
-    print(f"audit {audit['id']}: {server.rstrip('/')}/v1/audits/{audit['id']}")
+    print(f"audit {audit['id']}: {server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}")
     print(format_verdicts(report))
     decision = decide(verdicts, args.require, tests, args.inconclusive)
     for problem in decision.problems:

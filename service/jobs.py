@@ -1,4 +1,4 @@
-"""The job lifecycle: enqueue after commit, claim, heartbeat, reconcile.
+"""The job lifecycle: enqueue after commit, claim, heartbeat, parts, reconcile.
 
 The audit row is the truth. It is written (``queued``) and committed before anything is sent to
 the broker, so a broker that is down or loses the message never loses the job: the reconciler
@@ -7,6 +7,11 @@ whose heartbeat went stale (the worker died) are queued again, up to ``max_attem
 after that the audit fails with the reason. Every transition is one conditional UPDATE, so any
 number of reconcilers and workers can race without double-running an audit: a duplicate message
 finds the audit already claimed and does nothing.
+
+A split audit's parts (``audit_parts`` rows, :mod:`workers.parts`) follow the same rules one
+level down: a part is claimed with a conditional UPDATE (queued, or running with a stale
+heartbeat), and one :class:`Heartbeat` thread keeps an audit's or a part's claim alive.
+The workers' tasks only move data; every statement about who runs what is here.
 """
 
 from __future__ import annotations
@@ -14,28 +19,39 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 import socket
+import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from .artifacts import ArtifactStore
 from .config import Config
 from .db import Database
-from .models import FINAL_STATES, Audit, AuditArtifact, AuditPart, ResultRow, VerdictRow, utcnow
+from .models import Audit, AuditArtifact, AuditPart, ResultRow, VerdictRow, utcnow
+from .states import FINAL_STATES
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "workers.run_audit"
+PART_TASK = "workers.run_audit_part"  # one part of a split audit (workers/parts.py)
 RENDER_TASK = "workers.render_reports"
 WEBHOOK_TASK = "workers.deliver_webhook"
 # a report render or webhook still pending this long after the audit ended was lost
 FOLLOW_UP_LOST_AFTER_S = 600.0
+# the database is unreachable (a restart, a failover): worth waiting out, never a verdict
+DATABASE_DOWN = (OperationalError, InterfaceError)
+# progress reported by the engine is written at most this often (the heartbeat writes it too)
+PROGRESS_WRITE_EVERY_S = 1.0
 
 
 def worker_identity() -> str:
@@ -65,9 +81,9 @@ class Enqueuer:
     @property
     def app(self) -> Any:
         if self._app is None:
-            from workers.celery import create_celery
+            from .broker import celery_client
 
-            self._app = create_celery(self.config)
+            self._app = celery_client(self.config)
         return self._app
 
     def send(self, task: str, audit_id: str, queue: str, task_id: str | None = None) -> bool:
@@ -244,6 +260,10 @@ class Ownership:
     audit_id: str
     worker: str
 
+    @property
+    def label(self) -> str:
+        return self.audit_id
+
     def _owned(self) -> Any:
         return and_(
             Audit.id == self.audit_id, Audit.state == "running", Audit.worker == self.worker
@@ -303,6 +323,225 @@ class Ownership:
                 )
             )
         return True
+
+
+# ---------------------------------------------------------------------------------- heartbeat
+
+
+class Lease(Protocol):
+    """A claim that lives as long as it is renewed: an audit's (:class:`Ownership`) or a
+    part's (:class:`PartLease`)."""
+
+    @property
+    def label(self) -> str: ...
+
+    def heartbeat(self, progress: float | None = None, step: str | None = None) -> None:
+        """Renew the claim (and record the progress); raises :class:`Lost` when it is gone."""
+        ...
+
+
+class Heartbeat(threading.Thread):
+    """Renews a lease every ``interval_s``, with the latest progress, so a long engine step
+    that reports no progress still shows its worker alive; notes when the lease is lost, which
+    the next :meth:`progress` call raises into the computation.
+
+    With ``write_progress_every_s`` the progress reported is also written at once (at most that
+    often), so the API shows it before the next beat. Used as a context manager: the thread runs
+    inside the ``with`` block."""
+
+    def __init__(
+        self, lease: Lease, interval_s: float, write_progress_every_s: float | None = None
+    ) -> None:
+        super().__init__(name=f"heartbeat-{lease.label}", daemon=True)
+        self.lease = lease
+        self.interval_s = interval_s
+        self.write_progress_every_s = write_progress_every_s
+        self.stop = threading.Event()
+        self.lost: Lost | None = None
+        self.latest: tuple[float, str] | None = None
+        self._written_at = -math.inf  # the first progress report is written at once
+
+    def __enter__(self) -> Heartbeat:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            try:
+                latest = self.latest
+                if latest is None:
+                    self.lease.heartbeat()
+                else:
+                    self.lease.heartbeat(*latest)
+            except Lost as exc:
+                self.lost = exc
+                return
+            except Exception as exc:  # the database may blip; the next beat retries
+                log.warning("heartbeat for %s failed: %s", self.lease.label, exc)
+
+    def progress(self, fraction: float, step: str) -> None:
+        """The engine's progress callback: raises :class:`Lost` once the lease is gone."""
+        if self.lost is not None:
+            raise self.lost
+        self.latest = (fraction, step)
+        if self.write_progress_every_s is None:
+            return
+        now = time.monotonic()
+        if now - self._written_at >= self.write_progress_every_s:
+            self._written_at = now
+            try:
+                self.lease.heartbeat(fraction, step)
+            except DATABASE_DOWN as exc:
+                # the heartbeat thread keeps trying; the computation need not stop for it
+                log.warning("progress of %s not written: %s", self.lease.label, exc)
+
+
+# ---------------------------------------------------------------------------------- parts
+
+
+class PartState(NamedTuple):
+    state: str
+    progress: float | None
+    result_sha256: str | None
+
+
+def _audit_live(audit_id: str) -> Any:
+    return and_(Audit.id == audit_id, Audit.state == "running", Audit.cancel_requested.is_(False))
+
+
+def create_parts(
+    db: Database, tenant_id: str, audit_id: str, groups: Sequence[Sequence[str]]
+) -> None:
+    """One queued ``audit_parts`` row per group of methods."""
+    with db.session() as session:
+        for position, methods in enumerate(groups):
+            session.add(
+                AuditPart(
+                    tenant_id=tenant_id,
+                    audit_id=audit_id,
+                    part_index=position,
+                    methods=list(methods),
+                    state="queued",
+                )
+            )
+
+
+def claim_part(db: Database, audit_id: str, worker: str, config: Config) -> int | None:
+    """Take one part of a running audit: queued, or running with a stale heartbeat."""
+    stale = _stale_before(config, utcnow())
+    with db.session() as session:
+        if session.scalar(select(Audit.id).where(_audit_live(audit_id))) is None:
+            return None
+        takeable = or_(
+            AuditPart.state == "queued",
+            and_(AuditPart.state == "running", AuditPart.heartbeat_at < stale),
+        )
+        candidates = session.scalars(
+            select(AuditPart.part_index)
+            .where(AuditPart.audit_id == audit_id, takeable)
+            .order_by(AuditPart.part_index)
+        ).all()
+        for index in candidates:
+            result = session.execute(
+                update(AuditPart)
+                .where(AuditPart.audit_id == audit_id, AuditPart.part_index == index, takeable)
+                .values(state="running", worker=worker, heartbeat_at=utcnow(), progress=0.0)
+            )
+            if result.rowcount:  # type: ignore[attr-defined]
+                return int(index)
+    return None
+
+
+def part_states(db: Database, audit_id: str) -> list[PartState]:
+    """Every part of the audit, in order."""
+    with db.session() as session:
+        rows = session.execute(
+            select(AuditPart.state, AuditPart.progress, AuditPart.result_sha256)
+            .where(AuditPart.audit_id == audit_id)
+            .order_by(AuditPart.part_index)
+        ).all()
+    return [PartState(*row) for row in rows]
+
+
+@dataclass
+class PartLease:
+    """A claimed part: its heartbeat (lost when the audit stops running or another worker took
+    the part over) and its end, each guarded by ``worker`` like :class:`Ownership`."""
+
+    db: Database
+    audit_id: str
+    index: int
+    worker: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.audit_id} part {self.index}"
+
+    def _owned(self) -> Any:
+        return and_(
+            AuditPart.audit_id == self.audit_id,
+            AuditPart.part_index == self.index,
+            AuditPart.worker == self.worker,
+            AuditPart.state == "running",
+        )
+
+    def methods(self) -> list[str]:
+        with self.db.session() as session:
+            methods = session.scalar(
+                select(AuditPart.methods).where(
+                    AuditPart.audit_id == self.audit_id, AuditPart.part_index == self.index
+                )
+            )
+        return list(methods or [])
+
+    def heartbeat(self, progress: float | None = None, step: str | None = None) -> None:
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
+        with self.db.session() as session:
+            written = session.execute(update(AuditPart).where(self._owned()).values(**values))
+            live = session.scalar(select(Audit.id).where(_audit_live(self.audit_id)))
+        if not written.rowcount or live is None:  # type: ignore[attr-defined]
+            raise Lost("the audit or the part is no longer this worker's to compute")
+
+    def finish(self, result_sha256: str) -> bool:
+        """Mark the part done with its stored result; False when it was taken away."""
+        with self.db.session() as session:
+            done = session.execute(
+                update(AuditPart)
+                .where(self._owned())
+                .values(
+                    state="done", result_sha256=result_sha256, progress=1.0, heartbeat_at=utcnow()
+                )
+            )
+        return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------------------------- runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a worker process works with: the configuration, the database, the artifact store
+    and the enqueuer for follow-up tasks and parts (the API's ``State`` holds the same)."""
+
+    config: Config
+    db: Database
+    store: ArtifactStore
+    enqueue: Enqueuer
+
+    @classmethod
+    def from_config(cls, config: Config, celery_app: Any | None = None) -> Runtime:
+        return cls(
+            config,
+            Database.from_config(config),
+            ArtifactStore(config.resolved_artifact_dir),
+            Enqueuer(config, celery_app),
+        )
 
 
 # ---------------------------------------------------------------------------------- reconcile

@@ -31,6 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# declared in .states (the gate reads them without SQLAlchemy); re-exported for the blueprints
+from .states import AUDIT_STATES as AUDIT_STATES
+from .states import FINAL_STATES as FINAL_STATES
+
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -39,9 +43,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-AUDIT_STATES = ("queued", "running", "succeeded", "failed", "canceled")
-FINAL_STATES = ("succeeded", "failed", "canceled")
 
 
 def utcnow() -> datetime:

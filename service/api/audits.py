@@ -25,6 +25,7 @@ from workers.engine.errors import SpecError
 from workers.engine.policy import load_policy
 from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 
+from .. import routes
 from ..app import state
 from ..artifacts import ArtifactMissing
 from ..jobs import announce_finished
@@ -44,7 +45,7 @@ from ..problems import ApiError
 from ..webhooks import WebhookUrlError, check_url, new_secret
 from .common import check_keys, get_owned, iso, json_body, paginated, tenant_id
 
-bp = Blueprint("audits", __name__, url_prefix="/v1/audits")
+bp = Blueprint("audits", __name__, url_prefix=routes.AUDITS_PREFIX)
 
 BODY_KEYS = {
     "model_id",
@@ -314,7 +315,7 @@ def list_audits() -> Any:
         )
 
 
-@bp.get("/<audit_id>")
+@bp.get(routes.AUDIT.rule)
 def get_audit(audit_id: str) -> Any:
     with state().db.session() as session:
         audit = get_owned(session, Audit, audit_id, "audit")
@@ -329,7 +330,7 @@ def get_audit(audit_id: str) -> Any:
         return response
 
 
-@bp.delete("/<audit_id>")
+@bp.delete(routes.AUDIT.rule)
 def cancel(audit_id: str) -> Any:
     """Cancel: a queued audit is canceled at once; a running one stops at its next heartbeat."""
     with state().db.session() as session:
@@ -378,7 +379,7 @@ def _finished(session: Any, audit_id: str) -> Audit:
     return audit
 
 
-@bp.get("/<audit_id>/report.json")
+@bp.get(routes.AUDIT_REPORT_JSON.rule)
 def report_json(audit_id: str) -> Any:
     st = state()
     with st.db.session() as session:
@@ -389,7 +390,7 @@ def report_json(audit_id: str) -> Any:
     return send_stored(sha, "application/json", missing_code="report_missing")
 
 
-@bp.get("/<audit_id>/results")
+@bp.get(routes.AUDIT_RESULTS.rule)
 def results(audit_id: str) -> Any:
     """Every score row, filterable by method, test, measure and stage."""
     with state().db.session() as session:
@@ -418,7 +419,7 @@ def results(audit_id: str) -> Any:
         )
 
 
-@bp.get("/<audit_id>/heatmaps")
+@bp.get(routes.AUDIT_HEATMAPS.rule)
 def heatmaps(audit_id: str) -> Any:
     """The heatmap PNGs: the trained model's maps (test ``model``, stage ``trained``), the
     maps each test kept per stage, and the ``layers`` analysis' overlays (kind
@@ -461,7 +462,7 @@ def heatmap_png(audit_id: str, heatmap_id: int) -> Any:
     return send_stored(sha, "image/png", immutable=True)
 
 
-@bp.get("/<audit_id>/artifacts/<sha256>")
+@bp.get(routes.AUDIT_ARTIFACT.rule)
 def artifact(audit_id: str, sha256: str) -> Any:
     """Any file the audit produced, by the sha256 that ``report.json``'s ``artifacts`` lists."""
     st = state()
@@ -505,13 +506,13 @@ def _document(audit_id: str, kind: str) -> Any:
     return send_stored(sha, media_type)
 
 
-@bp.get("/<audit_id>/report.pdf")
+@bp.get(routes.AUDIT_REPORT_PDF.rule)
 def report_pdf(audit_id: str) -> Any:
     """The PDF report (rendered on the CPU queue once the audit succeeded: 409 until then)."""
     return _document(audit_id, "report_pdf")
 
 
-@bp.get("/<audit_id>/report")
+@bp.get(routes.AUDIT_REPORT_HTML.rule)
 def report_html(audit_id: str) -> Any:
     """The same report as one self-contained HTML page."""
     return _document(audit_id, "report_html")

@@ -14,7 +14,6 @@ import pytest
 import torch
 from torch import nn
 
-from service.cli import format_summary
 from tests.engine.nets import UnconservingCNN, images, small_cnn
 from workers.engine.maps import MapSet, map_problems
 from workers.engine.methods import FAMILIES, METHODS
@@ -24,6 +23,7 @@ from workers.engine.result import MapProblem, Score, StageInfo, TestResult
 from workers.engine.runner import run_audit
 from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from workers.reports.schema import report_schema
+from workers.reports.text import format_summary
 
 FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16)
 CHECKS = MapChecks()

@@ -19,7 +19,6 @@ from jsonschema import Draft202012Validator
 from onnx import helper
 from torch import nn
 
-from service.cli import format_summary
 from service.openapi import openapi_document
 from tests.engine import onnx_exports
 from tests.engine.nets import images
@@ -36,6 +35,7 @@ from workers.engine.models.onnx_ops import Pad, Reshape, ShapeOf
 from workers.engine.randomization import Randomizer, units
 from workers.engine.spec import AuditSpec, MethodParams
 from workers.reports.schema import report_schema
+from workers.reports.text import format_summary
 
 CPU = torch.device("cpu")
 

@@ -1,0 +1,133 @@
+"""Argument types and option sets of the ``saliency-audit`` command line.
+
+Shared by :mod:`service.cli` (which builds the parser for every command) and
+:mod:`service.gate` (which reads the ``gate`` options), so the parser can be built without
+importing what a command needs to run: ``saliency-audit serve`` never loads the HTTP client.
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Literal
+
+InconclusiveMode = Literal["error", "fail", "pass"]
+INCONCLUSIVE_MODES: tuple[InconclusiveMode, ...] = ("error", "fail", "pass")
+
+
+def csv_list(value: str) -> list[str]:
+    """``a, b,,c`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def positive_seconds(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return number
+
+
+def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``gate`` sub-command's options."""
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="base URL of the service (default: $SALIENCY_AUDIT_URL)",
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=None,
+        help="API key sak_... (default: $SALIENCY_AUDIT_KEY; the environment keeps it out of "
+        "the process list)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="FILE",
+        required=True,
+        type=Path,
+        help="ONNX file, or weights with --arch",
+    )
+    parser.add_argument(
+        "--arch",
+        metavar="NAME",
+        default=None,
+        help="torchvision architecture of a weights file (e.g. resnet18)",
+    )
+    images = parser.add_mutually_exclusive_group(required=True)
+    images.add_argument(
+        "--images",
+        metavar="PATH",
+        type=Path,
+        help="folder of images (zipped deterministically on the fly) or a zip / tar archive",
+    )
+    images.add_argument("--dataset-id", metavar="ID", help="a dataset the service already holds")
+    train = parser.add_mutually_exclusive_group()
+    train.add_argument(
+        "--train",
+        metavar="PATH",
+        type=Path,
+        help="labeled training set for data_randomization: a folder with one sub-folder per "
+        "class, or such an archive",
+    )
+    train.add_argument(
+        "--train-dataset-id", metavar="ID", help="a labeled dataset the service already holds"
+    )
+    parser.add_argument(
+        "--methods",
+        metavar="A,B",
+        required=True,
+        type=csv_list,
+        help="comma-separated saliency methods to audit",
+    )
+    parser.add_argument(
+        "--tests",
+        metavar="A,B",
+        type=csv_list,
+        default=["cascading"],
+        help="comma-separated tests (default: cascading; 'all' for every sanity check)",
+    )
+    parser.add_argument(
+        "--require",
+        metavar="A,B",
+        required=True,
+        type=csv_list,
+        help="comma-separated methods that must PASS every test for the gate to pass (each "
+        "must be in --methods, or be a control)",
+    )
+    parser.add_argument(
+        "--policy",
+        metavar="FILE",
+        type=Path,
+        default=None,
+        help='verdict policy JSON file (a file with "extends": "default" overrides entries)',
+    )
+    parser.add_argument(
+        "--junit", metavar="FILE", type=Path, default=None, help="write a JUnit XML report here"
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="S",
+        type=positive_seconds,
+        default=3600.0,
+        help="seconds the whole gate may take (default 3600); past it: exit 2, and a re-run "
+        "attaches to the same audit",
+    )
+    parser.add_argument(
+        "--inconclusive",
+        choices=INCONCLUSIVE_MODES,
+        default="error",
+        help="what an INCONCLUSIVE verdict of a required method does: error (exit 2, the "
+        "default), fail (exit 1) or pass",
+    )
+    parser.add_argument(
+        "--idempotency-key",
+        metavar="K",
+        default=None,
+        help="default: derived from the model's and the images' sha256 and the request, so "
+        "the same job attaches to the same audit; pass a new one to force a new audit",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    return parser

@@ -1,0 +1,179 @@
+"""``saliency-audit run``: one audit on this machine, without the service.
+
+The local twin of the worker's audit task (:mod:`workers.tasks`): it loads the model and the
+images from files instead of the database and the artifact store, calls the same engine entry
+point (:func:`workers.engine.runner.run_audit`), and writes ``report.json`` and ``maps.npz`` to
+a folder instead of rows and artifacts. torch and the engine are imported inside
+:func:`run_local`, so the command line that dispatches to it stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from workers.reports.text import format_input_spec, format_summary
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+def _read_json(path: Path | None, what: str) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {what} {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {what} {path} must hold a JSON object")
+    return value
+
+
+def run_local(args: argparse.Namespace) -> int:
+    """``saliency-audit run``: the exit code (0, or 2 with the error on stderr)."""
+    from workers.engine.errors import EngineError
+
+    try:
+        return _run(args)
+    except EngineError as exc:
+        print(f"error: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    import numpy as np
+    import torch
+
+    from workers.engine.data_randomization import LabeledImages
+    from workers.engine.images import (
+        load_image_folder,
+        load_labeled_folder,
+        load_mask_folder,
+        masks_tensor,
+        preprocess,
+    )
+    from workers.engine.methods import METHODS
+    from workers.engine.models.loader import load_model
+    from workers.engine.runner import run_audit
+    from workers.engine.spec import (
+        ANALYSES,
+        MEASURES,
+        TESTS,
+        AuditSpec,
+        MethodParams,
+        TrainRecipe,
+    )
+
+    try:
+        model_bytes = args.model.read_bytes()
+    except OSError as exc:
+        print(f"error: cannot read model {args.model}: {exc.strerror}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        params = MethodParams(**_read_json(args.params, "method parameters"))
+    except TypeError as exc:
+        print(f"error: invalid method parameters: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        recipe = TrainRecipe(**_read_json(args.train_recipe, "training recipe"))
+    except TypeError as exc:
+        print(f"error: invalid training recipe: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
+    tests = args.tests
+    if tests == ["none"]:
+        tests = []
+    elif tests == ["all"]:
+        tests = [t for t in TESTS if t not in ANALYSES]
+        if args.train is None and args.random_label_model is None:
+            tests.remove("data_randomization")
+    spec = AuditSpec(
+        methods=tuple(methods),
+        layer=args.layer,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+        params=params,
+        tests=tuple(tests),
+        granularity=args.granularity,
+        measures=tuple(args.measures or MEASURES),
+        policy=_read_json(args.policy, "policy") if args.policy else None,
+        training=recipe,
+        layers=tuple(args.layers) if args.layers else None,
+    )
+    model = load_model(
+        model_bytes,
+        architecture=args.arch,
+        input_spec_overrides=_read_json(args.input_spec, "input spec"),
+    )
+    print(
+        format_input_spec(
+            asdict(model.input_spec),
+            model.input_spec_sources,
+            model.output.to_dict() if model.output is not None else None,
+        ),
+        flush=True,
+    )
+    decoded = load_image_folder(args.images, model.input_spec.channels)
+    images = preprocess(decoded, model.input_spec)
+    masks = None
+    if args.masks is not None:
+        masks = masks_tensor(
+            load_mask_folder(args.masks, [d.name for d in decoded]), model.input_spec
+        )
+    train = None
+    if args.train is not None:
+        train_images, labels, _ = load_labeled_folder(
+            args.train, model.input_spec.channels, model.input_spec.class_names
+        )
+        train = LabeledImages(
+            preprocess(train_images, model.input_spec), torch.tensor(labels, dtype=torch.int64)
+        )
+    random_label_model = None
+    if args.random_label_model is not None:
+        try:
+            random_bytes = args.random_label_model.read_bytes()
+        except OSError as exc:
+            print(
+                f"error: cannot read model {args.random_label_model}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        random_label_model = load_model(
+            random_bytes,
+            architecture=args.arch,
+            input_spec_overrides=_read_json(args.input_spec, "input spec"),
+        )
+
+    last = [0.0]
+
+    def progress(fraction: float, step: str) -> None:
+        now = time.monotonic()
+        if not args.quiet and (now - last[0] > 1.0 or fraction >= 1.0):
+            print(f"[{fraction * 100:5.1f}%] {step}", file=sys.stderr, flush=True)
+            last[0] = now
+
+    result = run_audit(
+        model,
+        images,
+        spec,
+        image_names=[d.name for d in decoded],
+        train=train,
+        random_label_model=random_label_model,
+        masks=masks,
+        progress=progress,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / "report.json"
+    report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
+    print(format_summary(result.to_dict()))
+    print(f"\nwrote {report} and {args.out / 'maps.npz'}")
+    return EXIT_OK

@@ -1,0 +1,201 @@
+"""Reports as plain text for a terminal: the input spec an audit uses, the methods' table,
+the per-layer analysis and the verdict table.
+
+``saliency-audit run`` prints them after a local audit and ``saliency-audit gate`` prints the
+verdict table of a service's report: both read the same report document (``report.json``), so
+the two commands show an audit the same way. Pure string formatting: no torch, no numpy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def format_input_spec(
+    spec: dict[str, Any], sources: Mapping[str, str], output: dict[str, Any] | None
+) -> str:
+    """The input spec an audit uses, each value with where it came from (graph, metadata,
+    given or assumed), and the output it explains: printed before anything is computed, so a
+    wrong guess is seen before it costs an audit."""
+
+    def src(*names: str) -> str:
+        found = list(dict.fromkeys(sources.get(n, "?") for n in names))
+        return f"({', '.join(found)})"
+
+    def values(key: str) -> str:
+        return "[" + ", ".join(f"{v:g}" for v in spec[key]) + "]"
+
+    lines = [
+        "input spec used (where each value came from):",
+        f"  size           {spec['height']}x{spec['width']} {src('height', 'width')}",
+        f"  layout         {spec['layout']}, {spec['channels']} "
+        f"{'channel' if spec['channels'] == 1 else 'channels'} {src('layout', 'channels')}",
+        f"  channel order  {spec['channel_order']} {src('channel_order')}"
+        if spec["channels"] == 3
+        else "  channel order  - (one channel: grayscale)",
+        f"  value range    {values('value_range')} {src('value_range')}",
+        f"  mean           {values('mean')} {src('mean')}",
+        f"  std            {values('std')} {src('std')}",
+    ]
+    if output is not None:
+        shape = "[" + ", ".join("N" if d is None else str(d) for d in output["shape"] or []) + "]"
+        explained = (
+            f"; its {output['head_removed']} is left out: maps explain the pre-softmax scores "
+            f"{output['scores']!r}"
+            if output.get("head_removed")
+            else ""
+        )
+        lines.append(f"  output         {output['name']!r} {shape}{explained} {src('output')}")
+    return "\n".join(lines)
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    """A plain-text table of the methods for the terminal."""
+    lines = []
+    fid = report.get("fidelity")
+    if fid:
+        relative = fid.get("max_rel_diff")
+        lines.append(
+            f"fidelity vs ONNX Runtime ({fid['provider']}): max |diff| {fid['max_abs_diff']:.2e}"
+            + (f", relative {relative:.2e}" if relative is not None else "")
+            + f" (atol {fid['atol']:.0e}"
+            + (f", rtol {fid['rtol']:.0e}" if fid.get("rtol") is not None else "")
+            + f"), argmax agreement {fid['argmax_agreement'] * 100:.1f}% "
+            f"over {fid['n_images']} images"
+        )
+    spec = report["spec"]
+    layer, why = spec.get("resolved_layer"), spec.get("layer_reason")
+    lines.append(f"layer for CAM methods: {layer or 'none'}" + (f" ({why})" if why else ""))
+    header = (
+        f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
+        f"{'conserved':>11}"
+    )
+    lines += [header, "-" * len(header)]
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    unusual = []
+    for name, m in report["methods"].items():
+        stats = m.get("statistics") or {}
+        ssim = (m.get("similarity_to_sobel") or {}).get("ssim") or {}
+        conservation = m.get("conservation") or {}
+        lines.append(
+            f"{name:<22}{m['status']:<16}{fmt(m.get('family_time_s'), '.2f'):>8}"
+            f"{fmt(stats.get('mean_abs'), '.3g'):>11}{fmt(stats.get('top10_mass'), '.2f'):>8}"
+            f"{fmt(ssim.get('mean'), '.2f'):>12}{fmt(conservation.get('mean'), '.3f'):>11}"
+        )
+        if m["status"] != "ok" and m.get("reason"):
+            unusual.append(f"  {name} ({m['status']}): {m['reason']}")
+    if any((m.get("conservation") or {}) for m in report["methods"].values()):
+        lines.append(
+            "conserved: mean over images of the relevance a relevance method handed out over "
+            "its start (LRP: input sum / target logit)"
+        )
+    if unusual:
+        lines += ["not ok:", *unusual]
+    if "layers" in (report.get("tests") or {}):
+        lines += ["", format_layers(report["tests"]["layers"])]
+    verdicts = report.get("verdicts") or []
+    if verdicts:
+        lines += ["", format_verdicts(report)]
+    return "\n".join(lines)
+
+
+LAYER_METRIC_TITLES = {
+    "average_drop": "Average Drop % (lower is better)",
+    "average_increase": "Average Increase % (higher is better)",
+    "deletion_auc": "deletion AUC (lower is better)",
+    "insertion_auc": "insertion AUC (higher is better)",
+    "iou": "localization IoU (higher is better)",
+    "pointing_game": "pointing game hits (higher is better)",
+}
+
+
+def format_layers(test: dict[str, Any]) -> str:
+    """The per-layer analysis as one small table per metric: layers down, methods across."""
+    details = test.get("details") or {}
+    methods = details.get("methods") or []
+    layers = [row["label"] for row in details.get("layers") or []]
+    by_key = {(s["stage"], s["method"], s["measure"]): s for s in test["scores"]}
+    beats = details.get("beats_random") or {}
+    lines = ["per-layer analysis (mean over images; * = beats control_random at that layer)"]
+    for metric in details.get("metrics") or []:
+        lines += ["", LAYER_METRIC_TITLES.get(metric, metric)]
+        header = f"{'layer':<14}" + "".join(f"{m:>16}" for m in methods)
+        lines += [header, "-" * len(header)]
+        for layer in layers:
+            cells = []
+            for method in methods:
+                score = by_key.get((layer, method, metric))
+                if score is None or score["mean"] is None:
+                    cells.append(f"{'-':>16}")
+                    continue
+                mark = "*" if (beats.get(layer) or {}).get(method, {}).get(metric) else " "
+                cells.append(f"{score['mean']:>15.3g}{mark}")
+            lines.append(f"{layer:<14}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def format_verdicts(report: dict[str, Any]) -> str:
+    """The verdict table: one row per method, one column per test, then the reasons that make
+    a verdict INCONCLUSIVE (a user's first question about one)."""
+    verdicts = report.get("verdicts") or []
+    tests = list(dict.fromkeys(v["test"] for v in verdicts))
+    methods = list(dict.fromkeys(v["method"] for v in verdicts))
+    by_key = {(v["method"], v["test"]): v for v in verdicts}
+    policy = report.get("policy") or {}
+    width = max(19, *(len(t) + 2 for t in tests))  # "INCONCLUSIVE -0.12" and a space
+    lines = [f"verdicts (policy {policy.get('name')} {policy.get('version')})"]
+    header = f"{'method':<22}" + "".join(f"{t:<{width}}" for t in tests)
+    lines += [header, "-" * len(header)]
+    for method in methods:
+        cells = []
+        for test in tests:
+            v = by_key.get((method, test))
+            if v is None:
+                cells.append(f"{'-':<{width}}")
+                continue
+            mean = "" if v.get("mean") is None else f" {v['mean']:.2f}"
+            cells.append(f"{v['verdict'] + mean:<{width}}")
+        lines.append(f"{method:<22}" + "".join(cells))
+    rules = []
+    for test in tests:
+        rule = (policy.get("tests") or {}).get(test)
+        if rule:
+            stage = rule.get("stage")
+            if isinstance(stage, dict) and "area" in stage:
+                start, end = stage["area"]
+                where = f"averaged over the first {end - start:.0%} of the layers randomized"
+            else:
+                where = f"at {stage}"
+            scaled = " (scaled by the controls)" if rule.get("scale") == "controls" else ""
+            fail = rule.get("fail_threshold", rule["threshold"])
+            other = "above" if rule["pass_when"] == "below" else "below"
+            fails = f", FAIL when it is at or {other} {fail}" if fail != rule["threshold"] else ""
+            rules.append(
+                f"  {test}: {rule['measure']}{scaled} {where}, PASS when the 95% CI is "
+                f"{rule['pass_when']} {rule['threshold']}{fails}"
+            )
+    if rules:
+        lines += ["numbers are the deciding score's mean; rules:", *rules]
+    recommended = (policy.get("recommended_images") or {}).get("images")
+    audited = len(report.get("images") or [])
+    if isinstance(recommended, int) and 0 < audited < recommended:
+        lines.append(
+            f"note: {audited} images audited; the policy was calibrated to decide from "
+            f"{recommended} images (docs/policy.md), so expect more INCONCLUSIVE verdicts"
+        )
+    # one line per reason, with the (method, test) pairs it explains
+    explained: dict[str, list[str]] = {}
+    for v in verdicts:
+        if v["verdict"] == "INCONCLUSIVE":
+            reason = v["reason"].split(" (by the rule alone")[0]
+            explained.setdefault(reason, []).append(f"{v['method']}/{v['test']}")
+    if explained:
+        lines.append("inconclusive because:")
+        for reason, pairs in explained.items():
+            shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
+            lines.append(f"  {shown}: {reason}")
+    return "\n".join(lines)
