@@ -59,9 +59,10 @@ MEAN_ABS = "mean_abs_of_trained_maps"
 
 
 @pytest.fixture
-def registered_mean_abs(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Check]]:
-    """A check written for this test, registered as one module would register it; the spec
-    names it once the spec's list of tests (owned by spec.py) includes it."""
+def registered_mean_abs() -> Iterator[type[Check]]:
+    """A check written for this test, registered as one module would register it. Which names
+    a user may request is the contract's declaration (workers/engine/contract/spec.py, checked
+    against the registry above); the runner itself runs whatever the spec names."""
 
     @register
     class MeanAbs(Check):
@@ -83,7 +84,6 @@ def registered_mean_abs(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[Check]
                 details={m: float(np.abs(v).mean()) for m, v in ctx.reference.maps.items()},
             )
 
-    monkeypatch.setattr(spec, "TESTS", (*spec.TESTS, MEAN_ABS))
     try:
         yield MeanAbs
     finally:
@@ -100,11 +100,10 @@ def test_a_check_registered_in_one_module_runs_through_run_audit(
         sha256="0" * 64,
     )
     audit = AuditSpec(
-        methods=("gradient",),
-        tests=("emprt", MEAN_ABS),
-        batch_size=4,
-        params=MethodParams(smprt_samples=2),
+        methods=("gradient",), tests=("emprt",), batch_size=4, params=MethodParams(smprt_samples=2)
     )
+    # the contract refuses a name it does not declare; set past it, as a declared name would be
+    object.__setattr__(audit, "tests", ("emprt", MEAN_ABS))
     steps: list[tuple[float, str]] = []
     result = run_audit(loaded, images(4, 16), audit, progress=lambda f, s: steps.append((f, s)))
     ours = result.tests[MEAN_ABS]

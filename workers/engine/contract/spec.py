@@ -39,7 +39,8 @@ GRAY_STD = (0.226,)
 SpecSource = Literal["graph", "metadata", "given", "assumed"]
 SPEC_SOURCES: tuple[SpecSource, ...] = get_args(SpecSource)
 
-# The tests an audit can run (descriptions and references: workers/engine/sanity.py TEST_INFO).
+# The tests an audit can run: each is a registered check in workers/engine/checks/ (name,
+# description, reference, cost); tests/engine/test_checks.py keeps this list equal to it.
 ModelRandomizationTest = Literal["cascading", "cascading_bottom_up", "independent"]
 MODEL_RANDOMIZATION_TESTS: tuple[str, ...] = get_args(ModelRandomizationTest)
 # analyses measure without deciding a verdict: the per-layer heatmaps and their faithfulness
