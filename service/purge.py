@@ -15,6 +15,7 @@ names it. The docs' "Deletion" section (docs/service.md) is the user-facing acco
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .models import (
     utcnow,
 )
 
+log = logging.getLogger(__name__)
 CHUNK = 500  # ids or hashes per IN (...) list
 T = TypeVar("T")
 
@@ -101,6 +103,8 @@ def remove_unreferenced(
         if size is not None:
             deleted.files += 1
             deleted.bytes_freed += size
+    # the only record a deletion leaves: ids and counts, never content
+    log.info("deleted: %s", deleted.to_dict())
     return deleted
 
 
@@ -127,6 +131,9 @@ def audit_files(session: Session, audit_ids: Sequence[str]) -> set[str]:
 def delete_audits(session: Session, audit_ids: Sequence[str], deleted: Deleted) -> set[str]:
     """Delete the audits and every row of theirs; returns the files they named. A model or
     dataset tombstone that no audit names any more goes too."""
+    if audit_ids:
+        more = " ..." if len(audit_ids) > 20 else ""
+        log.info("deleting %d audits: %s%s", len(audit_ids), ", ".join(audit_ids[:20]), more)
     files = audit_files(session, audit_ids)
     used_models: set[str] = set()
     used_datasets: set[str] = set()
@@ -179,6 +186,7 @@ def delete_upload(
     Without ``cascade``, finished audits that used it keep it as a tombstone; with it, they
     are deleted first. Returns the files to remove once this transaction committed."""
     audits = _audits_naming(session, row)
+    log.info("deleting %s %s (cascade=%s)", type(row).__tablename__, row.id, cascade)
     files = set()
     if cascade and audits:
         files |= delete_audits(session, audits, deleted)
@@ -213,6 +221,7 @@ def purge_tenant(
         tenant = session.scalars(select(Tenant).where(Tenant.name == tenant_name)).one_or_none()
         if tenant is None:
             raise LookupError(f"no tenant {tenant_name!r}")
+        log.info("purging tenant %s (%s), drop_tenant=%s", tenant.name, tenant.id, drop_tenant)
         audit_ids = list(session.scalars(select(Audit.id).where(Audit.tenant_id == tenant.id)))
         files = delete_audits(session, audit_ids, deleted)
         for model in session.scalars(select(ModelRecord).where(ModelRecord.tenant_id == tenant.id)):

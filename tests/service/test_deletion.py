@@ -7,6 +7,7 @@ a real worker."""
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import time
 import zipfile
@@ -260,3 +261,23 @@ def test_purging_a_tenant_leaves_every_other_tenant_alone(
         assert other.get(f"/v1/{kind}/{row['id']}").status_code == 200
     assert_problem(purged.get(f"/v1/audits/{queued}"), 404, "not_found")
     assert purged.get("/v1/models").json()["total"] == 0  # the key still works
+
+
+def test_the_orphan_sweep_removes_old_unreferenced_files_only(
+    pg_config: Config, pg_server: Server, pg_database: Database
+) -> None:
+    """What soft deletion left behind before real deletion, and files a purged audit's worker
+    wrote: removed once older than the grace period; a file a row needs is never removed."""
+    api = Api(pg_server.url, new_key(pg_database))
+    store = store_of(pg_config)
+    needed = upload(api, "models", unique_model())["sha256"]
+    orphan = store.put_bytes(secrets.token_bytes(4096))
+    young = store.put_bytes(secrets.token_bytes(4096))
+    an_hour_ago = time.time() - 7200
+    for sha in (needed, orphan):
+        os.utime(store.path(sha), (an_hour_ago, an_hour_ago))
+
+    deleted = purge.remove_orphan_files(pg_database, store, older_than_s=3600)
+    assert stored(pg_config, {needed, orphan, young}) == {needed, young}
+    assert deleted.files >= 1 and deleted.bytes_freed >= 4096
+    store.delete(young)
