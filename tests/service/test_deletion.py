@@ -281,3 +281,46 @@ def test_the_orphan_sweep_removes_old_unreferenced_files_only(
     assert stored(pg_config, {needed, orphan, young}) == {needed, young}
     assert deleted.files >= 1 and deleted.bytes_freed >= 4096
     store.delete(young)
+
+
+def test_deletion_on_sqlite_counts_references_across_tenants(tmp_path: Any) -> None:
+    """The embedded shape: the partial unique index, dataset_files and the reference query on
+    SQLite; two tenants' datasets share an image, a tombstone and a live row share bytes."""
+    from service import db as service_db
+    from service.models import Tenant
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    service_db.upgrade(url)
+    database, store = Database(url), ArtifactStore(tmp_path / "artifacts")
+    shared, mine, weights = (store.put_bytes(secrets.token_bytes(1000)) for _ in range(3))
+
+    def dataset(tenant: str, files: list[str]) -> DatasetRecord:
+        images = [{"name": f"{i}.png", "sha256": sha} for i, sha in enumerate(files)]
+        return DatasetRecord(
+            tenant_id=tenant,
+            name="d",
+            sha256=secrets.token_hex(32),
+            size_bytes=1,
+            n_images=len(images),
+            manifest={"images": images},
+        )
+
+    with database.session() as session:
+        session.add_all([Tenant(id="a", name="a"), Tenant(id="b", name="b")])
+        session.flush()
+        session.add_all([dataset("a", [shared, mine]), dataset("b", [shared])])
+        old = ModelRecord(tenant_id="a", name="m", format="onnx", sha256=weights, size_bytes=1000)
+        session.add(old)
+        session.flush()
+        old.deleted_at = old.created_at  # a tombstone: the same bytes may be uploaded again
+        session.add(
+            ModelRecord(tenant_id="a", name="m", format="onnx", sha256=weights, size_bytes=1000)
+        )
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(DatasetFile)) == 3
+        assert purge.referenced(session, [shared, mine, weights]) == {shared, mine, weights}
+
+    deleted = purge.purge_tenant(database, store, "a")
+    assert (deleted.models, deleted.datasets, deleted.files) == (2, 1, 2)
+    assert {sha for sha in (shared, mine, weights) if store.exists(sha)} == {shared}
+    database.dispose()
