@@ -324,3 +324,42 @@ def test_deletion_on_sqlite_counts_references_across_tenants(tmp_path: Any) -> N
     assert (deleted.models, deleted.datasets, deleted.files) == (2, 1, 2)
     assert {sha for sha in (shared, mine, weights) if store.exists(sha)} == {shared}
     database.dispose()
+
+
+def test_revision_0005_indexes_the_files_of_live_datasets_only(tmp_path: Any) -> None:
+    """Datasets soft-deleted before real deletion become tombstones: their images are left
+    out of dataset_files, so the orphan sweep may remove them."""
+    from sqlalchemy import create_engine, text
+
+    from service import db as service_db
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    service_db.upgrade(url, "0004")
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', '2026-01-01')")
+        )
+        for dataset_id, deleted in (("live", None), ("gone", "2026-01-01 00:00:00")):
+            manifest = (
+                f'{{"images": [{{"name": "x.png", "sha256": "{dataset_id[0] * 64}", '
+                f'"mask_sha256": "{dataset_id[1] * 64}"}}]}}'
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO datasets (id, tenant_id, name, sha256, size_bytes, n_images,"
+                    " labeled, has_masks, has_boxes, manifest, created_at, deleted_at) VALUES"
+                    " (:id, 't', 'd', :sha, 1, 1, 0, 1, 0, :manifest, '2026-01-01', :deleted)"
+                ),
+                {
+                    "id": dataset_id,
+                    "sha": dataset_id[0] * 64,
+                    "manifest": manifest,
+                    "deleted": deleted,
+                },
+            )
+    service_db.upgrade(url)
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT dataset_id, sha256 FROM dataset_files")).all()
+    engine.dispose()
+    assert sorted(rows) == [("live", "i" * 64), ("live", "l" * 64)]
