@@ -154,9 +154,11 @@ def delete_audits(session: Session, audit_ids: Sequence[str], deleted: Deleted) 
     for model in _unused_tombstones(session, ModelRecord, used_models):
         files.add(model.sha256)
         session.delete(model)
+        deleted.models += 1
     for dataset in _unused_tombstones(session, DatasetRecord, used_datasets):
         files.update(manifest_files(dataset.manifest))
         session.delete(dataset)
+        deleted.datasets += 1
     return files
 
 
