@@ -104,8 +104,25 @@ class ArtifactStore:
         except FileNotFoundError:
             raise ArtifactMissing(sha256) from None
 
-    def delete(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+    def delete(self, sha256: str) -> int | None:
+        """Remove a file; its size in bytes, or None when it was not there. Whether any row
+        still needs it is the caller's question (:mod:`service.purge`)."""
+        path = self.path(sha256)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return None
+        return size
+
+    def stored(self) -> Iterator[tuple[str, os.stat_result]]:
+        """Every file in the store (not the temporary folder), with its stat."""
+        for path in self.root.glob("??/??/*"):
+            if SHA256_RE.match(path.name) and path.parent.parent.name == path.name[:2]:
+                try:
+                    yield path.name, path.stat()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
 
     @contextmanager
     def _staged(self) -> Iterator[tuple[BinaryIO, Path]]:

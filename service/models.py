@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Connection,
     DateTime,
     Float,
     ForeignKey,
@@ -28,6 +29,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    delete,
+    event,
+    insert,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -102,28 +107,45 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+def _unique_while_live(table: str) -> Index:
+    """One live row per (tenant, sha256): uploading the same bytes again answers with it. A
+    deleted row that finished audits still refer to (a tombstone) does not count, so the same
+    bytes uploaded after a delete make a new object with a new id."""
+    live = text("deleted_at IS NULL")
+    return Index(
+        f"uq_{table}_tenant_sha_live",
+        "tenant_id",
+        "sha256",
+        unique=True,
+        postgresql_where=live,
+        sqlite_where=live,
+    )
+
+
 class ModelRecord(Base):
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_models_tenant_sha"),)
+    __table_args__ = (_unique_while_live("models"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(300))
     format: Mapped[str] = mapped_column(String(20))  # onnx | safetensors | torch
     architecture: Mapped[str | None] = mapped_column(String(100))
-    sha256: Mapped[str] = mapped_column(String(64))
+    # the store's file of these bytes; more than one row (tenants, tombstones) may name it
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     input_spec: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # user overrides
     class_names: Mapped[list[Any] | None] = mapped_column(JSON)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what the check found
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    # deleted models disappear from the API; audits that used them keep their reports
+    # set on a tombstone: a deleted model that finished audits still name; its file is gone
+    # (unless another live row holds the same bytes), its metadata stays as their evidence
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
 class DatasetRecord(Base):
     __tablename__ = "datasets"
-    __table_args__ = (UniqueConstraint("tenant_id", "sha256", name="uq_datasets_tenant_sha"),)
+    __table_args__ = (_unique_while_live("datasets"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -138,7 +160,42 @@ class DatasetRecord(Base):
     # images: name, sha256, label, width, height, mask_sha256, boxes
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # a tombstone, as for models: the manifest (names and hashes) stays, the images go
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+def manifest_files(manifest: dict[str, Any] | None) -> set[str]:
+    """The store's files a dataset manifest names: its images and masks."""
+    files: set[str] = set()
+    for item in (manifest or {}).get("images", []):
+        files.update(item[key] for key in ("sha256", "mask_sha256") if item.get(key))
+    return files
+
+
+class DatasetFile(Base):
+    """A file of the store that a live dataset uses: the manifest's JSON, indexed by sha256 so
+    that deleting a dataset can ask whether any other dataset still needs an image. Kept in
+    step with the manifest by :func:`_index_dataset_files`, never written by hand."""
+
+    __tablename__ = "dataset_files"
+
+    dataset_id: Mapped[str] = mapped_column(
+        ForeignKey("datasets.id", ondelete="CASCADE"), primary_key=True
+    )
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+
+
+@event.listens_for(DatasetRecord, "after_insert")
+@event.listens_for(DatasetRecord, "after_update")
+def _index_dataset_files(mapper: Any, connection: Connection, target: DatasetRecord) -> None:
+    connection.execute(delete(DatasetFile).where(DatasetFile.dataset_id == target.id))
+    files = manifest_files(target.manifest) if target.deleted_at is None else set()
+    if files:
+        connection.execute(
+            insert(DatasetFile),
+            [{"dataset_id": target.id, "tenant_id": target.tenant_id, "sha256": f} for f in files],
+        )
 
 
 class Audit(Base):
@@ -274,6 +331,6 @@ class AuditArtifact(Base):
     test: Mapped[str] = mapped_column(String(100), default="")
     stage: Mapped[str] = mapped_column(String(300), default="")
     image: Mapped[str] = mapped_column(String(300), default="")
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
     media_type: Mapped[str] = mapped_column(String(100))
     size_bytes: Mapped[int] = mapped_column(BigInteger)

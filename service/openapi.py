@@ -681,6 +681,12 @@ PARAMETERS: dict[str, Schema] = {
         {"type": "integer", "minimum": 1, "default": DEFAULT_PAGE},
     ),
     "Offset": _query("offset", "Items to skip.", {"type": "integer", "minimum": 0, "default": 0}),
+    "Cascade": _query(
+        "cascade",
+        "true: delete the finished audits that used it too (reports included); false: they "
+        "stay, with it as a tombstone (metadata kept, files removed).",
+        {"type": "string", "enum": ["true", "false"], "default": "false"},
+    ),
     "IdempotencyKey": {
         "name": "Idempotency-Key",
         "in": "header",
@@ -1216,13 +1222,16 @@ def _paths() -> dict[str, Schema]:
             "delete": {
                 "tags": ["models"],
                 "operationId": "delete_model",
-                "summary": "Delete (hide) a model",
-                "description": "Refused while an audit of it is queued or running; finished "
-                "audits keep their reports.",
+                "summary": "Delete a model and its file",
+                "description": "The file is removed unless another live model holds the same "
+                "bytes. Refused while an audit of it is queued or running; finished audits keep "
+                "their reports (the model stays as a tombstone) unless cascade=true.",
                 "security": SECURITY,
+                "parameters": [_param("Cascade")],
                 "responses": _v1(
                     {
                         "204": {"description": "Deleted."},
+                        "400": _problem("cascade is not true or false", 400, ["invalid_parameter"]),
                         **_common("NotFound"),
                         "409": _problem(
                             "Audits of this model are queued or running",
@@ -1295,12 +1304,16 @@ def _paths() -> dict[str, Schema]:
             "delete": {
                 "tags": ["datasets"],
                 "operationId": "delete_dataset",
-                "summary": "Delete (hide) a dataset",
-                "description": "Refused while an audit using it is queued or running.",
+                "summary": "Delete a dataset and its images",
+                "description": "Images and masks are removed unless another live dataset uses "
+                "them. Refused while an audit using it is queued or running; finished audits "
+                "keep their reports (the dataset stays as a tombstone) unless cascade=true.",
                 "security": SECURITY,
+                "parameters": [_param("Cascade")],
                 "responses": _v1(
                     {
                         "204": {"description": "Deleted."},
+                        "400": _problem("cascade is not true or false", 400, ["invalid_parameter"]),
                         **_common("NotFound"),
                         "409": _problem(
                             "Audits using this dataset are queued or running",
@@ -1424,9 +1437,10 @@ def _paths() -> dict[str, Schema]:
             "delete": {
                 "tags": ["audits"],
                 "operationId": "cancel_audit",
-                "summary": "Cancel an audit",
+                "summary": "Cancel an active audit, delete a final one",
                 "description": "A queued audit is canceled at once; a running one stops at "
-                "its next heartbeat.",
+                "its next heartbeat. A succeeded, failed or canceled audit is deleted: its rows, "
+                "reports and pictures (files another audit shares stay).",
                 "security": SECURITY,
                 "responses": _v1(
                     {
@@ -1435,8 +1449,8 @@ def _paths() -> dict[str, Schema]:
                             _ref("Audit"),
                             "Cancel requested (it is running): cancel_requested is true.",
                         ),
+                        "204": {"description": "Deleted (it was final)."},
                         **_common("NotFound"),
-                        "409": _problem("The audit is already final", 409, ["audit_finished"]),
                     }
                 ),
             },

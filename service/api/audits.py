@@ -25,7 +25,7 @@ from workers.engine.errors import SpecError
 from workers.engine.policy import load_policy
 from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 
-from .. import routes
+from .. import purge, routes
 from ..app import state
 from ..artifacts import ArtifactMissing
 from ..jobs import announce_finished
@@ -332,22 +332,28 @@ def get_audit(audit_id: str) -> Any:
 
 @bp.delete(routes.AUDIT.rule)
 def cancel(audit_id: str) -> Any:
-    """Cancel: a queued audit is canceled at once; a running one stops at its next heartbeat."""
-    with state().db.session() as session:
+    """Cancel or delete. An active audit is canceled (a queued one at once, 200; a running one
+    at its next heartbeat, 202). A final one is deleted (204): its rows and the files no other
+    row needs (:mod:`service.purge`)."""
+    st = state()
+    with st.db.session() as session:
         audit = get_owned(session, Audit, audit_id, "audit")
         if audit.state in FINAL_STATES:
-            raise ApiError(
-                409, "audit_finished", f"the audit already {audit.state}; nothing to cancel"
-            )
-        audit.cancel_requested = True
-        if audit.state == "queued":
-            audit.state = "canceled"
-            audit.step = "canceled"
-            audit.finished_at = utcnow()
-        session.flush()
-        response = jsonify(render(audit))
+            files = purge.delete_audits(session, [audit.id], purge.Deleted())
+        else:
+            files = None
+            audit.cancel_requested = True
+            if audit.state == "queued":
+                audit.state = "canceled"
+                audit.step = "canceled"
+                audit.finished_at = utcnow()
+            session.flush()
+            response = jsonify(render(audit))
+    if files is not None:
+        purge.remove_unreferenced(st.db, st.store, files)
+        return "", 204
     if audit.state == "canceled":
-        announce_finished(state().db, state().enqueue, audit.id)
+        announce_finished(st.db, st.enqueue, audit.id)
     response.status_code = 202 if audit.state != "canceled" else 200
     return response
 

@@ -131,10 +131,9 @@ def existing_upload(session: Session, model: type[T], sha256: str) -> T | None:
         select(model).where(
             model.tenant_id == tenant_id(),  # type: ignore[attr-defined]
             model.sha256 == sha256,  # type: ignore[attr-defined]
+            model.deleted_at.is_(None),  # type: ignore[attr-defined]
         )
     ).one_or_none()
-    if row is None or getattr(row, "deleted_at", None) is not None:
-        return None
     return row
 
 

@@ -15,6 +15,7 @@ from flask import Blueprint, jsonify, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from .. import purge
 from ..app import state
 from ..models import Audit, DatasetRecord, utcnow
 from ..problems import ApiError
@@ -33,6 +34,7 @@ from .common import (
     tenant_id,
     upload_response,
 )
+from .models import cascade_arg
 
 bp = Blueprint("datasets", __name__, url_prefix="/v1/datasets")
 METADATA_KEYS = {"name", "purpose"}
@@ -90,6 +92,7 @@ def upload_dataset() -> Any:
                     select(DatasetRecord).where(
                         DatasetRecord.tenant_id == tenant_id(),
                         DatasetRecord.sha256 == received.sha256,
+                        DatasetRecord.deleted_at.is_(None),  # a tombstone is never revived
                     )
                 ).one_or_none() or DatasetRecord(tenant_id=tenant_id(), sha256=received.sha256)
                 row.name = str(meta.get("name") or filename)[:300]
@@ -129,7 +132,12 @@ def get_dataset(dataset_id: str) -> Any:
 
 @bp.delete("/<dataset_id>")
 def delete_dataset(dataset_id: str) -> Any:
-    with state().db.session() as session:
+    """Delete the dataset and the images and masks no other live dataset (of any tenant) uses.
+    Refused while an audit using it is queued or running; finished audits keep it as a
+    tombstone (manifest kept, images gone) unless ``?cascade=true`` deletes them too."""
+    st = state()
+    cascade = cascade_arg()
+    with st.db.session() as session:
         row = get_owned(session, DatasetRecord, dataset_id, "dataset")
         active = session.scalars(
             select(Audit.id).where(
@@ -144,5 +152,6 @@ def delete_dataset(dataset_id: str) -> Any:
                 f"{len(active)} audits using this dataset are queued or running; cancel them first",
                 audits=list(active),
             )
-        row.deleted_at = utcnow()
+        files = purge.delete_upload(session, row, cascade, purge.Deleted())
+    purge.remove_unreferenced(st.db, st.store, files)
     return "", 204

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from flask import Blueprint, jsonify, url_for
+from flask import Blueprint, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from workers.engine.errors import SpecError
 from workers.engine.spec import InputSpec
 
+from .. import purge
 from ..app import state
 from ..models import Audit, ModelRecord, utcnow
 from ..problems import ApiError
@@ -120,6 +121,7 @@ def upload_model() -> Any:
                     select(ModelRecord).where(
                         ModelRecord.tenant_id == tenant_id(),
                         ModelRecord.sha256 == received.sha256,
+                        ModelRecord.deleted_at.is_(None),  # a tombstone is never revived
                     )
                 ).one_or_none()
                 if existing is not None and existing.deleted_at is None:
@@ -158,11 +160,23 @@ def get_model(model_id: str) -> Any:
         return jsonify(render(get_owned(session, ModelRecord, model_id, "model")))
 
 
+def cascade_arg() -> bool:
+    """``?cascade=true``: delete the finished audits that used the model or dataset too."""
+    value = request.args.get("cascade", "false").lower()
+    if value not in ("true", "false"):
+        raise ApiError(400, "invalid_parameter", "cascade must be 'true' or 'false'")
+    return value == "true"
+
+
 @bp.delete("/<model_id>")
 def delete_model(model_id: str) -> Any:
-    """Hide the model. Refused while an audit of it is queued or running; finished audits keep
-    their reports (the file stays in the store for them)."""
-    with state().db.session() as session:
+    """Delete the model and, unless another live model (of any tenant) holds the same bytes,
+    its file. Refused while an audit of it is queued or running. Finished audits of it keep
+    their reports and the model as a tombstone (metadata kept, file gone), unless
+    ``?cascade=true`` deletes them too (:mod:`service.purge`)."""
+    st = state()
+    cascade = cascade_arg()
+    with st.db.session() as session:
         row = get_owned(session, ModelRecord, model_id, "model")
         active = session.scalars(
             select(Audit.id).where(Audit.model_id == row.id, Audit.state.in_(("queued", "running")))
@@ -174,7 +188,8 @@ def delete_model(model_id: str) -> Any:
                 f"{len(active)} audits of this model are queued or running; cancel them first",
                 audits=list(active),
             )
-        row.deleted_at = utcnow()
+        files = purge.delete_upload(session, row, cascade, purge.Deleted())
+    purge.remove_unreferenced(st.db, st.store, files)
     return "", 204
 
 

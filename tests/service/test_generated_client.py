@@ -223,9 +223,8 @@ def test_a_generated_client_uploads_audits_and_reads_a_typed_report(
     missing = api("audits.get_audit").sync_detailed(client=client, audit_id="0" * 32)
     assert missing.status_code == 404 and isinstance(missing.parsed, models.Problem)
     assert (missing.parsed.status, missing.parsed.code) == (404, "not_found")
-    finished = api("audits.cancel_audit").sync_detailed(client=client, audit_id=audit.id)
-    assert finished.status_code == 409 and isinstance(finished.parsed, models.Problem)
-    assert finished.parsed.code == "audit_finished"
+    missing_model = api("models.delete_model").sync_detailed(client=client, model_id="0" * 32)
+    assert missing_model.status_code == 404 and isinstance(missing_model.parsed, models.Problem)
     refused = api("audits.submit_audit").sync_detailed(
         client=client,
         body=models.AuditRequest(
@@ -235,3 +234,7 @@ def test_a_generated_client_uploads_audits_and_reads_a_typed_report(
     assert refused.status_code == 422 and isinstance(refused.parsed, models.Problem)
     assert refused.parsed.code == "invalid_spec", refused.parsed.to_dict()
     assert refused.parsed["unknown"] == ["no_such_method"]
+
+    # a finished audit is deleted by the same operation that cancels an active one
+    deleted = api("audits.cancel_audit").sync_detailed(client=client, audit_id=audit.id)
+    assert deleted.status_code == 204

@@ -17,6 +17,7 @@ from service.models import Base
 from tests.servers import PG_ADMIN_URL, _admin_connect
 
 TABLES = {
+    "dataset_files",
     "tenants",
     "api_keys",
     "models",

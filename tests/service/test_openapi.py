@@ -35,6 +35,7 @@ from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, Null
 from werkzeug.test import TestResponse
 
 import service.auth
+import service.purge
 from service.api import audits as audits_api
 from service.api import datasets as datasets_api
 from service.api import meta as meta_api
@@ -193,6 +194,23 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
     monkeypatch.setattr(st.db, "session", open_session)
     monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
     monkeypatch.setattr(st, "enqueue", lambda db, audit_id: True)
+    # what a deletion removes is tested on PostgreSQL (test_deletion.py); here only the rows go
+    monkeypatch.setattr(
+        service.purge,
+        "delete_upload",
+        lambda _s, row, cascade, deleted: session.rows[type(row)].remove(row) or set(),
+    )
+    monkeypatch.setattr(
+        service.purge,
+        "delete_audits",
+        lambda _s, ids, deleted: (
+            session.rows.update({Audit: [a for a in session.rows[Audit] if a.id not in ids]})
+            or set()
+        ),
+    )
+    monkeypatch.setattr(
+        service.purge, "remove_unreferenced", lambda *args, **kwargs: service.purge.Deleted()
+    )
     return session
 
 
@@ -900,8 +918,6 @@ def test_audit_lifecycle(client: FlaskClient, fake: FakeSession, doc: dict[str, 
     requested = client.delete(f"/v1/audits/{running.id}")
     assert requested.status_code == 202
     assert check(doc, requested, item, "delete")["cancel_requested"] is True
-    finished = client.delete(f"/v1/audits/{failed.id}")
-    assert check(doc, finished, item, "delete")["code"] == "audit_finished"
     for suffix, path in (
         ("/results", "/v1/audits/{audit_id}/results"),
         ("/heatmaps", "/v1/audits/{audit_id}/heatmaps"),
@@ -909,6 +925,10 @@ def test_audit_lifecycle(client: FlaskClient, fake: FakeSession, doc: dict[str, 
     ):
         response = client.get(f"/v1/audits/{failed.id}{suffix}")
         assert check(doc, response, path, "get")["code"] == "audit_not_succeeded"
+    # a final audit is deleted (before real deletion: 409 audit_finished)
+    finished = client.delete(f"/v1/audits/{failed.id}")
+    assert finished.status_code == 204 and check(doc, finished, item, "delete") is None
+    assert client.get(f"/v1/audits/{failed.id}").status_code == 404
 
 
 def test_audit_results(
