@@ -21,6 +21,12 @@ from .db import Database
 from .jobs import Enqueuer, broker_probe, reconcile
 
 log = logging.getLogger(__name__)
+# The HTML the service serves (the report and /docs) is self-contained: inline CSS, data: URI
+# pictures, inline SVG, no script, no form, nothing fetched.
+HTML_CSP = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
 
 
 @dataclass
@@ -60,6 +66,15 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
         app.register_blueprint(blueprint)
 
     @app.before_request
+    def _check_parameters() -> None:
+        # before authentication: a NUL byte or an id past the column's range never reaches
+        # the database, whose answer to them would be a 500
+        if request.path.startswith("/v1/") and request.endpoint is not None:
+            from .api.common import check_request_parameters
+
+            check_request_parameters()
+
+    @app.before_request
     def _authenticate() -> None:
         # a CORS preflight (OPTIONS) carries no credentials
         if (
@@ -76,6 +91,8 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
     def _headers(response: Any) -> Any:
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if response.mimetype == "text/html":
+            response.headers.setdefault("Content-Security-Policy", HTML_CSP)
         if getattr(g, "tenant_id", None):
             response.headers.setdefault("Vary", "Authorization")
         return response

@@ -66,6 +66,15 @@ class ArtifactStore:
             self._commit(tmp_path, sha)
         return sha
 
+    def stage_bytes(self, data: bytes) -> Received:
+        """Bytes written to the temporary folder, hashed, not yet in the store: :meth:`commit`
+        puts them in place, :meth:`discard` drops them."""
+        with self._staged() as (handle, tmp_path):
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return Received(tmp_path, hashlib.sha256(data).hexdigest(), len(data))
+
     def receive(self, stream: BinaryIO, max_bytes: int) -> Received:
         """Stream an upload to a temporary file, hashing as it goes, and stop with
         :class:`TooLarge` past ``max_bytes``. Nothing is in the store until :meth:`commit`."""

@@ -10,6 +10,7 @@ runs only the API (workers are separate ``celery -A workers worker -Q gpu`` proc
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from .config import PREFIX, Config
 
@@ -92,9 +94,65 @@ def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> No
         process.wait(timeout=5)
 
 
-def serve(config: Config, host: str, port: int, with_worker: bool | None, threads: int) -> int:
-    from waitress import create_server
+def problem_channel_class() -> type:
+    """Waitress's HTTP channel, answering the errors Waitress raises itself (a body over
+    ``max_request_body_size``, a malformed request line or chunk) as ``application/problem+json``
+    like every error of the app, instead of its plain-text page."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
 
+    from .problems import PROBLEM_JSON, TYPE_BASE
+
+    codes = {400: "bad_request", 413: "payload_too_large", 431: "headers_too_large"}
+
+    class ProblemErrorTask(ErrorTask):
+        def execute(self) -> None:
+            error = self.request.error
+            code = codes.get(error.code, "http_error")
+            body = json.dumps(
+                {
+                    "type": TYPE_BASE + code,
+                    "title": error.reason,
+                    "status": error.code,
+                    "detail": str(error.body),
+                    "code": code,
+                    "instance": self.request.path or None,
+                }
+            ).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", PROBLEM_JSON))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class ProblemChannel(HTTPChannel):
+        error_task_class = ProblemErrorTask
+
+    return ProblemChannel
+
+
+def make_server(app: Any, config: Config, host: str, port: int, threads: int) -> Any:
+    """The Waitress server of ``serve``: bodies up to ``max_request_bytes`` (Waitress's own
+    default stops at 1 GiB), its own errors as problem+json."""
+    from waitress import create_server
+    from waitress.server import BaseWSGIServer
+
+    server = create_server(
+        app,
+        host=host,
+        port=port,
+        threads=threads,
+        max_request_body_size=config.max_request_bytes,
+    )
+    channel = problem_channel_class()
+    # one listening socket gives the server itself, several a MultiSocketServer of them
+    for listener in [server, *getattr(server, "map", {}).values()]:
+        if isinstance(listener, BaseWSGIServer):
+            listener.channel_class = channel
+    return server
+
+
+def serve(config: Config, host: str, port: int, with_worker: bool | None, threads: int) -> int:
     from . import db
     from .app import create_app
 
@@ -108,7 +166,7 @@ def serve(config: Config, host: str, port: int, with_worker: bool | None, thread
         worker = start_worker(config, log_path)
         print(f"worker: pid {worker.pid}, log {log_path}", file=sys.stderr, flush=True)
     app = create_app(config)
-    server = create_server(app, host=host, port=port, threads=threads)
+    server = make_server(app, config, host, port, threads)
 
     def shutdown(signum: int, frame: FrameType | None) -> None:
         server.close()

@@ -797,8 +797,27 @@ def _common(*names: str) -> dict[str, Schema]:
     return {status[n]: {"$ref": "#/components/responses/" + n} for n in names}
 
 
+# what the API edge refuses on every /v1/ route before its view runs (service.api.common):
+# control characters in a path or query parameter or a JSON string, an integer path parameter
+# past its column, JSON nested too deep or with a key twice, a multipart part twice
+EDGE_400 = ["invalid_characters", "out_of_range", "too_deep", "duplicate_key", "duplicate_part"]
+
+
+def _with_edge_400(response: Schema | None) -> Schema:
+    if response is None:
+        return _problem("A parameter or the body is refused at the edge", 400, EDGE_400)
+    codes = response["content"][PROBLEM_JSON]["schema"]["properties"]["code"]["enum"]
+    return _problem(
+        response["description"].split(" (code: ")[0] + ", or refused at the edge",
+        400,
+        _codes(codes, EDGE_400),
+    )
+
+
 def _v1(responses: dict[str, Schema]) -> dict[str, Schema]:
-    """Every /v1/ route authenticates against the database: 401, 500 and 503 apply."""
+    """Every /v1/ route authenticates against the database: 401, 500 and 503 apply, and the
+    edge's 400s."""
+    responses = {**responses, "400": _with_edge_400(responses.get("400"))}
     return dict(
         sorted(
             {**_common("Unauthorized", "InternalError", "ServiceUnavailable"), **responses}.items()
@@ -896,8 +915,9 @@ MODEL_ROUTE_422 = [
     "invalid_input_spec",
     "architecture_not_used",
     "empty_file",
+    "invalid_name",
 ]
-DATASET_ROUTE_422 = ["unknown_fields", "invalid_metadata", "empty_file"]
+DATASET_ROUTE_422 = ["unknown_fields", "invalid_metadata", "empty_file", "invalid_name"]
 UPLOAD_EXTRA: dict[str, Schema] = {
     "limit_bytes": {"type": "integer", "description": "payload_too_large: the file limit."},
     "size": {"type": "integer", "description": "file_too_large: the file's size."},

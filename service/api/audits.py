@@ -368,6 +368,9 @@ def send_stored(
     except ArtifactMissing:
         raise ApiError(500, missing_code, "the stored file is missing") from None
     response = send_file(handle, mimetype=media_type, etag=sha256, conditional=True)
+    # as stored ("text/html; charset=utf-8"): Werkzeug would append a second charset to a text/*
+    # type that already names one
+    response.content_type = media_type
     if immutable:
         response.headers["Cache-Control"] = "private, max-age=86400, immutable"
     return response

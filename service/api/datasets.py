@@ -17,11 +17,13 @@ from sqlalchemy.exc import IntegrityError
 
 from .. import purge
 from ..app import state
+from ..artifacts import Received
 from ..models import Audit, DatasetRecord, utcnow
 from ..problems import ApiError
 from ..uploads import ArchiveLimits, read_dataset_archive
 from .common import (
     check_keys,
+    checked_name,
     existing_upload,
     file_part,
     get_owned,
@@ -75,17 +77,23 @@ def upload_dataset() -> Any:
     limits = ArchiveLimits()
     if purpose == "training":
         limits = dataclasses.replace(limits, max_images=TRAINING_MAX_IMAGES)
-    filename = upload.filename or "dataset"
+    filename = checked_name(upload.filename or "dataset", "the file name")
+    name = checked_name(str(meta.get("name") or filename)[:300], "metadata.name")
     received = receive_upload(upload, st.config.max_dataset_bytes)
+    staged: list[Received] = []
+
+    def stage(member: str, data: bytes) -> str:
+        staged.append(st.store.stage_bytes(data))
+        return staged[-1].sha256
+
     try:
         with st.db.session() as session:
             existing = existing_upload(session, DatasetRecord, received.sha256)
             if existing is not None:
                 return upload_response(render(existing), 200)
-        # images go to the store only once the whole archive has been checked
-        manifest = read_dataset_archive(
-            received.path, filename, sink=lambda name, data: st.store.put_bytes(data), limits=limits
-        )
+        # images are staged once the whole archive has been checked, and enter the store only
+        # once the row is accepted
+        manifest = read_dataset_archive(received.path, filename, sink=stage, limits=limits)
         try:
             with st.db.session() as session:
                 row = session.scalars(
@@ -95,7 +103,7 @@ def upload_dataset() -> Any:
                         DatasetRecord.deleted_at.is_(None),  # a tombstone is never revived
                     )
                 ).one_or_none() or DatasetRecord(tenant_id=tenant_id(), sha256=received.sha256)
-                row.name = str(meta.get("name") or filename)[:300]
+                row.name = name
                 row.size_bytes = received.size
                 row.n_images = manifest.n_images
                 row.labeled = manifest.labeled
@@ -108,11 +116,16 @@ def upload_dataset() -> Any:
                 session.add(row)
                 session.flush()
                 body = render(row)
+                for image in staged:
+                    st.store.commit(image)
         except IntegrityError:
             return race_winner(DatasetRecord, received.sha256, render)
     finally:
-        # the archive itself is not kept: its members are, by sha256
+        # the archive itself is not kept: its members are, by sha256 (staged members not
+        # committed are dropped)
         st.store.discard(received)
+        for image in staged:
+            st.store.discard(image)
     return upload_response(body, 201)
 
 

@@ -25,6 +25,7 @@ from ..problems import ApiError
 from ..uploads import inspect_model
 from .common import (
     check_keys,
+    checked_name,
     file_part,
     get_owned,
     iso,
@@ -90,8 +91,8 @@ def upload_model() -> Any:
     if architecture is not None and not isinstance(architecture, str):
         raise ApiError(422, "invalid_metadata", "metadata.architecture must be a string")
     overrides = _input_spec_overrides(meta)
-    filename = upload.filename or "model"
-    name = str(meta.get("name") or filename)[:300]
+    filename = checked_name(upload.filename or "model", "the file name")
+    name = checked_name(str(meta.get("name") or filename)[:300], "metadata.name")
     received = receive_upload(upload, st.config.max_model_bytes)
     try:
         info = inspect_model(
@@ -126,7 +127,6 @@ def upload_model() -> Any:
                 ).one_or_none()
                 if existing is not None and existing.deleted_at is None:
                     return upload_response(render(existing), 200)
-                st.store.commit(received)
                 row = existing or ModelRecord(tenant_id=tenant_id(), sha256=received.sha256)
                 row.name = name
                 row.format = info.format
@@ -140,6 +140,9 @@ def upload_model() -> Any:
                 session.add(row)
                 session.flush()
                 body = render(row)
+                # the file enters the store only once its row is accepted: a refusal or a
+                # database error above leaves nothing behind
+                st.store.commit(received)
         except IntegrityError:
             return race_winner(ModelRecord, received.sha256, render)
     finally:

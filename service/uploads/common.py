@@ -6,6 +6,7 @@ imports them all.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,21 @@ def clip(text: str, limit: int = 200) -> str:
     """Names from a hostile file go into messages: keep them printable and short."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# A name is shown in listings, reports and file dialogs: a control character hides or garbles
+# it, and a bidirectional override or isolate (or an invisible direction mark) makes
+# "report\u202egpj.exe" display as "reportexe.jpg". Such names are refused rather than
+# cleaned, so that what is stored is exactly what the client sent.
+_UNSAFE_IN_NAME = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]"
+)
+
+
+def unsafe_name_character(name: str) -> str | None:
+    """The first character a name may not hold, as ``U+XXXX``, or None."""
+    found = _UNSAFE_IN_NAME.search(name)
+    return None if found is None else f"U+{ord(found.group()):04X}"
 
 
 # ``tests/service/test_openapi.py`` collects the (status, code) pairs that calls of
