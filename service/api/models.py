@@ -101,6 +101,7 @@ def upload_model() -> Any:
             architecture=architecture,
             max_bytes=st.config.max_model_bytes,
             output=overrides.get("output"),
+            input_spec=overrides,
         )
         if info.format != "onnx" and overrides.get("output") is not None:
             raise ApiError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from service.architectures import TORCHVISION_CLASSIFIERS
 from workers.engine.errors import NotAClassifierError
@@ -64,6 +65,7 @@ def inspect_model(
     architecture: str | None,
     max_bytes: int,
     output: str | int | None = None,
+    input_spec: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """Validate an uploaded model file and describe it; raise :class:`UploadRejected` if unfit.
 
@@ -71,7 +73,9 @@ def inspect_model(
     safetensors files and ``torch.save`` state dicts need a torchvision ``architecture``. The
     model must be a classifier, as the worker's loader requires: the output an audit explains
     (``output``, the input spec's choice, for a graph with several) is [N, C] with C >= 2, or
-    a weights file's head has C >= 2 rows.
+    a weights file's head has C >= 2 rows. An ONNX graph also passes the worker's graph rules
+    (:mod:`workers.engine.onnx_rules`); ``input_spec`` (the uploader's fields) may state what
+    the graph's input leaves open.
     """
     size = check_file_size(path, filename, max_bytes)
     with path.open("rb") as fh:
@@ -89,7 +93,7 @@ def inspect_model(
     elif kind == "safetensors":
         info = inspect_safetensors(path, filename, size)
     else:
-        info = inspect_onnx(path, filename, size, output)
+        info = inspect_onnx(path, filename, size, output, input_spec)
     if info.format != "onnx" and info.num_classes is not None and info.num_classes < 2:
         layer = info.output or "head"
         raise UploadRejected(

@@ -1,8 +1,11 @@
 """ONNX model files: a protobuf read with ``onnx`` alone, never run.
 
 Refused when any tensor points at external data (only the uploaded file is read, never a path
-the model names), when the ONNX checker refuses the graph, or when the output an audit would
-explain is not a classifier's [N, C >= 2]. Files above :data:`ONNX_IN_PROCESS_MAX_BYTES` are
+the model names), when the ONNX checker refuses the graph, when the output an audit would
+explain is not a classifier's [N, C >= 2], or when one of the worker's own graph rules
+(:mod:`workers.engine.onnx_rules`: one float32 image input, IR version and opset range, an input
+spec for what the input's shape leaves open, operators the converter supports) refuses it, with
+the worker's message. Files above :data:`ONNX_IN_PROCESS_MAX_BYTES` are
 checked in a child process (``python -m service.uploads``), so the API process's memory does
 not grow with the upload.
 """
@@ -13,14 +16,16 @@ import json
 import math
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+from workers.engine import onnx_rules
 from workers.engine.errors import (
     EMBED_WEIGHTS_FIX,
+    EngineError,
     ModelLoadError,
     NotAClassifierError,
     OutputRequiredError,
@@ -40,16 +45,28 @@ ONNX_CHECK_TIMEOUT_S = 600
 
 
 def inspect_onnx(
-    path: Path, filename: str, size: int, output: str | int | None = None
+    path: Path,
+    filename: str,
+    size: int,
+    output: str | int | None = None,
+    input_spec: dict[str, Any] | None = None,
 ) -> ModelInfo:
-    """Check an ONNX file in this process, or in a child one when it is large."""
+    """Check an ONNX file in this process, or in a child one when it is large.
+
+    ``input_spec``: the uploader's input spec fields, which may state what the graph's input
+    leaves open (its size, channels or layout).
+    """
     if size < ONNX_IN_PROCESS_MAX_BYTES:
-        return _inspect_in_process(path, filename, size, output)
-    return _inspect_isolated(path, filename, size, output)
+        return _inspect_in_process(path, filename, size, output, input_spec)
+    return _inspect_isolated(path, filename, size, output, input_spec)
 
 
 def _inspect_isolated(
-    path: Path, filename: str, size: int, output: str | int | None = None
+    path: Path,
+    filename: str,
+    size: int,
+    output: str | int | None = None,
+    input_spec: dict[str, Any] | None = None,
 ) -> ModelInfo:
     """:func:`_inspect_in_process` in a child Python process; the same answers, as JSON."""
     try:
@@ -62,6 +79,7 @@ def _inspect_isolated(
                 filename,
                 str(size),
                 json.dumps(output),
+                json.dumps(input_spec),
             ],
             capture_output=True,
             text=True,
@@ -95,8 +113,9 @@ def check_in_child(argv: list[str]) -> int:
     """The child side of :func:`_inspect_isolated`: one JSON answer on stdout."""
     path, filename, size = Path(argv[0]), argv[1], int(argv[2])
     output = json.loads(argv[3]) if len(argv) > 3 else None
+    input_spec = json.loads(argv[4]) if len(argv) > 4 else None
     try:
-        info = _inspect_in_process(path, filename, size, output)
+        info = _inspect_in_process(path, filename, size, output, input_spec)
         answer: dict[str, Any] = {"info": info.to_dict()}
     except UploadRejected as exc:
         answer = {
@@ -112,7 +131,11 @@ def check_in_child(argv: list[str]) -> int:
 
 
 def _inspect_in_process(
-    path: Path, filename: str, size: int, output: str | int | None = None
+    path: Path,
+    filename: str,
+    size: int,
+    output: str | int | None = None,
+    input_spec: dict[str, Any] | None = None,
 ) -> ModelInfo:
     name = clip(filename)
     if size > ONNX_MAX_BYTES:
@@ -124,6 +147,7 @@ def _inspect_in_process(
     model = _load(path, name)
     _refuse_external_data(model, name)
     tensors, parameters = _count_initializers(model)
+    _worker_rule(lambda: onnx_rules.check_versions(model), "unsupported_onnx_version")
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # ValidationError mostly; the C++ checker can raise others
@@ -131,16 +155,15 @@ def _inspect_in_process(
             f"{name}: the ONNX checker refuses the model: {clip(str(exc), 500)}",
             code="invalid_onnx",
         ) from None
+    _worker_rule(lambda: onnx_rules.image_input(model), "unsupported_inputs")
+    _worker_rule(lambda: onnx_rules.check_input_spec(model, input_spec), "input_spec_required")
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    initializer_names = {t.name for t in model.graph.initializer}
-    inputs = [v for v in model.graph.input if v.name not in initializer_names]
-    input_shape = _value_shape(inputs[0]) if inputs else None
+    input_shape = _value_shape(onnx_rules.image_input(model))
     chosen, output_shape, num_classes = _classifier_output(model, output)
+    _worker_rule(lambda: onnx_rules.check_operators(model, chosen), "unsupported_operator")
     notes = [f"ir_version {model.ir_version}, producer {clip(model.producer_name or '?')}"]
     if any(p.key == "saliency_audit.input_spec" for p in model.metadata_props):
         notes.append("carries its input spec (metadata saliency_audit.input_spec)")
-    if len(inputs) > 1:
-        notes.append(f"{len(inputs)} graph inputs; the first is the image")
     return ModelInfo(
         format="onnx",
         opset=opset,
@@ -152,6 +175,15 @@ def _inspect_in_process(
         notes=notes,
         output=chosen,
     )
+
+
+def _worker_rule(check: Callable[[], object], code: str) -> None:
+    """Run one of the worker's rules (:mod:`workers.engine.onnx_rules`); its refusal, with the
+    worker's own message, becomes a 422."""
+    try:
+        check()
+    except EngineError as exc:
+        raise UploadRejected(clip(exc.message, 1000), code=code) from None
 
 
 def _load(path: Path, name: str) -> onnx.ModelProto:

@@ -186,11 +186,17 @@ def test_hand_built_safetensors_is_what_safetensors_reads(tmp_path: Path) -> Non
     )
 
 
-def test_hand_built_onnx_passes_the_checker_and_is_described(tmp_path: Path) -> None:
-    info = _inspect(_write(tmp_path, onnx_bytes(), "m.onnx"))
-    assert info.format == "onnx" and info.opset == 17
-    assert info.input_shape == ["batch", 4] and info.output_shape == ["batch", 3]
-    assert (info.num_classes, info.tensors, info.parameters) == (3, 1, 12)
+def test_hand_built_onnx_with_a_2d_input_is_refused_as_the_worker_refuses_it(
+    tmp_path: Path,
+) -> None:
+    # It passes the ONNX checker, but the worker audits images: a [batch, 4] input is refused
+    # at upload with the worker's message (it was accepted before, and failed in the worker).
+    with pytest.raises(UploadRejected) as caught:
+        _inspect(_write(tmp_path, onnx_bytes(), "m.onnx"))
+    assert caught.value.code == "input_spec_required"
+    assert caught.value.detail == (
+        "expected a 4-D image input, the graph's input has shape (None, 4)"
+    )
 
 
 # ---- models ----------------------------------------------------------------------------------

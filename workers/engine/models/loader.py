@@ -14,14 +14,13 @@ per image (:class:`~workers.engine.errors.NotAClassifierError` otherwise).
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 from ..errors import ModelLoadError, NotAClassifierError, SpecError
+from ..onnx_rules import INPUT_SPEC_METADATA_KEY, metadata_input_spec, refuse_open_fields
 from ..spec import InputSpec, SpecSource, default_normalization
 from .base import SPEC_FIELDS, LoadedModel, input_spec_note
 
-INPUT_SPEC_METADATA_KEY = "saliency_audit.input_spec"
 GRAPH_FIELDS = ("height", "width", "channels", "layout")
 
 
@@ -33,19 +32,7 @@ def onnx_metadata_input_spec(data: bytes) -> dict[str, Any]:
         proto = onnx.load_from_string(data)
     except Exception as exc:  # onnx raises DecodeError/ValueError/... for garbage
         raise ModelLoadError(f"not a readable ONNX file: {exc}") from None
-    return _metadata_spec({p.key: p.value for p in proto.metadata_props})
-
-
-def _metadata_spec(props: dict[str, str]) -> dict[str, Any]:
-    if INPUT_SPEC_METADATA_KEY not in props:
-        return {}
-    try:
-        value = json.loads(props[INPUT_SPEC_METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"invalid {INPUT_SPEC_METADATA_KEY} metadata: {exc}") from None
-    if not isinstance(value, dict):
-        raise ModelLoadError(f"{INPUT_SPEC_METADATA_KEY} metadata must be a JSON object")
-    return value
+    return metadata_input_spec({p.key: p.value for p in proto.metadata_props})
 
 
 def merge_input_spec(base: InputSpec, overrides: dict[str, Any]) -> InputSpec:
@@ -79,9 +66,7 @@ def resolve_input_spec(
             raise SpecError(f"unknown input spec fields{where}: {sorted(unknown)}")
         values.update(fields)
         sources.update(dict.fromkeys(fields, source))
-    for name, why in (open_fields or {}).items():
-        if name not in values:
-            raise SpecError(why)
+    refuse_open_fields(open_fields or {}, values)
     defaults = InputSpec().to_dict()
     mean, std = default_normalization(int(values.get("channels", defaults["channels"])))
     defaults.update(mean=mean, std=std)
@@ -123,7 +108,7 @@ def load_model(
     from .onnx_convert import graph_input_dims, graph_spec_fields, load_onnx
 
     dims, metadata_props = graph_input_dims(data)
-    metadata = _metadata_spec(metadata_props)
+    metadata = metadata_input_spec(metadata_props)
     layout = given.get("layout", metadata.get("layout"))
     graph, open_fields = graph_spec_fields(dims, layout)
     spec, sources = resolve_input_spec(

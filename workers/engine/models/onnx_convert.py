@@ -54,7 +54,18 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from torch import nn
 
-from ..errors import EMBED_WEIGHTS_FIX, ModelLoadError, SpecError, UnsupportedOperatorError
+from ..errors import EMBED_WEIGHTS_FIX, ModelLoadError, SpecError
+from ..onnx_rules import (
+    DEFAULT_DOMAINS,
+    check_operator,
+    check_versions,
+    graph_spec_fields,
+    image_dims,
+    image_input,
+    needed_nodes,
+    opsets,
+    static_dims,
+)
 from ..spec import (
     GRAY_MEAN,
     GRAY_STD,
@@ -84,7 +95,6 @@ from .onnx_ops import (
 _GRAY_MEAN = GRAY_MEAN
 _GRAY_STD = GRAY_STD
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _WEIGHTED_OPS = frozenset(
     {
         "Conv",
@@ -271,36 +281,6 @@ def _all_tensors(graph: onnx.GraphProto) -> Iterable[onnx.TensorProto]:
                     yield from _all_tensors(sub)
 
 
-def _opsets(model: onnx.ModelProto) -> dict[str, int]:
-    opsets = {imp.domain or "": int(imp.version) for imp in model.opset_import}
-    if "ai.onnx" in opsets:
-        opsets.setdefault("", opsets["ai.onnx"])
-    return opsets
-
-
-def _dims(value_info: onnx.ValueInfoProto) -> StaticShape | None:
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return tuple(
-        int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim
-    )
-
-
-def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1:
-        names = [i.name for i in inputs]
-        raise ModelLoadError(f"expected one image input, the graph has {len(inputs)}: {names}")
-    value = inputs[0]
-    elem_type = value.type.tensor_type.elem_type
-    if elem_type != onnx.TensorProto.FLOAT:
-        type_name = onnx.TensorProto.DataType.Name(elem_type)
-        raise ModelLoadError(f"the image input {value.name!r} must be float32, not {type_name}")
-    return value
-
-
 def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
     """The model without its large weights, and with a symbolic batch dim on the image input.
 
@@ -341,44 +321,6 @@ def _skeleton(model: onnx.ModelProto, input_name: str) -> onnx.ModelProto:
 # --------------------------------------------------------------------------------------------
 # Input spec
 # --------------------------------------------------------------------------------------------
-
-
-def graph_spec_fields(
-    dims: StaticShape, layout: Layout | None = None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """What the graph input's shape says about the input spec.
-
-    Returns the fields it states (``layout`` where only one reading fits, unless ``layout`` is
-    stated elsewhere; ``channels``, ``height`` and ``width`` where static) and, for each field
-    it leaves open, why: the message to raise when nobody else states that field.
-    """
-    if len(dims) != 4:
-        raise SpecError(f"expected a 4-D image input, the graph's input has shape {dims}")
-    fields: dict[str, Any] = {}
-    open_fields: dict[str, str] = {}
-    if layout is None:
-        nchw = dims[1] in (1, 3)
-        nhwc = dims[3] in (1, 3)
-        if nchw == nhwc:
-            why = "both axis 1 and the last axis" if nchw else "neither axis 1 nor the last axis"
-            message = (
-                f"cannot tell the layout of input shape {dims}: {why} could hold 1 or 3 "
-                "channels; pass an input spec with an explicit layout (NCHW or NHWC)"
-            )
-            return fields, dict.fromkeys(("layout", "channels", "height", "width"), message)
-        layout = "NCHW" if nchw else "NHWC"
-        fields["layout"] = layout
-    channels = dims[1] if layout == "NCHW" else dims[3]
-    height, width = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
-    for name, value in (("channels", channels), ("height", height), ("width", width)):
-        if value is None:
-            open_fields[name] = (
-                f"the graph's input {name} is dynamic ({dims}); pass an input spec with "
-                f"{'height and width' if name != 'channels' else 'channels'}"
-            )
-        else:
-            fields[name] = value
-    return fields, open_fields
 
 
 def _derive_spec(dims: StaticShape) -> InputSpec:
@@ -632,7 +574,7 @@ def _logits_output(
     described = [
         (
             o.name,
-            shapes.get(o.name) or _dims(o),
+            shapes.get(o.name) or static_dims(o),
             onnx.TensorProto.DataType.Name(o.type.tensor_type.elem_type),
         )
         for o in graph.output
@@ -684,11 +626,11 @@ def _softmax_head(
     """
     producers = {o: n for n in graph.node for o in n.output if o}
     node = producers.get(output)
-    while node is not None and node.op_type in _SHAPE_ONLY_OPS and node.domain in _DEFAULT_DOMAINS:
+    while node is not None and node.op_type in _SHAPE_ONLY_OPS and node.domain in DEFAULT_DOMAINS:
         node = producers.get(node.input[0])
     if node is None or node.op_type not in ("Softmax", "LogSoftmax"):
         return None
-    if node.domain not in _DEFAULT_DOMAINS:
+    if node.domain not in DEFAULT_DOMAINS:
         return None
     axis = next(
         (int(onnx.helper.get_attribute_value(a)) for a in node.attribute if a.name == "axis"),
@@ -707,18 +649,6 @@ def _softmax_head(
     class_axis = class_axes[0]
     ok = axis == class_axis if opset >= 13 else 1 <= axis <= class_axis
     return node if ok else None
-
-
-def _needed_nodes(graph: onnx.GraphProto, output: str) -> list[onnx.NodeProto]:
-    """The nodes the output depends on, in graph order (dangling shape subgraphs dropped)."""
-    needed = {output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    return kept
 
 
 def _fuse_bias(
@@ -845,11 +775,9 @@ def convert_graph(
     """
     notes: list[str] = []
     graph = model.graph
-    opsets = _opsets(model)
-    opset = opsets.get("", 0)
-    if opset < 7:
-        raise ModelLoadError(f"ONNX opset {opset} is too old; re-export with opset 13 or newer")
-    image = _image_input(model)
+    model_opsets = opsets(model)
+    opset = check_versions(model)
+    image = image_input(model)
     if skeleton is None:
         skeleton = _skeleton(model, image.name)
         _check(skeleton)
@@ -858,7 +786,7 @@ def convert_graph(
     chosen = _logits_output(graph, shapes, opset, output, notes)
     output = chosen.name
     head = chosen.scores if chosen.head_removed else None  # the softmax head's input tensor
-    input_dims = _dims(image) or ()
+    input_dims = static_dims(image) or ()
     fixed_batch = input_dims[0] if input_dims else None
 
     constants: dict[str, torch.Tensor] = {
@@ -874,7 +802,7 @@ def convert_graph(
     # LayerNorm's ones and zeros), so a shared initializer's name says nothing about its user.
     reads = Counter(i for n in graph.node for i in n.input if i)
     own_initializers = {t.name for t in graph.initializer if reads[t.name] == 1}
-    nodes = _needed_nodes(graph, output)
+    nodes = needed_nodes(graph, output)
     consumers: Counter[str] = Counter(i for n in nodes for i in n.input if i)
     consumers[output] += 1
 
@@ -889,11 +817,7 @@ def convert_graph(
                 if name:
                     constants[name] = facts.constants[name]  # shape arithmetic, folded
             continue
-        domain = node.domain or ""
-        if domain not in _DEFAULT_DOMAINS:
-            raise UnsupportedOperatorError(
-                f"{domain}.{node.op_type}", opsets.get(domain, 0), node.name
-            )
+        check_operator(node, model_opsets)
         names = [resolve(i) if i else "" for i in node.input]
         for name in names:
             if name and name not in constants and name not in runtime:
@@ -1135,11 +1059,8 @@ def graph_input_dims(data: bytes) -> tuple[StaticShape, dict[str, str]]:
     """The image input's shape (None for dynamic dims) and the file's metadata entries, from
     one read of the file, without converting the graph."""
     model = _parse(data)
-    image = _image_input(model)
-    dims = _dims(image)
-    if dims is None:
-        raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
-    return dims, {p.key: p.value for p in model.metadata_props}
+    check_versions(model)
+    return image_dims(model), {p.key: p.value for p in model.metadata_props}
 
 
 def load_onnx(
@@ -1159,12 +1080,11 @@ def load_onnx(
     shape converts; :func:`~workers.engine.models.loader.load_model` admits classifiers only.
     """
     model = _parse(data)
-    image = _image_input(model)
+    image = image_input(model)
     skeleton = _skeleton(model, image.name)
     _check(skeleton)
-    dims = _dims(image)
-    if dims is None:
-        raise SpecError(f"the graph's input {image.name!r} has no shape; pass an input spec")
+    check_versions(model)
+    dims = image_dims(model)
     notes: list[str] = []
     used: dict[str, SpecSource]
     if input_spec is None:
@@ -1190,7 +1110,7 @@ def load_onnx(
     assert output is not None
     if output.shape is None or None in output.shape[1:]:
         output = _probe_output(module, input_spec, output)
-    opset = _opsets(model).get("", 0)
+    opset = opsets(model).get("", 0)
     return LoadedModel(
         module=module,
         input_spec=input_spec,

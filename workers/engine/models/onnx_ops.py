@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import ModelLoadError, UnsupportedOperatorError
+from ..onnx_rules import SUPPORTED_OPERATORS
 from .layers import Add, Concat, with_zero_padding
 
 StaticShape = tuple[int | None, ...]
@@ -224,6 +225,8 @@ def converter(*op_types: str) -> Callable[[Converter], Converter]:
         for op_type in op_types:
             if op_type in CONVERTERS:
                 raise RuntimeError(f"converter for {op_type} registered twice")
+            if op_type not in SUPPORTED_OPERATORS:  # the upload check reads that list
+                raise RuntimeError(f"{op_type} is missing from onnx_rules.SUPPORTED_OPERATORS")
             CONVERTERS[op_type] = fn
         return fn
 
