@@ -17,7 +17,8 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, create_model
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, computed_field, create_model
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from .spec import InputSpec, SpecSource
@@ -298,22 +299,65 @@ InputSpecSources: type[BaseModel] = create_model(
 )
 
 
-class ModelOutput(BaseModel):
-    """The model output explained: the graph output (name, index, shape); head_removed, a
-    Softmax or LogSoftmax the graph ends in, left out so that saliency explains the
-    pre-softmax scores (the tensor named by scores, which the fidelity check compares with ONNX
-    Runtime); probabilities, how the reported probabilities relate to the graph's output."""
+SoftmaxHead = Literal["Softmax", "LogSoftmax"]
+Explained = Literal["pre_softmax_scores", "output"]
+ProbabilitiesFrom = Literal["graph_output", "exp_graph_output", "softmax_of_output"]
 
-    model_config = _CLOSED
+# How the reported probabilities relate to the file's output (they are always the softmax of
+# what ``LoadedModel.module`` returns): the graph's own Softmax output, the exp of its
+# LogSoftmax output, or the softmax of an output that holds unnormalized scores (logits).
+PROBABILITIES: dict[SoftmaxHead | None, ProbabilitiesFrom] = {
+    "Softmax": "graph_output",
+    "LogSoftmax": "exp_graph_output",
+    None: "softmax_of_output",
+}
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(extra="forbid"))
+class ModelOutput:
+    """Which output of the model an audit explains.
+
+    ``name`` is the graph output (ONNX) or the classification head (torchvision); ``index`` its
+    position among the graph's outputs; ``shape`` its shape ([N, C], None for dynamic dims).
+    ``head_removed`` is ``Softmax`` or ``LogSoftmax`` when the graph ends in one (possibly
+    followed by shape-only ops): the converted module then stops before it and returns the
+    pre-softmax scores, so saliency targets a score and not a saturated probability, and
+    softmax of those scores is the graph's own output (never softmax applied twice).
+    ``scores`` is the graph tensor the module returns (the head's input, or the output
+    itself): the fidelity check compares the module with ONNX Runtime's value of it.
+    ``explained`` and ``probabilities`` are derived (report.json holds them too).
+    """
 
     name: str
     index: Count
-    shape: list[int | None] | None
+    shape: tuple[int | None, ...] | None
     num_classes: int | None
-    head_removed: Literal["Softmax", "LogSoftmax"] | None
-    scores: str | None
-    explained: Literal["pre_softmax_scores", "output"]
-    probabilities: Literal["graph_output", "exp_graph_output", "softmax_of_output"]
+    head_removed: SoftmaxHead | None = None
+    scores: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def explained(self) -> Explained:
+        """What saliency maps are computed on."""
+        return "pre_softmax_scores" if self.head_removed else "output"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def probabilities(self) -> ProbabilitiesFrom:
+        """How the reported probabilities relate to the graph's output."""
+        return PROBABILITIES[self.head_removed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "index": self.index,
+            "shape": list(self.shape) if self.shape is not None else None,
+            "num_classes": self.num_classes,
+            "head_removed": self.head_removed,
+            "scores": self.scores,
+            "explained": self.explained,
+            "probabilities": self.probabilities,
+        }
 
 
 class ReportModel(BaseModel):
@@ -329,20 +373,38 @@ class ReportModel(BaseModel):
     output: ModelOutput | None = None
 
 
-class Fidelity(BaseModel):
-    """How closely the converted graph follows ONNX Runtime (``max_rel_diff`` and ``rtol`` are
-    missing from version 3 reports written before the relative tolerance)."""
+NonNegative = Annotated[float, Field(ge=0)]
+# a key older reports may leave out: documented by its type alone, no default in the schema
+_NOT_WRITTEN_BEFORE_V4 = Field(json_schema_extra=_no_default)
 
-    model_config = _OPEN
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely the converted module follows ONNX Runtime on one batch.
+
+    ``max_abs_diff`` is the largest absolute logit difference over all images and classes;
+    ``max_rel_diff`` the largest over images of that image's largest difference divided by its
+    largest absolute ONNX Runtime logit; ``argmax_agreement`` the fraction (0..1) of images
+    whose top class is the same in both. ``passed``: every image's largest difference is at
+    most ``atol + rtol`` x its largest absolute logit. The engine writes every field;
+    ``max_rel_diff``, ``rtol``, ``provider`` and ``passed`` may be missing from version 3
+    reports written before the relative tolerance.
+    """
+
+    # open, as before: a reader of older reports may meet keys this version does not write
+    __pydantic_config__ = ConfigDict(extra="allow")
 
     max_abs_diff: float
-    max_rel_diff: float | SkipJsonSchema[None] = optional()
-    atol: Annotated[float, Field(ge=0)]
-    rtol: Annotated[float, Field(ge=0)] | SkipJsonSchema[None] = optional()
     argmax_agreement: Probability
     n_images: Annotated[int, Field(ge=1)]
-    provider: str | SkipJsonSchema[None] = optional()
-    passed: bool | SkipJsonSchema[None] = optional()
+    atol: NonNegative
+    max_rel_diff: Annotated[float | SkipJsonSchema[None], _NOT_WRITTEN_BEFORE_V4] = None
+    rtol: Annotated[NonNegative | SkipJsonSchema[None], _NOT_WRITTEN_BEFORE_V4] = None
+    provider: Annotated[str | SkipJsonSchema[None], _NOT_WRITTEN_BEFORE_V4] = None
+    passed: Annotated[bool | SkipJsonSchema[None], _NOT_WRITTEN_BEFORE_V4] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Heatmap(BaseModel):

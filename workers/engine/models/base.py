@@ -5,62 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from torch import nn
 
+from ..contract.report import ModelOutput
 from ..spec import InputSpec, SpecSource
-
-SoftmaxHead = Literal["Softmax", "LogSoftmax"]
-
-# How the reported probabilities relate to the file's output (they are always the softmax of
-# what ``LoadedModel.module`` returns): the graph's own Softmax output, the exp of its
-# LogSoftmax output, or the softmax of an output that holds unnormalized scores (logits).
-PROBABILITIES: dict[SoftmaxHead | None, str] = {
-    "Softmax": "graph_output",
-    "LogSoftmax": "exp_graph_output",
-    None: "softmax_of_output",
-}
-
-
-@dataclass(frozen=True)
-class ModelOutput:
-    """Which output of the model an audit explains.
-
-    ``name`` is the graph output (ONNX) or the classification head (torchvision); ``index`` its
-    position among the graph's outputs; ``shape`` its shape ([N, C], None for dynamic dims).
-    ``head_removed`` is ``Softmax`` or ``LogSoftmax`` when the graph ends in one (possibly
-    followed by shape-only ops): the converted module then stops before it and returns the
-    pre-softmax scores, so saliency targets a score and not a saturated probability, and
-    softmax of those scores is the graph's own output (never softmax applied twice).
-    ``scores`` is the graph tensor the module returns (the head's input, or the output
-    itself): the fidelity check compares the module with ONNX Runtime's value of it.
-    """
-
-    name: str
-    index: int
-    shape: tuple[int | None, ...] | None
-    num_classes: int | None
-    head_removed: SoftmaxHead | None = None
-    scores: str | None = None
-
-    @property
-    def explained(self) -> Literal["pre_softmax_scores", "output"]:
-        """What saliency maps are computed on."""
-        return "pre_softmax_scores" if self.head_removed else "output"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "index": self.index,
-            "shape": list(self.shape) if self.shape is not None else None,
-            "num_classes": self.num_classes,
-            "head_removed": self.head_removed,
-            "scores": self.scores,
-            "explained": self.explained,
-            "probabilities": PROBABILITIES[self.head_removed],
-        }
-
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(InputSpec))
 

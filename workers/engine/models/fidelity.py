@@ -24,13 +24,11 @@ default ``rtol`` (``AuditSpec.fidelity_rtol``, 1e-5) leaves 7x room above that.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
-
 import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..contract.report import Fidelity
 from ..errors import FidelityError, ModelLoadError
 from ..spec import AuditSpec
 from .base import LoadedModel
@@ -65,28 +63,8 @@ def ort_session(onnx_bytes: bytes) -> ort.InferenceSession:
         raise ModelLoadError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
 
-@dataclass(frozen=True)
-class FidelityReport:
-    """How closely the converted module follows ONNX Runtime on one batch.
-
-    ``max_abs_diff`` is the largest absolute logit difference over all images and classes;
-    ``max_rel_diff`` the largest over images of that image's largest difference divided by its
-    largest absolute ONNX Runtime logit; ``argmax_agreement`` the fraction (0..1) of images
-    whose top class is the same in both. ``passed``: every image's largest difference is at
-    most ``atol + rtol`` x its largest absolute logit.
-    """
-
-    max_abs_diff: float
-    max_rel_diff: float
-    argmax_agreement: float
-    n_images: int
-    atol: float
-    rtol: float
-    provider: str
-    passed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+# one declaration, in the contract: report.json's ``fidelity`` block
+FidelityReport = Fidelity
 
 
 def run_session(

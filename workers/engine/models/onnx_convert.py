@@ -54,6 +54,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 from torch import nn
 
+from ..contract.report import SoftmaxHead
 from ..errors import EMBED_WEIGHTS_FIX, ModelLoadError, SpecError
 from ..onnx_rules import (
     DEFAULT_DOMAINS,
@@ -76,7 +77,7 @@ from ..spec import (
     SpecSource,
     resolve_output,
 )
-from .base import SPEC_FIELDS, LoadedModel, ModelOutput, SoftmaxHead, input_spec_note
+from .base import SPEC_FIELDS, LoadedModel, ModelOutput, input_spec_note
 from .layers import ChannelAffine, with_zero_padding
 from .onnx_fold import BATCH, analyze
 from .onnx_ops import (
