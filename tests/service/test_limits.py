@@ -1,0 +1,121 @@
+"""Every request is bounded before it is queued (issue 18, item 1).
+
+Upper bounds on every parameter come from the contract (a 422 with the field and the bound,
+and the same bounds in /openapi.json); JSON bodies have their own small limit (413 before the
+body is read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask, g
+from flask.testing import FlaskClient
+
+import service.auth
+from service.app import State, create_app
+from service.config import Config
+from tests.service.test_openapi import TENANT, FakeSession
+from workers.engine.contract import spec as contract
+
+SUBMIT = {"model_id": "m", "dataset_id": "d", "methods": ["gradient"]}
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Flask:
+    return create_app(Config(data_dir=tmp_path, reconcile_in_api=False))
+
+
+@pytest.fixture
+def client(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
+    session = FakeSession()
+    st: State = app.extensions["saliency_audit"]
+
+    @contextmanager
+    def open_session() -> Iterator[FakeSession]:
+        yield session
+
+    def require_tenant(_session: Any) -> str:
+        g.tenant_id = TENANT
+        return TENANT
+
+    monkeypatch.setattr(st.db, "session", open_session)
+    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    return app.test_client()
+
+
+def submit(client: FlaskClient, **fields: Any) -> Any:
+    response = client.post("/v1/audits", json={**SUBMIT, **fields})
+    assert response.mimetype == "application/problem+json", response.get_data(as_text=True)
+    return response
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        (
+            {"params": {"noise_samples": 10**7}},
+            "noise_samples",
+            "noise_samples must be in [1, 1024]",
+        ),
+        ({"params": {"ig_steps": 5000}}, "ig_steps", "ig_steps must be in [1, 1024]"),
+        ({"params": {"smprt_samples": 10**6}}, "smprt_samples", "in [1, 1024]"),
+        ({"training": {"max_epochs": 10**6}}, "max_epochs", "max_epochs must be in [1, 2000]"),
+        ({"training": {"batch_size": 10**6}}, "batch_size", "in [1, 4096]"),
+        ({"batch_size": 10**5}, "batch_size", "batch_size must be in [1, 1024]"),
+        ({"seed": 2**64}, "seed", f"seed must be in [0, {2**63 - 1}]"),
+        ({"seed": 2**63}, "seed", f"seed must be in [0, {2**63 - 1}]"),
+        ({"seed": -1}, "seed", "seed must be in [0, "),
+        ({"layers": [f"m{i}" for i in range(300)]}, "layers", "at most 256 items"),
+        ({"layer": "x" * 500}, "layer", "at most 200 characters"),
+    ],
+)
+def test_a_parameter_above_its_bound_is_refused_at_submit_with_the_field_and_the_bound(
+    client: FlaskClient, fields: dict[str, Any], field: str, words: str
+) -> None:
+    response = submit(client, **fields)
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["code"] == "invalid_spec"
+    assert body["field"] == field
+    assert words in body["detail"]
+
+
+def test_the_largest_allowed_values_are_accepted_by_the_contract() -> None:
+    spec = contract.AuditSpec(
+        methods=("gradient",),
+        seed=contract.MAX_SEED,
+        batch_size=contract.MAX_BATCH,
+        params=contract.MethodParams(
+            noise_samples=contract.MAX_SAMPLES, ig_steps=contract.MAX_SAMPLES
+        ),
+    )
+    assert spec.seed == 2**63 - 1
+
+
+def test_the_largest_seed_is_accepted_by_every_rng_the_engine_seeds() -> None:
+    import numpy as np
+    import torch
+
+    torch.Generator().manual_seed(contract.MAX_SEED)
+    np.random.default_rng(contract.MAX_SEED)
+    np.random.SeedSequence(contract.MAX_SEED).spawn(2)
+
+
+def test_the_bounds_are_in_the_openapi_document(client: FlaskClient) -> None:
+    schemas = client.get("/openapi.json").get_json()["components"]["schemas"]
+    params = schemas["MethodParams"]["properties"]
+    for name in ("noise_samples", "ig_steps", "smprt_samples"):
+        assert params[name]["maximum"] == contract.MAX_SAMPLES
+    assert params["faithfulness_steps"]["maximum"] == contract.MAX_CURVE_STEPS
+    training = schemas["TrainRecipe"]["properties"]
+    assert training["max_epochs"]["maximum"] == contract.MAX_EPOCHS
+    assert training["max_seconds"]["maximum"] == contract.MAX_TRAIN_SECONDS
+    request = schemas["AuditRequest"]["properties"]
+    assert request["seed"]["maximum"] == 2**63 - 1
+    assert request["batch_size"]["maximum"] == contract.MAX_BATCH
+    assert schemas["AuditSpec"]["properties"]["layers"]["anyOf"][0]["maxItems"] == 256
