@@ -38,6 +38,15 @@ class Config:
     max_model_bytes: int = 2048 * MiB
     max_dataset_bytes: int = 2048 * MiB
     max_request_bytes: int = 2100 * MiB
+    # every other body (JSON requests): the largest audit request with a full policy document
+    # is a few KiB; 1 MiB leaves room and keeps a parse from costing the API real memory
+    max_json_bytes: int = 1 * MiB
+    # the cost estimate of an audit (workers/engine/contract/cost.py): refused at submit above
+    # this many estimated worker seconds (default: the worker's soft time limit, 3 h)
+    max_audit_cost_s: float = 3 * 3600.0
+    # the estimate's per-pass price: seconds of one forward + backward pass of one image row
+    # per megapixel of input (forward-only passes cost a third); bench/RESULTS.md, 2-core CPU
+    cost_fb_s_per_row_megapixel: float = 0.7
     # job lifecycle (seconds)
     soft_time_limit_s: int = 3 * 3600
     hard_time_limit_s: int = 3 * 3600 + 300
