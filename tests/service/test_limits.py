@@ -21,7 +21,7 @@ from flask.testing import FlaskClient
 import service.auth
 from service.app import State, create_app
 from service.config import Config
-from tests.service.test_openapi import TENANT, FakeSession
+from tests.service.test_openapi import TENANT, FakeSession, add_dataset, add_model
 from workers.engine.contract import spec as contract
 
 SUBMIT = {"model_id": "m", "dataset_id": "d", "methods": ["gradient"]}
@@ -201,3 +201,70 @@ def test_the_json_limit_is_configurable_and_uploads_keep_theirs(tmp_path: Path) 
         content_type="multipart/form-data",
     )
     assert response.status_code == 401
+
+
+@pytest.fixture
+def costly_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[FlaskClient, Any]:
+    """A client whose tenant may spend 60 s of estimated worker time per audit."""
+    app = create_app(Config(data_dir=tmp_path, reconcile_in_api=False, max_audit_cost_s=60.0))
+    session = FakeSession()
+    st: State = app.extensions["saliency_audit"]
+
+    @contextmanager
+    def open_session() -> Iterator[FakeSession]:
+        yield session
+
+    def require_tenant(_session: Any) -> str:
+        g.tenant_id = TENANT
+        return TENANT
+
+    monkeypatch.setattr(st.db, "session", open_session)
+    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    model, dataset = add_model(session), add_dataset(session)
+    model.input_spec = {"height": 224, "width": 224}
+    model.details = {"format": "onnx", "tensors": 62}  # a resnet18's weights and biases
+    dataset.n_images = 64
+    return app.test_client(), (model.id, dataset.id)
+
+
+def test_an_audit_above_the_budget_is_refused_with_the_estimate_and_the_limit(
+    costly_client: tuple[FlaskClient, Any],
+) -> None:
+    client, (model_id, dataset_id) = costly_client
+    response = client.post(
+        "/v1/audits",
+        json={
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "methods": ["smoothgrad", "integrated_gradients"],
+            "tests": ["cascading"],
+            "granularity": "module",
+            "params": {"noise_samples": 1024},
+        },
+    )
+    assert response.status_code == 422
+    assert response.mimetype == "application/problem+json"
+    body = response.get_json()
+    assert body["code"] == "audit_too_costly"
+    assert body["limit_s"] == 60.0
+    # 64 images x (1024 + 32) rows x 32 model states x 2.5 s per row-megapixel x 0.05 MP
+    assert body["estimated_cost_s"] > 100_000
+    assert body["forward_backward_rows"] == 64 * (1024 + 32) * 32
+    assert f"{body['estimated_cost_s']:,.0f} s" in body["detail"]
+    assert "60 s" in body["detail"]
+
+
+def test_the_cost_estimate_prices_rows_by_input_size() -> None:
+    from workers.engine.catalogue import catalogue
+    from workers.engine.contract.cost import estimate, families_of
+
+    spec = contract.AuditSpec(methods=("gradient",), tests=("cascading",))
+    families = families_of(catalogue()["methods"])
+    small = estimate(
+        spec, families, images=4, stages=3, height=32, width=32, fb_s_per_row_megapixel=2.5
+    )
+    large = estimate(
+        spec, families, images=4, stages=3, height=224, width=224, fb_s_per_row_megapixel=2.5
+    )
+    assert small.forward_backward_rows == large.forward_backward_rows == 4 * 4  # 4 states
+    assert large.seconds == pytest.approx(small.seconds * 49)

@@ -16,12 +16,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..contract.cost import ROWS_PER_PASS
 from ._hooks import as_map, evaluating, input_leaf, target_scores
 from .base import MethodContext, MethodFamily, MethodInfo, register
 
 # noisy images per forward/backward: bounds activation memory whatever noise_samples is; a
-# multiple of 16 so the chunked noise equals one draw (noise_chunks)
-SAMPLE_ROWS_PER_PASS = 32
+# multiple of 16 so the chunked noise equals one draw (noise_chunks); the cost estimate counts it
+SAMPLE_ROWS_PER_PASS = ROWS_PER_PASS
 
 
 def noise_sigma(x: torch.Tensor, noise_level: float) -> torch.Tensor:
