@@ -268,3 +268,10 @@ def test_the_cost_estimate_prices_rows_by_input_size() -> None:
     )
     assert small.forward_backward_rows == large.forward_backward_rows == 4 * 4  # 4 states
     assert large.seconds == pytest.approx(small.seconds * 49)
+
+
+def test_the_limits_table_in_the_docs_is_the_contracts() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    assert contract.limits_table() in docs
+    fields = {name for _, name, _ in contract.limits()}
+    assert {"noise_samples", "ig_steps", "smprt_samples", "seed", "max_epochs"} <= fields

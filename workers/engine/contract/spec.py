@@ -419,3 +419,57 @@ def spec_error(cls: type, exc: ValidationError) -> SpecError:
 def where_of(error: Any) -> str:
     """A pydantic error's location as a dotted path (``params.noise_samples``, ``std.0``)."""
     return ".".join(str(p) for p in error["loc"])
+
+
+# --- the limits, as docs/service.md lists them ------------------------------------------------
+
+
+def _schema_limits(prop: dict[str, Any]) -> list[str]:
+    """The bounds a JSON Schema property states, in words (``in [1, 1024]``, ``<= 64 items``)."""
+    found: list[str] = []
+    for branch in [prop, *prop.get("anyOf", [])]:
+        if branch.get("type") == "null":
+            continue
+        low = branch.get("minimum", branch.get("exclusiveMinimum"))
+        high = branch.get("maximum", branch.get("exclusiveMaximum"))
+        if low is not None or high is not None:
+            left = "(" if "exclusiveMinimum" in branch else "["
+            right = ")" if "exclusiveMaximum" in branch else "]"
+            found.append(f"in {left}{low}, {high}{right}" if low is not None else f"<= {high}")
+        if "maxItems" in branch:
+            found.append(f"<= {branch['maxItems']} items")
+        if "maxLength" in branch:
+            found.append(f"<= {branch['maxLength']} characters")
+        parts = [branch["items"]] if branch.get("items") else []
+        for part in [*parts, *branch.get("prefixItems", [])]:
+            inner = _schema_limits(part)
+            if inner:
+                found.append("each " + ", ".join(inner))
+                break
+    return list(dict.fromkeys(found))
+
+
+def limits() -> list[tuple[str, str, str]]:
+    """(shape, field, bounds) of every bounded field of the four spec shapes, from the same
+    JSON Schema the OpenAPI document shows."""
+    from pydantic import TypeAdapter
+
+    rows: list[tuple[str, str, str]] = []
+    for shape in (AuditSpec, MethodParams, TrainRecipe, InputSpec):
+        schema = TypeAdapter(shape).json_schema()
+        for name, prop in schema["properties"].items():
+            words = _schema_limits(prop)
+            if words:
+                rows.append((shape.__name__, name, "; ".join(words)))
+    return rows
+
+
+def limits_table() -> str:
+    """The Markdown table of :func:`limits` that docs/service.md carries (a test compares)."""
+    lines = ["| shape | field | bounds |", "| --- | --- | --- |"]
+    lines += [f"| {shape} | `{name}` | {bounds} |" for shape, name, bounds in limits()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(limits_table())
