@@ -41,7 +41,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,35 +53,15 @@ sys.path.insert(0, str(ROOT))
 from bench.methods import median_time  # noqa: E402
 from tests.engine.nets import torchvision_model  # noqa: E402
 from workers.engine import sanity  # noqa: E402
+from workers.engine.contract.cost import FB, PassCount, audit_passes  # noqa: E402
 from workers.engine.images import load_image_folder, preprocess  # noqa: E402
 from workers.engine.methods import METHODS, scorecam  # noqa: E402
 from workers.engine.methods._ort import ort_forward  # noqa: E402
-from workers.engine.methods.integrated import PATH_ROWS_PER_PASS  # noqa: E402
-from workers.engine.methods.noise import SAMPLE_ROWS_PER_PASS  # noqa: E402
 from workers.engine.models.base import LoadedModel  # noqa: E402
 from workers.engine.models.loader import load_model  # noqa: E402
 from workers.engine.randomization import stages, units  # noqa: E402
 from workers.engine.runner import run_audit  # noqa: E402
 from workers.engine.spec import AuditSpec, InputSpec  # noqa: E402
-
-FB, FW = "forward+backward", "forward"
-
-
-@dataclass
-class PassCount:
-    """Rows run per (kind, rows per pass): a pass of r rows counts r / rows_per_pass."""
-
-    rows: dict[tuple[str, int], float] = field(default_factory=dict)
-
-    def add(self, kind: str, rows_per_pass: int, rows: float) -> None:
-        key = (kind, rows_per_pass)
-        self.rows[key] = self.rows.get(key, 0.0) + rows
-
-    def passes(self) -> dict[str, float]:
-        return {f"{k} @{r}": v / r for (k, r), v in sorted(self.rows.items())}
-
-    def cost(self, pass_time: dict[tuple[str, int], float]) -> float:
-        return sum(rows / r * pass_time[(k, r)] for (k, r), rows in self.rows.items())
 
 
 class LiveRows:
@@ -108,17 +87,12 @@ class LiveRows:
 
 
 def needed_passes(spec: AuditSpec, n: int, states: int, live_rows: int, onnx: bool) -> PassCount:
-    count = PassCount()
-    b = spec.batch_size
-    p = spec.params
-    per_state_fb = 4  # gradient family, guided family, LRP, Relevance-CAM: 1 each per batch
-    count.add(FB, b, per_state_fb * n * states)
-    count.add(FB, PATH_ROWS_PER_PASS, p.ig_steps * n * states)
-    count.add(FB, SAMPLE_ROWS_PER_PASS, p.noise_samples * n * states)
-    count.add(FW, b, n * states)  # Score-CAM's capture of the layer's activation
-    count.add(FW, b, n * (2 if onnx else 1))  # predictions (+ fidelity check's PyTorch side)
-    count.add(FW, p.scorecam_batch, live_rows)
-    return count
+    """The contract's count (workers/engine/contract/cost.py, which the API prices audits with),
+    with Score-CAM's live rows as counted while the audit ran."""
+    families = {name: info.family for name, info in METHODS.items()}
+    return audit_passes(
+        spec, families, images=n, stages=states - 1, onnx=onnx, scorecam_rows=live_rows
+    )
 
 
 def rows_of(x: torch.Tensor, r: int) -> torch.Tensor:

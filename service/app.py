@@ -66,6 +66,10 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
         app.register_blueprint(blueprint)
 
     @app.before_request
+    def _bound_body() -> None:
+        bound_body(config.max_json_bytes)
+
+    @app.before_request
     def _check_parameters() -> None:
         # before authentication: a NUL byte or an id past the column's range never reaches
         # the database, whose answer to them would be a 500
@@ -100,6 +104,34 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
     if config.run_reconciler_in_api:
         start_reconciler(st)
     return app
+
+
+def bound_body(max_bytes: int) -> None:
+    """Hold every request body but a multipart upload to ``max_bytes``, before it is parsed.
+
+    JSON bodies do not share the uploads' limit (``max_request_bytes``): a declared
+    Content-Length above the limit is a 413 before a byte is read; a chunked body (no
+    Content-Length) is read through werkzeug's stream capped at ``max_bytes + 1`` and is a 413
+    when it fills it, so the API never buffers more than that of a JSON body.
+    """
+    if request.mimetype == "multipart/form-data":
+        return
+    request.max_content_length = max_bytes + 1
+    size = request.content_length
+    if size is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        # cached: get_json() parses these bytes without reading again
+        size = len(request.get_data(cache=True))
+    if size is not None and size > max_bytes:
+        from .problems import ApiError
+
+        declared = "" if request.content_length is None else f" ({size} bytes)"
+        raise ApiError(
+            413,
+            "body_too_large",
+            f"the request body{declared} is over the limit: JSON bodies are limited to "
+            f"{max_bytes} bytes (uploads use multipart/form-data)",
+            limit_bytes=max_bytes,
+        )
 
 
 def start_reconciler(st: State) -> threading.Thread:

@@ -38,6 +38,17 @@ class Config:
     max_model_bytes: int = 2048 * MiB
     max_dataset_bytes: int = 2048 * MiB
     max_request_bytes: int = 2100 * MiB
+    # every other body (JSON requests): the largest audit request with a full policy document
+    # is a few KiB; 1 MiB leaves room and keeps a parse from costing the API real memory
+    max_json_bytes: int = 1 * MiB
+    # the cost estimate of an audit (workers/engine/contract/cost.py): refused at submit above
+    # this many estimated worker seconds (default: the worker's soft time limit, 3 h)
+    max_audit_cost_s: float = 3 * 3600.0
+    # the estimate's price: seconds of one forward + backward row per megapixel of input
+    # (forward rows cost a third); bench/RESULTS.md on the 2-core CPU: resnet18 at 224 px,
+    # 3.4-4.0 s per 32-row pass = 2.3 s per row-megapixel (the small ResNet at 32 px: 0.7).
+    # A GPU worker is 20-50x faster: set it from the worker's own bench numbers.
+    cost_fb_s_per_row_megapixel: float = 2.5
     # job lifecycle (seconds)
     soft_time_limit_s: int = 3 * 3600
     hard_time_limit_s: int = 3 * 3600 + 300

@@ -18,7 +18,8 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from workers.engine.catalogue import check_methods
+from workers.engine.catalogue import catalogue, check_methods
+from workers.engine.contract.cost import estimate, families_of, stages_of
 from workers.engine.contract.report import PICTURE_KINDS
 from workers.engine.contract.verdicts import Verdict
 from workers.engine.errors import SpecError
@@ -238,6 +239,7 @@ def submit() -> Any:
             raise ApiError(422, "unknown_model", f"no model with id {body['model_id']!r}")
         dataset = _dataset(session, body["dataset_id"], "dataset_id")
         train_id = body.get("train_dataset_id")
+        train: DatasetRecord | None = None
         if train_id is not None:
             train = _dataset(session, train_id, "train_dataset_id")
             if not train.labeled:
@@ -252,6 +254,7 @@ def submit() -> Any:
                 "training_set_required",
                 "the data_randomization test needs train_dataset_id: a labeled dataset to train on",
             )
+        check_cost(spec, model, dataset, train)
         audit = Audit(
             tenant_id=tenant_id(),
             model_id=model.id,
@@ -281,6 +284,54 @@ def submit() -> Any:
     # committed: now it may be sent (a failed send is repaired by the reconciler)
     st.enqueue(st.db, audit.id)
     return _accepted(audit, replayed=False)
+
+
+def input_size(model: ModelRecord) -> tuple[int, int]:
+    """The model's input height and width: the caller's input spec, else the graph's static
+    NCHW or NHWC input shape, else 224 x 224 (the engine's default)."""
+    given = model.input_spec or {}
+    shape = (model.details or {}).get("input_shape") or []
+    static = [d if isinstance(d, int) and d > 0 else None for d in shape]
+    height = width = None
+    if len(static) == 4:
+        nhwc = static[3] in (1, 3) and static[1] not in (1, 3)
+        height, width = (static[1], static[2]) if nhwc else (static[2], static[3])
+    return int(given.get("height") or height or 224), int(given.get("width") or width or 224)
+
+
+def check_cost(
+    spec: dict[str, Any],
+    model: ModelRecord,
+    dataset: DatasetRecord,
+    train: DatasetRecord | None,
+) -> None:
+    """Refuse an audit whose estimated worker time is above the budget (a 422 that states the
+    estimate and the limit), before it is queued. The estimate: workers/engine/contract/cost.py."""
+    config = state().config
+    audit_spec = AuditSpec.from_dict(spec)
+    height, width = input_size(model)
+    tensors = int((model.details or {}).get("tensors") or 1)
+    found = estimate(
+        audit_spec,
+        families_of(catalogue()["methods"]),
+        images=dataset.n_images,
+        stages=stages_of(tensors, audit_spec.granularity),
+        height=height,
+        width=width,
+        fb_s_per_row_megapixel=config.cost_fb_s_per_row_megapixel,
+        onnx=model.format == "onnx",
+        train_images=train.n_images if train is not None else 0,
+    )
+    if found.seconds > config.max_audit_cost_s:
+        numbers: dict[str, Any] = {"limit_s": config.max_audit_cost_s, **found.to_dict()}
+        raise ApiError(
+            422,
+            "audit_too_costly",
+            f"the audit is estimated at {found.seconds:,.0f} s of worker time, above the limit "
+            f"of {config.max_audit_cost_s:,.0f} s: fewer images, methods, tests, samples or "
+            "steps, or a coarser granularity bring it down",
+            **numbers,
+        )
 
 
 def _dataset(session: Any, dataset_id: Any, field: str) -> DatasetRecord:

@@ -154,10 +154,10 @@ def test_the_verdict_shape_is_declared_once() -> None:
     ("params", "words"),
     [
         ({"lrp_composite": "epsilon_gamma"}, "known composites: epsilon_alpha2_beta1"),
-        ({"faithfulness_steps": 0}, "faithfulness_steps must be >= 1"),
+        ({"faithfulness_steps": 0}, "faithfulness_steps must be in [1, 1024]"),
         ({"localization_threshold": 1.0}, "localization_threshold must be in (0, 1)"),
         ({"localization_threshold": 0}, "localization_threshold must be in (0, 1)"),
-        ({"emprt_bins": 1}, "emprt_bins must be >= 2"),
+        ({"emprt_bins": 1}, "emprt_bins must be in [2, 10000]"),
         ({"ig_steps": "3"}, "ig_steps"),
         ({"warp": 9}, "unknown params fields: ['warp']"),
     ],

@@ -80,6 +80,47 @@ NonNegative = Annotated[float, Strict(), Field(ge=0)]
 Positive = Annotated[float, Strict(), Field(gt=0)]
 Integer = Annotated[int, Strict()]
 
+# --- upper bounds: every request is bounded before it is queued -------------------------------
+# Each bound is the largest value a published default or the papers use, times a margin, so no
+# real audit meets it while a request cannot ask for unbounded work (issue 18: noise_samples=10^7
+# was accepted). The per-pass work they allow is then priced by the cost estimate
+# (contract/cost.py) against the tenant's budget.
+# Samples and steps: SmoothGrad uses 50 samples (Smilkov et al. 2017), Quantus' sMPRT 50,
+# Captum's IG 50 steps (the IG paper 20-300): 1024 is 3x the largest, 20x the usual.
+MAX_SAMPLES = 1024
+# Rows per pass: 1024 images of 224 px is 600 MB of input alone; larger batches only add memory.
+MAX_BATCH = 1024
+# eMPRT histogram bins (Quantus: 100); deletion/insertion steps (Petsiuk et al. 2018 use one
+# per 224-px row: 224).
+MAX_BINS = 10_000
+MAX_CURVE_STEPS = 1024
+# Training of the data randomization test: the reference CNN needs ~100 epochs (TrainRecipe);
+# 10x that; one day of wall time (the worker's hard time limit ends it earlier by default).
+MAX_EPOCHS = 2000
+MAX_TRAIN_SECONDS = 86_400.0
+MAX_TRAIN_BATCH = 4096
+# Seeds: torch.manual_seed takes [0, 2^64), numpy's SeedSequence any int >= 0; below 2^63 the seed
+# is also a signed 64-bit integer everywhere it may be stored or serialized (SQL BIGINT, int64).
+MAX_SEED = 2**63 - 1
+# Input side: 4096 px covers whole-slide tiles and satellite crops (ImageNet models use 224-600).
+MAX_SIDE = 4096
+# Lists: every method (15 today) and test (9) fits with room to grow; a layers analysis of 256
+# modules covers a ResNet-152 per block. Names: module paths and method names are short.
+MAX_METHODS = 64
+MAX_TESTS = 32
+MAX_LAYERS = 256
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841 classes
+MAX_NAME = 200  # characters of a method, module, device, output or class name
+# Noise levels are fractions of the input range (Smilkov et al. use 0.1-0.2): 10 is 50x that.
+MAX_NOISE_LEVEL = 10.0
+MAX_TOLERANCE = 1e6  # fidelity tolerances: anything looser than this is no check at all
+MAX_LEARNING_RATE = 10.0
+MAX_NORMALIZATION = 1e6  # |mean|, std and value_range of an input spec
+
+Name = Annotated[str, Field(max_length=MAX_NAME)]
+Samples = Annotated[AtLeastOne, Field(le=MAX_SAMPLES)]
+Finite = Annotated[float, Field(ge=-MAX_NORMALIZATION, le=MAX_NORMALIZATION)]
+
 _CONFIG = ConfigDict(extra="forbid")
 
 
@@ -96,16 +137,19 @@ class InputSpec:
     the graph's outputs); it is needed only when a graph has several float outputs.
     """
 
-    height: AtLeastOne = 224
-    width: AtLeastOne = 224
+    height: Annotated[AtLeastOne, Field(le=MAX_SIDE)] = 224
+    width: Annotated[AtLeastOne, Field(le=MAX_SIDE)] = 224
     channels: Channels = 3
     layout: Layout = "NCHW"
-    mean: Annotated[tuple[float, ...], Field(min_length=1, max_length=3)] = IMAGENET_MEAN
-    std: Annotated[tuple[Positive, ...], Field(min_length=1, max_length=3)] = IMAGENET_STD
+    mean: Annotated[tuple[Finite, ...], Field(min_length=1, max_length=3)] = IMAGENET_MEAN
+    std: Annotated[
+        tuple[Annotated[Positive, Field(le=MAX_NORMALIZATION)], ...],
+        Field(min_length=1, max_length=3),
+    ] = IMAGENET_STD
     value_range: Annotated[
-        tuple[float, float], Field(description="[low, high] with high > low")
+        tuple[Finite, Finite], Field(description="[low, high] with high > low")
     ] = (0.0, 1.0)
-    class_names: tuple[str, ...] | None = None
+    class_names: Annotated[tuple[Name, ...], Field(max_length=MAX_CLASSES)] | None = None
     channel_order: Annotated[
         ChannelOrder,
         Field(
@@ -114,7 +158,9 @@ class InputSpec:
         ),
     ] = "RGB"
     output: Annotated[
-        Annotated[str, Field(min_length=1)] | Annotated[int, Strict(), Field(ge=0)] | None,
+        Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+        | Annotated[int, Strict(), Field(ge=0, le=MAX_CLASSES)]
+        | None,
         Field(
             description="The ONNX graph output holding the class scores, by name or index; "
             "required when the graph has several float outputs (422 output_required lists "
@@ -150,22 +196,24 @@ class InputSpec:
 class MethodParams:
     """Parameters shared by the saliency methods (names follow Captum where it has one)."""
 
-    ig_steps: AtLeastOne = 32
+    ig_steps: Samples = 32
     ig_baseline: Literal["zero", "black"] = "zero"  # zero = the data set's mean colour
-    noise_samples: AtLeastOne = 16
-    noise_level: NonNegative = 0.15  # sigma / (max(x) - min(x)), as in Smilkov et al. 2017
-    scorecam_batch: AtLeastOne = 64
+    noise_samples: Samples = 16
+    noise_level: Annotated[NonNegative, Field(le=MAX_NOISE_LEVEL)] = (
+        0.15  # sigma / (max(x) - min(x)), as in Smilkov et al. 2017
+    )
+    scorecam_batch: Annotated[AtLeastOne, Field(le=MAX_BATCH)] = 64
     lrp_composite: LrpComposite = "epsilon_plus_flat"
     map_reduction: Literal["sum", "max_abs"] = "sum"  # channels -> one map (the paper sums)
     # sMPRT (Hedstrom et al. 2023; Quantus SmoothMPRT defaults): maps averaged over this many
     # noisy copies of each image, noise sigma = level * (max(x) - min(x)) per image
-    smprt_samples: AtLeastOne = 50
-    smprt_noise_level: NonNegative = 0.1
+    smprt_samples: Samples = 50
+    smprt_noise_level: Annotated[NonNegative, Field(le=MAX_NOISE_LEVEL)] = 0.1
     # eMPRT: histogram bins of the discrete entropy of a map (Quantus discrete_entropy)
-    emprt_bins: Annotated[int, Strict(), Field(ge=2)] = 100
+    emprt_bins: Annotated[int, Strict(), Field(ge=2, le=MAX_BINS)] = 100
     # layer analysis: steps of the deletion / insertion curves (Petsiuk et al. 2018) and the
     # threshold of the [0, 1]-normalized map for the localization IoU
-    faithfulness_steps: AtLeastOne = 16
+    faithfulness_steps: Annotated[AtLeastOne, Field(le=MAX_CURVE_STEPS)] = 16
     localization_threshold: Annotated[float, Strict(), Field(gt=0, lt=1)] = 0.5
 
     @model_validator(mode="wrap")
@@ -188,10 +236,10 @@ class TrainRecipe:
     """
 
     target_accuracy: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.99
-    max_epochs: AtLeastOne = 200
-    max_seconds: Positive = 1800.0
-    batch_size: AtLeastOne = 32
-    learning_rate: Positive = 1e-3
+    max_epochs: Annotated[AtLeastOne, Field(le=MAX_EPOCHS)] = 200
+    max_seconds: Annotated[Positive, Field(le=MAX_TRAIN_SECONDS)] = 1800.0
+    batch_size: Annotated[AtLeastOne, Field(le=MAX_TRAIN_BATCH)] = 32
+    learning_rate: Annotated[Positive, Field(le=MAX_LEARNING_RATE)] = 1e-3
 
     @model_validator(mode="wrap")
     @classmethod
@@ -211,23 +259,27 @@ class AuditSpec:
     similarity measures scored; ``policy`` is a policy document (None: the shipped default).
     """
 
-    methods: Annotated[tuple[str, ...], Field(min_length=1)]
-    layer: str | None = None
-    seed: Integer = 0
-    batch_size: AtLeastOne = 16
-    device: str = "cpu"
+    methods: Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_METHODS)]
+    layer: Name | None = None
+    seed: Annotated[Integer, Field(ge=0, le=MAX_SEED)] = 0
+    batch_size: Annotated[AtLeastOne, Field(le=MAX_BATCH)] = 16
+    device: Name = "cpu"
     params: MethodParams = dataclasses.field(default_factory=MethodParams)
-    fidelity_atol: NonNegative = 1e-3  # max |logit difference| tolerated vs ONNX Runtime
+    fidelity_atol: Annotated[NonNegative, Field(le=MAX_TOLERANCE)] = (
+        1e-3  # max |logit difference| tolerated vs ONNX Runtime
+    )
     # ... plus this fraction of the image's largest |logit|: float32 rounding grows with the
     # logits (faithful conversions measured at 4e-7 to 1.3e-6 of it, EfficientNet-Lite and a
     # random inception_v3 whose logits reach 2e12 included; docs/onnx.md)
-    fidelity_rtol: NonNegative = 1e-5
-    tests: tuple[TestField, ...] = ()
+    fidelity_rtol: Annotated[NonNegative, Field(le=MAX_TOLERANCE)] = 1e-5
+    tests: Annotated[tuple[TestField, ...], Field(max_length=MAX_TESTS)] = ()
     granularity: Granularity = "block"
-    measures: Annotated[tuple[MeasureField, ...], Field(min_length=1)] = MEASURES
+    measures: Annotated[tuple[MeasureField, ...], Field(min_length=1, max_length=len(MEASURES))] = (
+        MEASURES
+    )
     policy: dict[str, Any] | None = None
     training: TrainRecipe = dataclasses.field(default_factory=TrainRecipe)
-    layers: Annotated[tuple[str, ...], Field(min_length=1)] | None = None
+    layers: Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_LAYERS)] | None = None
 
     @model_validator(mode="wrap")
     @classmethod
@@ -282,10 +334,13 @@ def _fields() -> dict[str, Any]:
     return found
 
 
-def _bounds(name: str) -> str | None:
-    """``">= 1"`` or ``"in (0, 1]"``: the numeric bounds declared on a field."""
+def _bounds(name: str, owner: type | None = None) -> str | None:
+    """``">= 1"``, ``"<= 10"`` or ``"in [1, 1024]"``: the numeric bounds declared on a field
+    (of ``owner`` where two shapes have a field of that name, like ``batch_size``)."""
+    declared = getattr(owner, "__pydantic_fields__", {})
+    info = declared[name] if name in declared else _fields()[name]
     lower = upper = None
-    for item in _fields()[name].metadata:
+    for item in info.metadata:
         if isinstance(item, Ge | Gt):
             lower = item
         elif isinstance(item, Le | Lt):
@@ -296,6 +351,32 @@ def _bounds(name: str) -> str | None:
         return f"in {low}, {high}"
     if lower:
         return f"> {lower.gt}" if isinstance(lower, Gt) else f">= {lower.ge}"
+    if upper:
+        return f"< {upper.lt}" if isinstance(upper, Lt) else f"<= {upper.le}"
+    return None
+
+
+_BOUND_KINDS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+_UPPER_KINDS = {"less_than": "<", "less_than_equal": "<="}
+_LENGTH_KINDS = {"too_long": "items", "string_too_long": "characters"}
+
+
+def _limit_error(
+    name: str, owner: type, kind: str, ctx: dict[str, Any], value: Any
+) -> SpecError | None:
+    """An upper bound or a length limit was passed: say which field, which bound, what came."""
+    if kind in _LENGTH_KINDS:
+        limit = ctx.get("max_length")
+        return SpecError(
+            f"{name} must have at most {limit} {_LENGTH_KINDS[kind]}",
+            field=name,
+            limit=limit,
+        )
+    if kind in _UPPER_KINDS:
+        limit = ctx.get("le", ctx.get("lt"))
+        declared = _bounds(name, owner) if name in _fields() else None
+        bound = declared or f"{_UPPER_KINDS[kind]} {limit}"
+        return SpecError(f"{name} must be {bound}, got {value!r}", field=name, limit=limit)
     return None
 
 
@@ -319,13 +400,77 @@ def spec_error(cls: type, exc: ValidationError) -> SpecError:
         known = ", ".join(TESTS)
         unknown = [e.get("input") for e in errors if e["loc"][:1] == ("tests",)]
         return SpecError(f"unknown tests {unknown} (known: {known})")
+    # a too-long string inside a list is named by its place (``methods.0``)
+    named = where_of(first) if kind == "string_too_long" or not name else name
+    shape: type = {"params": MethodParams, "training": TrainRecipe}.get(str(first["loc"][0]), cls)
+    limited = _limit_error(named, shape, kind, first.get("ctx", {}), value)
+    if limited is not None:
+        return limited
     if name in _ALWAYS:
         return SpecError(_ALWAYS[name].format(input=value))
     if kind == "literal_error":
         choices = first.get("ctx", {}).get("expected", "").replace("'", "")
         return SpecError(f"{name} must be {choices}, got {value!r}")
-    bounds = _bounds(name) if name else None
-    if bounds and kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return SpecError(f"{name} must be {bounds}")
-    where = name or ".".join(str(p) for p in first["loc"])
-    return SpecError(f"invalid {where}: {first['msg']} (got {value!r})")
+    bounds = _bounds(name, shape) if name else None
+    if bounds and kind in _BOUND_KINDS:
+        return SpecError(f"{name} must be {bounds}", field=name)
+    return SpecError(f"invalid {name or where_of(first)}: {first['msg']} (got {value!r})")
+
+
+def where_of(error: Any) -> str:
+    """A pydantic error's location as a dotted path (``params.noise_samples``, ``std.0``)."""
+    return ".".join(str(p) for p in error["loc"])
+
+
+# --- the limits, as docs/service.md lists them ------------------------------------------------
+
+
+def _schema_limits(prop: dict[str, Any]) -> list[str]:
+    """The bounds a JSON Schema property states, in words (``in [1, 1024]``, ``<= 64 items``)."""
+    found: list[str] = []
+    for branch in [prop, *prop.get("anyOf", [])]:
+        if branch.get("type") == "null":
+            continue
+        low = branch.get("minimum", branch.get("exclusiveMinimum"))
+        high = branch.get("maximum", branch.get("exclusiveMaximum"))
+        if low is not None or high is not None:
+            left = "(" if "exclusiveMinimum" in branch else "["
+            right = ")" if "exclusiveMaximum" in branch else "]"
+            found.append(f"in {left}{low}, {high}{right}" if low is not None else f"<= {high}")
+        if "maxItems" in branch:
+            found.append(f"<= {branch['maxItems']} items")
+        if "maxLength" in branch:
+            found.append(f"<= {branch['maxLength']} characters")
+        parts = [branch["items"]] if branch.get("items") else []
+        for part in [*parts, *branch.get("prefixItems", [])]:
+            inner = _schema_limits(part)
+            if inner:
+                found.append("each " + ", ".join(inner))
+                break
+    return list(dict.fromkeys(found))
+
+
+def limits() -> list[tuple[str, str, str]]:
+    """(shape, field, bounds) of every bounded field of the four spec shapes, from the same
+    JSON Schema the OpenAPI document shows."""
+    from pydantic import TypeAdapter
+
+    rows: list[tuple[str, str, str]] = []
+    for shape in (AuditSpec, MethodParams, TrainRecipe, InputSpec):
+        schema = TypeAdapter(shape).json_schema()
+        for name, prop in schema["properties"].items():
+            words = _schema_limits(prop)
+            if words:
+                rows.append((shape.__name__, name, "; ".join(words)))
+    return rows
+
+
+def limits_table() -> str:
+    """The Markdown table of :func:`limits` that docs/service.md carries (a test compares)."""
+    lines = ["| shape | field | bounds |", "| --- | --- | --- |"]
+    lines += [f"| {shape} | `{name}` | {bounds} |" for shape, name, bounds in limits()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(limits_table())

@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..contract.cost import ROWS_PER_PASS
 from ..errors import SpecError
 from ..spec import InputSpec
 from ._hooks import as_map, evaluating, input_leaf, target_scores
 from .base import MethodContext, MethodFamily, MethodInfo, register
 
-PATH_ROWS_PER_PASS = 32  # path points per forward/backward (bounds activation memory)
+# path points per forward/backward (bounds activation memory); the cost estimate counts them
+PATH_ROWS_PER_PASS = ROWS_PER_PASS
 
 
 def gauss_legendre_on_unit_interval(steps: int) -> tuple[np.ndarray, np.ndarray]:
