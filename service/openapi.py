@@ -1379,7 +1379,16 @@ def _paths() -> dict[str, Schema]:
                             ["invalid_json", "invalid_idempotency_key", "bad_request"],
                         ),
                         "413": _problem(
-                            "The request is over the server's limit", 413, ["payload_too_large"]
+                            "The body is over the JSON body limit (MAX_JSON_BYTES) or the "
+                            "server's limit",
+                            413,
+                            ["body_too_large", "payload_too_large"],
+                            {
+                                "limit_bytes": {
+                                    "type": "integer",
+                                    "description": "body_too_large: the JSON body limit.",
+                                }
+                            },
                         ),
                         "415": _problem(
                             "Not Content-Type: application/json", 415, ["unsupported_media_type"]
@@ -1398,8 +1407,19 @@ def _paths() -> dict[str, Schema]:
                                 "training_set_required",
                                 "invalid_webhook_url",
                                 "idempotency_key_reused",
+                                "audit_too_costly",
                             ],
                             {
+                                "estimated_cost_s": {
+                                    "type": "number",
+                                    "description": "audit_too_costly: the audit's estimated "
+                                    "worker time (docs/service.md, Limits).",
+                                },
+                                "limit_s": {
+                                    "type": "number",
+                                    "description": "audit_too_costly: the limit "
+                                    "(MAX_AUDIT_COST_S).",
+                                },
                                 "audit_id": {
                                     "type": "string",
                                     "description": "idempotency_key_reused: the key's audit.",
