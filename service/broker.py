@@ -17,7 +17,7 @@ from pathlib import Path
 from celery import Celery
 
 from .config import Config
-from .jobs import PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
+from .jobs import INSPECT_TASK, PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
 
 
 def celery_client(config: Config) -> Celery:
@@ -38,6 +38,7 @@ def celery_client(config: Config) -> Celery:
             PART_TASK: {"queue": config.queue},
             RENDER_TASK: {"queue": config.cpu_queue},
             WEBHOOK_TASK: {"queue": config.cpu_queue},
+            INSPECT_TASK: {"queue": config.cpu_queue},
         },
         task_soft_time_limit=config.soft_time_limit_s,
         task_time_limit=config.hard_time_limit_s,

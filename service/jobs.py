@@ -46,6 +46,8 @@ TASK_NAME = "workers.run_audit"
 PART_TASK = "workers.run_audit_part"  # one part of a split audit (workers/parts.py)
 RENDER_TASK = "workers.render_reports"
 WEBHOOK_TASK = "workers.deliver_webhook"
+# after a model upload: a CPU worker lists the names a spec may give it (submit checks them)
+INSPECT_TASK = "workers.inspect_model"
 # a report render or webhook still pending this long after the audit ended was lost
 FOLLOW_UP_LOST_AFTER_S = 600.0
 # the database is unreachable (a restart, a failover): worth waiting out, never a verdict
@@ -101,6 +103,11 @@ class Enqueuer:
             log.warning("could not send %s for audit %s: %s", task, audit_id, exc)
             return False
         return True
+
+    def inspect_model(self, model_id: str) -> bool:
+        """Ask a CPU worker to list an uploaded model's layer names (best effort: without
+        them, the worker checks the names when an audit starts)."""
+        return self.send(INSPECT_TASK, model_id, self.config.cpu_queue)
 
     def __call__(self, db: Database, audit_id: str) -> bool:
         """Send the audit's task (a fresh task id each time); False when the broker is

@@ -424,7 +424,12 @@ def _schemas() -> dict[str, Schema]:
                 "from the file or keep the InputSpec defaults).",
             },
             "class_names": _nullable("array", items={"type": "string"}),
-            "details": {"type": "object", "description": "What the upload check found."},
+            "details": {
+                "type": "object",
+                "description": "What the upload check found; `layers` (once a worker has "
+                "loaded the model, seconds after the upload): `modules`, `conv` and `spatial`, "
+                "the names an audit's `layer` and `layers` may give, checked at submit.",
+            },
             "created_at": DATE_TIME,
             "links": _object({"self": LINK, "audits": LINK}),
         },

@@ -25,8 +25,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
+from service.artifacts import ArtifactMissing
 from service.jobs import (
     DATABASE_DOWN,
+    INSPECT_TASK,
     PART_TASK,
     PROGRESS_WRITE_EVERY_S,
     RENDER_TASK,
@@ -64,6 +66,7 @@ def register_tasks(app: Celery) -> None:
         (PART_TASK, run_audit_part_task, {}),
         (RENDER_TASK, render_reports_task, {}),
         (WEBHOOK_TASK, deliver_webhook_task, {"max_retries": None}),
+        (INSPECT_TASK, inspect_model_task, {}),
     ):
         app.task(name=name, bind=True, shared=False, **options)(function)
 
@@ -85,6 +88,46 @@ def run_audit_task(self: Task, audit_id: str) -> str:
     if outcome in ("succeeded", "failed", "canceled", Claim.EXHAUSTED.value):
         announce_finished(rt.db, rt.enqueue, audit_id)
     return outcome
+
+
+def inspect_model_task(self: Task, model_id: str) -> str:
+    return inspect_model(runtime(self), model_id)
+
+
+def inspect_model(rt: Runtime, model_id: str) -> str:
+    """Load an uploaded model as an audit would and record the names a spec may give it
+    (``details.layers``: modules, conv layers, modules with a spatial output), so that
+    POST /v1/audits refuses an unknown ``layer`` / ``layers`` name with the engine's words.
+    A model that does not load is left as it is: its audits fail with the loader's reason."""
+    import torch
+
+    from workers.engine.errors import EngineError
+    from workers.engine.layers import layer_names
+    from workers.engine.models.loader import load_model
+
+    with rt.db.session() as session:
+        row = session.get(ModelRecord, model_id)
+        if row is None or row.deleted_at is not None:
+            return "gone"
+        sha256, architecture = row.sha256, row.architecture if row.format != "onnx" else None
+        overrides = row.input_spec or None
+    try:
+        model = load_model(
+            rt.store.read_bytes(sha256), architecture=architecture, input_spec_overrides=overrides
+        )
+        spec = model.input_spec
+        example = torch.zeros(1, spec.channels, spec.height, spec.width)
+        with torch.no_grad():
+            names = layer_names(model.module.eval(), example)
+    except (EngineError, ArtifactMissing) as exc:
+        log.info("model %s not inspected: %s", model_id, exc)
+        return "not_loadable"
+    with rt.db.session() as session:
+        row = session.get(ModelRecord, model_id)
+        if row is None or row.deleted_at is not None:
+            return "gone"
+        row.details = {**(row.details or {}), "layers": names}
+    return "inspected"
 
 
 def render_reports_task(self: Task, audit_id: str) -> str:

@@ -22,7 +22,7 @@ from workers.engine.catalogue import catalogue, check_methods
 from workers.engine.contract.cost import estimate, families_of, stages_of
 from workers.engine.contract.report import PICTURE_KINDS
 from workers.engine.contract.verdicts import Verdict
-from workers.engine.errors import SpecError
+from workers.engine.errors import SpecError, unknown_analysis_layer, unknown_cam_layer
 from workers.engine.policy import load_policy
 from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 
@@ -209,6 +209,22 @@ def _replay(session: Any, key: str, fingerprint: str) -> Audit | None:
     return existing
 
 
+def check_layer_names(spec: dict[str, Any], model: ModelRecord) -> None:
+    """Refuse ``layer`` / ``layers`` names the model does not have, with the engine's words,
+    once a worker has listed the model's names (``details.layers``, written by the inspect
+    task after the upload); until then the worker checks them when the audit starts."""
+    known = (model.details or {}).get("layers")
+    if not isinstance(known, dict):
+        return
+    layer = spec.get("layer")
+    if layer is not None and layer not in known.get("modules", []):
+        raise ApiError(422, "invalid_spec", str(unknown_cam_layer(layer, known.get("conv", []))))
+    spatial = known.get("spatial", [])
+    for name in spec.get("layers") or []:
+        if name not in known.get("modules", []):
+            raise ApiError(422, "invalid_spec", str(unknown_analysis_layer(name, spatial)))
+
+
 @bp.post("")
 def submit() -> Any:
     st = state()
@@ -255,6 +271,7 @@ def submit() -> Any:
                 "the data_randomization test needs train_dataset_id: a labeled dataset to train on",
             )
         check_cost(spec, model, dataset, train)
+        check_layer_names(spec, model)
         audit = Audit(
             tenant_id=tenant_id(),
             model_id=model.id,

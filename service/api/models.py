@@ -148,6 +148,8 @@ def upload_model() -> Any:
             return race_winner(ModelRecord, received.sha256, render)
     finally:
         st.store.discard(received)  # no-op once committed
+    # committed: a CPU worker lists its layer names for the submit check (best effort)
+    st.enqueue.inspect_model(body["id"])
     return upload_response(body, 201)
 
 

@@ -193,7 +193,14 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
 
     monkeypatch.setattr(st.db, "session", open_session)
     monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
-    monkeypatch.setattr(st, "enqueue", lambda db, audit_id: True)
+    class Enqueue:  # nothing is sent: the audit task and the model inspection
+        def __call__(self, db: Any, audit_id: str) -> bool:
+            return True
+
+        def inspect_model(self, model_id: str) -> bool:
+            return True
+
+    monkeypatch.setattr(st, "enqueue", Enqueue())
     # what a deletion removes is tested on PostgreSQL (test_deletion.py); here only the rows go
     monkeypatch.setattr(
         service.purge,

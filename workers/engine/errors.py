@@ -176,3 +176,16 @@ class MethodFailedError(EngineError):
     """A saliency method raised on this model; the audit goes on without it (status ``error``)."""
 
     code = "method_error"
+
+
+def unknown_cam_layer(layer: str, conv_layers: Sequence[str]) -> SpecError:
+    """The spec's ``layer`` names no module of the model (the engine's and the API's words)."""
+    shown = conv_layers[-10:] if conv_layers else ["(none)"]
+    return SpecError(f"no module named {layer!r} in the model; conv layers are: {', '.join(shown)}")
+
+
+def unknown_analysis_layer(name: str, spatial: Sequence[str]) -> SpecError:
+    """A ``layers`` entry names no module of the model (the engine's and the API's words)."""
+    return SpecError(
+        f"unknown layer {name!r}; modules with a spatial output: {', '.join(spatial[:40])}"
+    )

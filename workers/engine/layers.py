@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from . import faithfulness
-from .errors import SpecError
+from .errors import SpecError, unknown_analysis_layer
 from .maps import MapInputs, conservation_ratios
 from .methods._ort import ort_forward
+from .methods.base import conv_layer_names
 from .methods.lrp import lrp_layer_relevance
 from .policy import MapChecks
 from .progress import ProgressCallback, no_progress
@@ -81,6 +82,22 @@ def _spatial(shape: tuple[int, ...]) -> bool:
     return len(shape) == 4 and shape[2] * shape[3] > 1
 
 
+def spatial_modules(calls: Sequence[tuple[str, tuple[int, ...]]]) -> list[str]:
+    """The modules whose output is a spatial map, sorted (what ``layers`` may name)."""
+    return sorted({c for c, shape in calls if _spatial(shape)})
+
+
+def layer_names(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
+    """The names a spec may give this model, as the API checks them at submit: ``modules``
+    (any module: ``layer``), ``conv`` (the conv layers, listed when ``layer`` is unknown) and
+    ``spatial`` (modules with a spatial output: ``layers``). One forward pass of ``example``."""
+    return {
+        "modules": [name for name, _ in model.named_modules() if name],
+        "conv": conv_layer_names(model),
+        "spatial": spatial_modules(_outputs_in_order(model, example)),
+    }
+
+
 def block_output_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
     """(block, module) pairs: for every block of the model (the randomization units of block
     granularity) that holds a convolution, the module whose output is the block's output: the
@@ -127,10 +144,7 @@ def resolve_layers(
     for name in requested:
         shapes = [shape for called, shape in calls if called == name]
         if name not in dict(model.named_modules()):
-            spatial = sorted({c for c, shape in calls if _spatial(shape)})
-            raise SpecError(
-                f"unknown layer {name!r}; modules with a spatial output: {', '.join(spatial[:40])}"
-            )
+            raise unknown_analysis_layer(name, spatial_modules(calls))
         if len(shapes) != 1:
             raise SpecError(
                 f"layer {name!r} runs {len(shapes)} times per forward pass; the layers analysis "

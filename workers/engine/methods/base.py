@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..contract.catalogue import MethodInfo
-from ..errors import MethodFailedError, NotApplicableError, SpecError
+from ..errors import MethodFailedError, NotApplicableError, SpecError, unknown_cam_layer
 from ..spec import MethodParams
 
 
@@ -136,11 +136,7 @@ def cam_layer_choice(
     if layer is not None:
         names = dict(model.named_modules())
         if layer not in names or layer == "":
-            convs = conv_layer_names(model)
-            raise SpecError(
-                f"no module named {layer!r} in the model; conv layers are: "
-                + ", ".join(convs[-10:] if convs else ["(none)"])
-            )
+            raise unknown_cam_layer(layer, conv_layer_names(model))
         return LayerChoice(layer, "named in the audit spec")
     convs = conv_layer_names(model)
     if not convs:
