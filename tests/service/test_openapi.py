@@ -193,6 +193,7 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
 
     monkeypatch.setattr(st.db, "session", open_session)
     monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+
     class Enqueue:  # nothing is sent: the audit task and the model inspection
         def __call__(self, db: Any, audit_id: str) -> bool:
             return True
