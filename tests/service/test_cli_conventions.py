@@ -229,3 +229,41 @@ def test_store_sweep_removes_old_files_no_row_needs(
     assert [store.exists(sha) for sha in (needed, orphan, young)] == [True, False, True]
     code, out, _ = cli(capsys, "store", "sweep", "--older-than-s", "0")
     assert json.loads(out)["files"] == 1 and not store.exists(young)
+
+
+# --- the explained class and the progress clock (pure text) ---------------------------------
+
+
+def test_the_explained_class_shows_its_index_and_its_name_when_known() -> None:
+    from workers.reports.text import format_explained
+
+    named = [
+        {"name": f"img_{i:02d}.png", "target": i % 3, "target_name": ["cat", "dog", "owl"][i % 3],
+         "predicted": i % 3, "probability": 0.9}
+        for i in range(20)
+    ]  # fmt: skip
+    text = format_explained(named)
+    rows = [line for line in text.splitlines() if line.startswith("img_")]
+    assert len(rows) == 16 and rows[1].split()[1:3] == ["1", "(dog)"]
+    assert "... and 4 more images" in text
+    assert text.splitlines()[-1] == "explained classes: 0 (cat) x7, 1 (dog) x7, 2 (owl) x6"
+    unnamed = [{"name": "a.png", "target": 10, "target_name": None, "predicted": 2,
+                "probability": 0.25}]  # fmt: skip
+    text = format_explained(unnamed)
+    assert text.splitlines()[3].split() == ["a.png", "10", "2", "0.250"]
+    assert text.splitlines()[-1] == "explained classes: 10 x1"
+
+
+def test_the_eta_extrapolates_from_the_first_reading() -> None:
+    from workers.reports.text import ProgressClock, format_duration
+
+    assert [format_duration(s) for s in (0, 59.6, 75.2, 3725)] == [
+        "0:00",
+        "1:00",
+        "1:15",
+        "1:02:05",
+    ]
+    clock = ProgressClock(now=0.0)
+    assert clock.text(0.5, now=100.0) == "elapsed 1:40, ETA -"  # attached half done: no rate
+    assert clock.text(0.75, now=130.0) == "elapsed 2:10, ETA 0:30"  # 25% in 30 s
+    assert clock.text(1.0, now=131.0) == "elapsed 2:11, ETA 0:00"

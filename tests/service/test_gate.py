@@ -464,6 +464,8 @@ def test_the_ci_examples_parse_and_their_gate_command_is_accepted() -> None:
     assert len(report) == 1 and report[0]["if"] == "always()"
     assert report[0]["with"]["path"] == str(args.junit)
     assert report[0]["with"]["reporter"] == "java-junit"
+    # the report is red exactly when the gate fails: no need to ignore its failures
+    assert "fail-on-error" not in report[0]["with"]
     assert steps.index(report[0]) > steps.index(gate_step)
 
     gitlab = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
@@ -545,6 +547,16 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     assert "model: reusing" in again.stderr and "images: reusing" in again.stderr
     assert f"audit: attached to {audit_id}" in again.stderr
     assert junit(tmp_path / "again.xml")[2]["audit_id"] == audit_id
+
+    # --json: the decision and the verdicts as one JSON object, the same audit's report
+    as_json = gate(pg_server.url, key, *options, "--require", "gradient", "--json", "--quiet")
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    decided = json.loads(as_json.stdout)
+    assert (decided["outcome"], decided["exit_code"], decided["audit_id"]) == ("PASS", 0, audit_id)
+    assert decided["per_method"] == {"gradient": {"cascading": "PASS"}}
+    report = api.get(f"/v1/audits/{audit_id}/report.json").json()
+    assert decided["verdicts"] == report["verdicts"]
+    assert decided["policy"]["version"] == DEFAULT_VERSION
     assert (total(api, "/v1/models"), total(api, "/v1/datasets"), total(api, "/v1/audits")) == (
         counts
     )
@@ -571,6 +583,10 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     absent = gate(pg_server.url, key, *options, "--require", "gradcam")
     assert absent.returncode == 2
     assert "gradcam not in --methods" in absent.stderr
+    absent = gate(pg_server.url, key, *options, "--require", "gradcam", "--json")
+    assert absent.returncode == 2
+    refused = json.loads(absent.stdout)
+    assert (refused["outcome"], refused["code"]) == ("ERROR", "required_not_audited")
     assert total(api, "/v1/audits") == 1
 
 
