@@ -113,8 +113,12 @@ def _run(args: argparse.Namespace) -> int:
         architecture=args.arch,
         input_spec_overrides=_read_json(args.input_spec, "input spec"),
     )
+    # options added later are read with defaults, so a Namespace built by other callers of
+    # run_local (older option sets) keeps working
+    as_json: bool = getattr(args, "json", False)
+    report_formats: list[str] = getattr(args, "report", None) or []
     # with --json, stdout carries report.json alone: what is said on the way goes to stderr
-    say = sys.stderr if args.json else sys.stdout
+    say = sys.stderr if as_json else sys.stdout
     print(
         format_input_spec(
             asdict(model.input_spec),
@@ -181,9 +185,9 @@ def _run(args: argparse.Namespace) -> int:
     report.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
     written = [report, args.out / "maps.npz"]
-    if args.report:
-        written += write_reports(document, result, decoded, args.out, args.report)
-    if args.json:
+    if report_formats:
+        written += write_reports(document, result, decoded, args.out, report_formats)
+    if as_json:
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
         print(format_summary(document))
