@@ -21,6 +21,20 @@ def csv_list(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+REPORT_FORMATS = ("pdf", "html")
+
+
+def report_formats(value: str) -> list[str]:
+    """``pdf,html`` -> ``["pdf", "html"]``; an unknown format is an argument error."""
+    formats = list(dict.fromkeys(v.lower() for v in csv_list(value)))
+    unknown = [f for f in formats if f not in REPORT_FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(
+            f"formats are {', '.join(REPORT_FORMATS)} (comma-separated), not {value!r}"
+        )
+    return formats
+
+
 def positive_seconds(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -130,4 +144,14 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "the same job attaches to the same audit; pass a new one to force a new audit",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
+    add_json_argument(
+        parser,
+        "the decision, the required methods' verdicts per test and every "
+        "verdict as one JSON object on stdout, instead of the table",
+    )
     return parser
+
+
+def add_json_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    """The ``--json`` option every command with a result to print has."""
+    parser.add_argument("--json", action="store_true", help=f"machine-readable output: {what}")

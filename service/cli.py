@@ -15,16 +15,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import add_gate_arguments, csv_list
+from .arguments import add_gate_arguments, add_json_argument, csv_list, report_formats
 
 EXIT_OK = 0
 EXIT_ERROR = 2
+PACKAGE = "saliency-audit"
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(PACKAGE)
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saliency-audit",
         description="Audit whether saliency methods depend on what an image classifier learned.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {package_version()}",
+        help="print the version of saliency-audit and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -69,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of ground-truth object masks (one per image, same file stem, nonzero = "
         "object): the `layers` analysis then scores localization (IoU, pointing game)",
     )
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--batch-size", type=int, default=16)
+    run.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
+    run.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="images per forward/backward pass (default 16; lower it when memory runs out)",
+    )
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     run.add_argument(
         "--input-spec",
@@ -135,18 +157,42 @@ def build_parser() -> argparse.ArgumentParser:
         "max_epochs, max_seconds, batch_size, learning_rate)",
     )
     run.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
-    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument(
+        "--report",
+        type=report_formats,
+        default=[],
+        metavar="pdf,html",
+        help="also write the reports the service serves: DIR/report.pdf and/or DIR/report.html "
+        "(comma-separated formats)",
+    )
+    run.add_argument(
+        "--quiet", action="store_true", help="no progress lines (elapsed time and ETA)"
+    )
+    add_json_argument(
+        run, "report.json's content on stdout instead of the tables (notes go to stderr)"
+    )
 
-    sub.add_parser("methods", help="list the saliency methods, tests and similarity measures")
-    sub.add_parser("policy", help="print the default verdict policy (JSON)")
+    methods = sub.add_parser(
+        "methods", help="list the saliency methods, tests and similarity measures"
+    )
+    add_json_argument(methods, "the methods, tests and measures as one JSON object")
+    policy = sub.add_parser("policy", help="print the default verdict policy (JSON)")
+    add_json_argument(policy, "the policy document compact, on one line")
 
     serve = sub.add_parser(
         "serve",
         help="run the HTTP API (with no configuration: embedded SQLite, artifact folder and a "
         "worker process that needs no broker server)",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="port to listen on (default 8000; 0 picks a free one)",
+    )
     serve.add_argument("--threads", type=int, default=8, help="request threads (default 8)")
     worker_flag = serve.add_mutually_exclusive_group()
     worker_flag.add_argument(
@@ -164,23 +210,39 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", required=True
     )
     create = keys.add_parser("create", help="create a key for a tenant (created if new); prints it")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--label", default=None)
-    revoke = keys.add_parser("revoke", help="revoke a key by its prefix (sak_PREFIX_...)")
-    revoke.add_argument("prefix")
+    create.add_argument("--tenant", required=True, help="tenant name (created if new)")
+    create.add_argument("--label", default=None, help="a note to recognize the key by later")
+    listing = keys.add_parser(
+        "list", help="list the keys (id, tenant, prefix, label, created, revoked); never secrets"
+    )
+    listing.add_argument("--tenant", default=None, help="only this tenant's keys")
+    listing.add_argument(
+        "--all", action="store_true", help="revoked keys too (default: active keys only)"
+    )
+    add_json_argument(listing, "the keys as a JSON list")
+    revoke = keys.add_parser(
+        "revoke", help="revoke a key given in full (sak_...), by its prefix or by its id"
+    )
+    revoke.add_argument(
+        "key",
+        metavar="KEY_OR_ID",
+        help="the whole key sak_PREFIX_SECRET, its PREFIX, or its id (from `keys list`)",
+    )
     secret = keys.add_parser(
         "webhook-secret",
         help="print the tenant's webhook signing secret (created if it has none)",
     )
-    secret.add_argument("--tenant", required=True)
+    secret.add_argument("--tenant", required=True, help="tenant name")
     secret.add_argument("--rotate", action="store_true", help="replace it with a new one")
 
     database = sub.add_parser("db", help="database schema (Alembic migrations)")
     db_sub = database.add_subparsers(dest="db_command", required=True)
     upgrade = db_sub.add_parser("upgrade", help="migrate to a revision (default: head)")
-    upgrade.add_argument("revision", nargs="?", default="head")
+    upgrade.add_argument(
+        "revision", nargs="?", default="head", help="Alembic revision (default: head)"
+    )
     downgrade = db_sub.add_parser("downgrade", help="migrate down to a revision (e.g. base)")
-    downgrade.add_argument("revision")
+    downgrade.add_argument("revision", help="Alembic revision, or base for an empty schema")
     db_sub.add_parser("current", help="print the current revision")
 
     reconcile = sub.add_parser(
@@ -190,6 +252,36 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--once", action="store_true", help="one pass, then exit")
     reconcile.add_argument(
         "--interval", type=float, default=None, help="seconds between passes (default: config)"
+    )
+
+    tenants = sub.add_parser("tenants", help="tenant administration").add_subparsers(
+        dest="tenants_command", required=True
+    )
+    purge = tenants.add_parser(
+        "purge",
+        help="delete every audit, model and dataset of a tenant and the files no other tenant "
+        "needs; prints what went (JSON)",
+    )
+    purge.add_argument("tenant", metavar="TENANT", help="tenant name")
+    purge.add_argument(
+        "--drop-tenant",
+        action="store_true",
+        help="delete the tenant and its API keys too (default: they stay)",
+    )
+    store = sub.add_parser("store", help="artifact store maintenance").add_subparsers(
+        dest="store_command", required=True
+    )
+    sweep = store.add_parser(
+        "sweep",
+        help="remove the store's files that no row needs (left by older deletions or by a "
+        "purged audit's worker); prints what went (JSON)",
+    )
+    sweep.add_argument(
+        "--older-than-s",
+        type=float,
+        default=3600.0,
+        help="only files older than this many seconds (default 3600): younger ones may belong "
+        "to an upload or audit not committed yet",
     )
 
     gate = sub.add_parser(
@@ -226,10 +318,23 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from workers.engine.sanity import TEST_INFO
     from workers.engine.spec import MEASURES
 
+    def kind(info: Any) -> str:
+        return "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
+
+    if args.json:
+        document = {
+            "methods": [
+                {"name": name, "kind": kind(info), "reference": info.reference}
+                for name, info in METHODS.items()
+            ],
+            "tests": [{"name": name, "reference": t.reference} for name, t in TEST_INFO.items()],
+            "measures": list(MEASURES),
+        }
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
     print("methods:")
     for name, info in METHODS.items():
-        kind = "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
-        print(f"  {name:<22}{kind:<9}{info.reference}")
+        print(f"  {name:<22}{kind(info):<9}{info.reference}")
     print("tests (--tests):")
     for name, test in TEST_INFO.items():
         print(f"  {name:<22}{test.reference}")
@@ -240,7 +345,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_policy(args: argparse.Namespace) -> int:
     from workers.engine.policy import default_document
 
-    print(json.dumps(default_document(), indent=2))
+    print(json.dumps(default_document(), indent=None if args.json else 2))
     return EXIT_OK
 
 
@@ -265,17 +370,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(config, args.host, args.port, args.with_worker, args.threads)
 
 
-def cmd_keys(args: argparse.Namespace) -> int:
-    from .auth import create_key, revoke_key
+def _database(config: Any) -> Any:
+    """The configured database, migrated first when embedded: the SQLite file may not exist
+    yet (keys and purges may come before the first ``serve``)."""
     from .db import Database
 
-    config = _config()
     if config.embedded:
-        # the embedded SQLite file may not exist yet: keys come before the first `serve`
         from . import db
 
         db.upgrade(config.resolved_database_url)
-    database = Database.from_config(config)
+    return Database.from_config(config)
+
+
+def _find_key(session: Any, given: str) -> Any:
+    """The API key row ``given`` names: the whole key (its hash must match), its prefix, or
+    its id; None when none matches."""
+    import hmac
+
+    from sqlalchemy import select
+
+    from .auth import KEY_SCHEME, hash_key
+    from .models import ApiKey
+
+    parts = given.split("_", 2)
+    if len(parts) == 3 and parts[0] == KEY_SCHEME:
+        row = session.scalars(select(ApiKey).where(ApiKey.prefix == parts[1])).one_or_none()
+        if row is None or not hmac.compare_digest(row.key_sha256, hash_key(given)):
+            return None
+        return row
+    return session.scalars(
+        select(ApiKey).where(ApiKey.prefix == given)
+    ).one_or_none() or session.get(ApiKey, given)
+
+
+def _key_rows(session: Any, tenant: str | None, include_revoked: bool) -> list[dict[str, Any]]:
+    from sqlalchemy import select
+
+    from .models import ApiKey, Tenant
+
+    query = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    if tenant is not None:
+        query = query.where(Tenant.name == tenant)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    query = query.order_by(Tenant.name, ApiKey.created_at, ApiKey.id)
+    return [
+        {
+            "id": key.id,
+            "tenant": name,
+            "tenant_id": key.tenant_id,
+            "prefix": key.prefix,
+            "label": key.label,
+            "created_at": key.created_at.isoformat(),
+            "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+        }
+        for key, name in session.execute(query)
+    ]
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .auth import create_key
+    from .models import utcnow
+
+    database = _database(_config())
     with database.session() as session:
         if args.keys_command == "create":
             key, tenant = create_key(session, args.tenant, args.label)
@@ -284,6 +441,21 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 f"(tenant {tenant.name}, id {tenant.id}; the key is shown only now)",
                 file=sys.stderr,
             )
+            return EXIT_OK
+        if args.keys_command == "list":
+            rows = _key_rows(session, args.tenant, args.all)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+                return EXIT_OK
+            header = f"{'id':<34}{'tenant':<20}{'prefix':<14}{'created':<22}{'revoked':<22}label"
+            print(header)
+            print("-" * len(header))
+            for row in rows:
+                print(
+                    f"{row['id']:<34}{row['tenant']:<20}{'sak_' + row['prefix']:<14}"
+                    f"{row['created_at'][:19]:<22}{(row['revoked_at'] or '-')[:19]:<22}"
+                    f"{row['label'] or ''}"
+                )
             return EXIT_OK
         if args.keys_command == "webhook-secret":
             from sqlalchemy import select
@@ -299,10 +471,46 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 found.webhook_secret = new_secret()
             print(found.webhook_secret)
             return EXIT_OK
-        if not revoke_key(session, args.prefix):
-            print(f"error: no active key with prefix {args.prefix!r}", file=sys.stderr)
+        row = _find_key(session, args.key)
+        # never echo a whole key back: it is a secret even when it is wrong
+        shown = "the given key" if args.key.startswith("sak_") else repr(args.key)
+        if row is None or row.revoked_at is not None:
+            print(f"error: no active key matches {shown}", file=sys.stderr)
             return EXIT_ERROR
-    print(f"revoked {args.prefix}")
+        row.revoked_at = utcnow()
+        revoked = f"revoked key {row.id} (prefix {row.prefix})"
+    print(revoked)
+    return EXIT_OK
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    from .artifacts import ArtifactStore
+    from .purge import purge_tenant
+
+    config = _config()
+    try:
+        deleted = purge_tenant(
+            _database(config),
+            ArtifactStore(config.resolved_artifact_dir),
+            args.tenant,
+            drop_tenant=args.drop_tenant,
+        )
+    except LookupError as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(deleted.to_dict()))
+    return EXIT_OK
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from .artifacts import ArtifactStore
+    from .purge import remove_orphan_files
+
+    config = _config()
+    deleted = remove_orphan_files(
+        _database(config), ArtifactStore(config.resolved_artifact_dir), args.older_than_s
+    )
+    print(json.dumps(deleted.to_dict()))
     return EXIT_OK
 
 
@@ -351,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         "db": cmd_db,
         "reconcile": cmd_reconcile,
         "gate": cmd_gate,
+        "tenants": cmd_tenants,
+        "store": cmd_store,
     }
     return handlers[args.command](args)
 

@@ -14,8 +14,12 @@ audit), waits for it with a progress bar on stderr, prints the verdict table, an
 
 A FAIL decides before an INCONCLUSIVE: one conclusive failure fails the release whatever the
 other verdicts are. ``--junit FILE`` writes every (method, test) verdict as a JUnit test case
-(``<failure>`` for FAIL, ``<error>`` for INCONCLUSIVE), or, when the gate itself errs, one
-``<error>`` test case that says why.
+counted the way CI tools count: a required method's FAIL is a ``<failure>``, its INCONCLUSIVE
+follows ``--inconclusive`` (``<error>``, ``<failure>`` or passing), and every verdict of a
+method the gate does not require (the controls included) is ``<skipped>`` with its verdict and
+reason, so a passing gate has zero failures and zero errors. When the gate itself errs, the
+document holds one ``<error>`` test case that says why. ``--json`` prints the decision and the
+verdicts as one JSON object on stdout instead of the table.
 
 The decision (:func:`decide`) and the JUnit document (:func:`junit_document`) are pure
 functions of the report's verdicts; :func:`run_gate` does the I/O. This module never imports
@@ -41,7 +45,7 @@ import requests
 
 from workers.engine.catalogue import control_names
 from workers.engine.result import VerdictValue
-from workers.reports.text import format_verdicts
+from workers.reports.text import ProgressClock, format_verdicts
 
 from . import routes
 from .arguments import INCONCLUSIVE_MODES, InconclusiveMode
@@ -176,16 +180,37 @@ def _properties(parent: ET.Element, values: dict[str, Any]) -> None:
         ET.SubElement(properties, "property", name=name, value=_number(value))
 
 
-def _suite(root: ET.Element, cases: int, failures: int, errors: int, time_s: float) -> ET.Element:
+def _suite(
+    root: ET.Element, cases: int, failures: int, errors: int, skipped: int, time_s: float
+) -> ET.Element:
     counts = {
         "tests": str(cases),
         "failures": str(failures),
         "errors": str(errors),
-        "skipped": "0",
+        "skipped": str(skipped),
         "time": f"{time_s:.3f}",
     }
     root.attrib.update({"name": JUNIT_SUITE, **{k: v for k, v in counts.items() if k != "skipped"}})
     return ET.SubElement(root, "testsuite", {"name": JUNIT_SUITE, **counts})
+
+
+_CASE_NUMBERS = ("measure", "stage", "mean", "ci_low", "ci_high", "n", "threshold", "pass_when")
+
+
+def _outcome(verdict: Any, required: bool, inconclusive: InconclusiveMode) -> str:
+    """How one (method, test) verdict shows in CI: ``passed``, ``failure``, ``error`` or
+    ``skipped``. Only what decides the gate can turn a report red: a required method's FAIL is
+    a failure and its INCONCLUSIVE follows ``--inconclusive``; every verdict of a method the
+    gate does not require (the controls included) is reported as skipped, with its verdict."""
+    if not required:
+        return "skipped"
+    if verdict == "PASS":
+        return "passed"
+    if verdict == "FAIL":
+        return "failure"
+    if verdict == "INCONCLUSIVE":
+        return {"error": "error", "fail": "failure", "pass": "passed"}[inconclusive]
+    return "error"
 
 
 def junit_document(
@@ -197,16 +222,51 @@ def junit_document(
     policy_version: str,
     time_s: float,
     extra_properties: dict[str, Any] | None = None,
+    inconclusive: InconclusiveMode = "error",
+    tests: Sequence[str] | None = None,
 ) -> ET.Element:
     """A ``<testsuites>`` document with one ``<testcase classname="saliency-audit.<test>"
-    name="<method>">`` per verdict: ``<failure>`` for FAIL and ``<error>`` for INCONCLUSIVE
-    (message: the verdict's reason), nothing for PASS. Each test case's properties say whether
-    the method is a control and whether it is required, and give the deciding numbers."""
+    name="<method>">`` per verdict, counted the way CI tools count (GitLab, GitHub test
+    reporters): only what decides the gate is red, so a passing gate has zero failures and
+    zero errors.
+
+    * a required method's FAIL: ``<failure>`` (message: the verdict's reason);
+    * a required method's INCONCLUSIVE: ``<error>`` (``--inconclusive error``), ``<failure>``
+      (``fail``) or a passing case that says so in ``<system-out>`` (``pass``);
+    * every verdict of a method the gate does not require, controls included:
+      ``<skipped>`` whose message gives the verdict and its reason;
+    * with ``tests``, a required (method, test) the audit has no verdict for: ``<error
+      type="MISSING">``.
+
+    Each test case's properties say whether the method is a control and whether it is
+    required, and give the verdict and its deciding numbers."""
     required_set = set(required)
-    failures = sum(1 for v in verdicts if v.get("verdict") == "FAIL")
-    errors = sum(1 for v in verdicts if v.get("verdict") not in ("PASS", "FAIL"))
+    rows: list[dict[str, Any]] = list(verdicts)
+    if tests is not None:
+        present = {(v.get("method"), v.get("test")) for v in verdicts}
+        for method in dict.fromkeys(required):
+            for test in dict.fromkeys(tests):
+                if (method, test) not in present:
+                    rows.append(
+                        {
+                            "method": method,
+                            "test": test,
+                            "verdict": "MISSING",
+                            "reason": f"the audit has no {test} verdict for {method}",
+                        }
+                    )
+    outcomes = [
+        _outcome(v.get("verdict"), v.get("method") in required_set, inconclusive) for v in rows
+    ]
     root = ET.Element("testsuites")
-    suite = _suite(root, len(verdicts), failures, errors, time_s)
+    suite = _suite(
+        root,
+        len(rows),
+        outcomes.count("failure"),
+        outcomes.count("error"),
+        outcomes.count("skipped"),
+        time_s,
+    )
     _properties(
         suite,
         {
@@ -214,10 +274,11 @@ def junit_document(
             "model_sha256": model_sha256,
             "policy_version": policy_version,
             "required_methods": ",".join(required),
+            "inconclusive": inconclusive,
             **(extra_properties or {}),
         },
     )
-    for v in verdicts:
+    for v, outcome in zip(rows, outcomes, strict=True):
         case = ET.SubElement(
             suite,
             "testcase",
@@ -225,37 +286,37 @@ def junit_document(
             name=str(v.get("method")),
             time="0",
         )
+        verdict = str(v.get("verdict"))
         _properties(
             case,
             {
                 "is_control": "true" if v.get("is_control") else "false",
                 "required": "true" if v.get("method") in required_set else "false",
-                "verdict": v.get("verdict"),
-                **{
-                    key: v.get(key)
-                    for key in (
-                        "measure",
-                        "stage",
-                        "mean",
-                        "ci_low",
-                        "ci_high",
-                        "n",
-                        "threshold",
-                        "pass_when",
-                    )
-                },
+                "verdict": verdict,
+                **{key: v.get(key) for key in _CASE_NUMBERS},
             },
         )
         reason = str(v.get("reason") or "")
-        verdict = v.get("verdict")
-        if verdict == "FAIL":
-            element = ET.SubElement(case, "failure", message=reason, type="FAIL")
+        if outcome == "failure":
+            element = ET.SubElement(case, "failure", message=reason, type=verdict)
             element.text = _explain(v)
-        elif verdict != "PASS":
-            kind = "INCONCLUSIVE" if verdict == "INCONCLUSIVE" else str(verdict)
-            element = ET.SubElement(case, "error", message=reason, type=kind)
+        elif outcome == "error":
+            element = ET.SubElement(case, "error", message=reason, type=verdict)
             element.text = _explain(v)
-        ET.SubElement(case, "system-out").text = reason
+        elif outcome == "skipped":
+            kind = "control" if v.get("is_control") else "method"
+            ET.SubElement(
+                case,
+                "skipped",
+                message=f"{verdict} ({kind} not required by the gate): {reason}",
+                type=verdict,
+            )
+        note = (
+            f"{verdict}, counted as a PASS (--inconclusive pass): "
+            if verdict == "INCONCLUSIVE" and outcome == "passed"
+            else f"{verdict}: "
+        )
+        ET.SubElement(case, "system-out").text = note + reason
     return root
 
 
@@ -264,7 +325,7 @@ def junit_error_document(
 ) -> ET.Element:
     """The document of a gate that could not decide (exit 2): one ``<error>`` test case."""
     root = ET.Element("testsuites")
-    suite = _suite(root, 1, 0, 1, time_s)
+    suite = _suite(root, 1, 0, 1, 0, time_s)
     _properties(suite, properties or {})
     case = ET.SubElement(
         suite, "testcase", classname=f"{JUNIT_SUITE}.gate", name="release gate", time="0"
@@ -295,15 +356,23 @@ def write_junit(path: Path, root: ET.Element) -> None:
 
 
 class Progress:
-    """The audit's progress on a stream: one line rewritten in place on a terminal, one line
-    per change otherwise (CI logs), nothing when ``quiet``."""
+    """The audit's progress on a stream, with the elapsed time and an ETA: one line rewritten
+    in place on a terminal, one line per change otherwise (CI logs), nothing when ``quiet``."""
 
-    def __init__(self, stream: TextIO, quiet: bool = False, tty: bool | None = None) -> None:
+    def __init__(
+        self,
+        stream: TextIO,
+        quiet: bool = False,
+        tty: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream = stream
         self.quiet = quiet
         self.tty = stream.isatty() if tty is None else tty
         self.last: tuple[str, str, int] | None = None
         self.width = 0
+        self.clock = clock
+        self.timing = ProgressClock(clock())
 
     def update(self, audit: dict[str, Any]) -> None:
         if self.quiet:
@@ -315,15 +384,19 @@ class Progress:
         if key == self.last:
             return
         self.last = key
+        timing = self.timing.text(fraction, self.clock())
         if self.tty:
             filled = round(max(0.0, min(1.0, fraction)) * 30)
-            line = f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {state}: {step}"
+            line = (
+                f"[{'#' * filled}{'.' * (30 - filled)}] {fraction * 100:5.1f}% {state}: {step} "
+                f"({timing})"
+            )
             columns = shutil.get_terminal_size((100, 20)).columns
             line = line[: max(20, columns - 1)]
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
         else:
-            self.stream.write(f"[{fraction * 100:5.1f}%] {state}: {step}\n")
+            self.stream.write(f"[{fraction * 100:5.1f}%] {state}: {step} ({timing})\n")
         self.stream.flush()
 
     def close(self) -> None:
@@ -401,7 +474,22 @@ def run_gate(args: argparse.Namespace) -> int:
 
 def _error(args: argparse.Namespace, context: _Context, code: str, message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
-    print(f"gate ERROR (exit {EXIT_ERROR}): {code}")
+    if getattr(args, "json", False):
+        print(
+            json.dumps(
+                {
+                    "outcome": "ERROR",
+                    "exit_code": EXIT_ERROR,
+                    "summary": f"gate ERROR (exit {EXIT_ERROR}): {code}",
+                    "code": code,
+                    "message": message,
+                    **{k: v for k, v in context.properties.items() if k == "audit_id"},
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"gate ERROR (exit {EXIT_ERROR}): {code}")
     if args.junit is not None:
         try:
             write_junit(
@@ -553,12 +641,38 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
     verdicts = list(report.get("verdicts") or [])
     tests = [t for t in (report.get("spec") or {}).get("tests") or [] if t not in ANALYSES]
     policy_doc = report.get("policy") or {}
-    print(f"audit {audit['id']}: {server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}")
-    print(format_verdicts(report))
+    url = f"{server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}"
     decision = decide(verdicts, args.require, tests, args.inconclusive)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "outcome": decision.outcome,
+                    "exit_code": decision.exit_code,
+                    "summary": decision.summary,
+                    "audit_id": audit["id"],
+                    "audit_url": url,
+                    "required": list(dict.fromkeys(args.require)),
+                    "tests": tests,
+                    "inconclusive": args.inconclusive,
+                    "per_method": decision.per_method,
+                    "problems": list(decision.problems),
+                    "policy": {
+                        "name": policy_doc.get("name"),
+                        "version": policy_doc.get("version"),
+                    },
+                    "verdicts": verdicts,
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"audit {audit['id']}: {url}")
+        print(format_verdicts(report))
     for problem in decision.problems:
         print(f"  {problem}", file=sys.stderr)
-    print(decision.summary)
+    if not args.json:
+        print(decision.summary)
     if args.junit is not None:
         write_junit(
             args.junit,
@@ -575,6 +689,8 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
                     "gate_outcome": decision.outcome,
                     "gate_exit_code": decision.exit_code,
                 },
+                inconclusive=args.inconclusive,
+                tests=tests,
             ),
         )
         note(f"wrote {args.junit}")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.reports.text import format_input_spec, format_summary
+from workers.reports.text import ProgressClock, format_input_spec, format_summary
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -113,12 +113,19 @@ def _run(args: argparse.Namespace) -> int:
         architecture=args.arch,
         input_spec_overrides=_read_json(args.input_spec, "input spec"),
     )
+    # options added later are read with defaults, so a Namespace built by other callers of
+    # run_local (older option sets) keeps working
+    as_json: bool = getattr(args, "json", False)
+    report_formats: list[str] = getattr(args, "report", None) or []
+    # with --json, stdout carries report.json alone: what is said on the way goes to stderr
+    say = sys.stderr if as_json else sys.stdout
     print(
         format_input_spec(
             asdict(model.input_spec),
             model.input_spec_sources,
             model.output.to_dict() if model.output is not None else None,
         ),
+        file=say,
         flush=True,
     )
     decoded = load_image_folder(args.images, model.input_spec.channels)
@@ -153,11 +160,13 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     last = [0.0]
+    clock = ProgressClock(time.monotonic())
 
     def progress(fraction: float, step: str) -> None:
         now = time.monotonic()
+        timing = clock.text(fraction, now)  # every reading counts for the rate
         if not args.quiet and (now - last[0] > 1.0 or fraction >= 1.0):
-            print(f"[{fraction * 100:5.1f}%] {step}", file=sys.stderr, flush=True)
+            print(f"[{fraction * 100:5.1f}%] {step} ({timing})", file=sys.stderr, flush=True)
             last[0] = now
 
     result = run_audit(
@@ -172,8 +181,86 @@ def _run(args: argparse.Namespace) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     report = args.out / "report.json"
-    report.write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    document = result.to_dict()
+    report.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
     np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
-    print(format_summary(result.to_dict()))
-    print(f"\nwrote {report} and {args.out / 'maps.npz'}")
+    written = [report, args.out / "maps.npz"]
+    if report_formats:
+        written += write_reports(document, result, decoded, args.out, report_formats)
+    if as_json:
+        print(json.dumps(document, indent=2, allow_nan=False))
+    else:
+        print(format_summary(document))
+    print(
+        f"\nwrote {', '.join(str(p) for p in written[:-1])} and {written[-1]}",
+        file=say,
+    )
     return EXIT_OK
+
+
+# the worker renders the same pictures (workers/tasks.py): the trained model's maps of the
+# first images, and every map a test kept for its heatmap grids
+HEATMAP_IMAGES = 16
+TRAINED_STAGE = "trained"
+MODEL_TEST = "model"
+
+
+def report_pictures(
+    result: Any, images: list[Any]
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The heatmap PNGs the reports show, as report.json's ``artifacts`` list (kind, test,
+    stage, method, image, sha256) and the PNG bytes by sha256: what the service keeps in its
+    artifact store, kept in memory for one local rendering."""
+    import hashlib
+
+    from workers.reports.heatmaps import heatmap_png, overlay_png
+
+    listed: list[dict[str, Any]] = []
+    pngs: dict[str, bytes] = {}
+
+    def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
+        for i in range(min(count, len(maps))):
+            png = overlay_png(maps[i], images[i].pixels) if overlay else heatmap_png(maps[i])
+            sha = hashlib.sha256(png).hexdigest()
+            pngs[sha] = png
+            listed.append(
+                {
+                    "kind": "overlay_png" if overlay else "heatmap_png",
+                    "test": test,
+                    "stage": stage,
+                    "method": method,
+                    "image": images[i].name,
+                    "sha256": sha,
+                    "media_type": "image/png",
+                    "size_bytes": len(png),
+                }
+            )
+
+    for method, maps in result.maps.items():
+        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES, overlay=False)
+    for test_name, test in result.tests.items():
+        for stage, by_method in test.example_maps.items():
+            for method, maps in by_method.items():
+                add(test_name, stage, method, maps, len(maps), overlay=test_name == "layers")
+    return listed, pngs
+
+
+def write_reports(
+    document: dict[str, Any], result: Any, images: list[Any], out: Path, formats: list[str]
+) -> list[Path]:
+    """``out/report.pdf`` and / or ``out/report.html``, rendered by the functions the worker
+    renders the service's reports with, from the report and its heatmaps."""
+    from workers.reports.html import render_html
+    from workers.reports.pdf import render_pdf
+
+    artifacts, pngs = report_pictures(result, images)
+    with_pictures = {**document, "artifacts": artifacts}
+    written = []
+    for kind in formats:
+        path = out / f"report.{kind}"
+        if kind == "pdf":
+            path.write_bytes(render_pdf(with_pictures, pngs.__getitem__))
+        else:
+            path.write_text(render_html(with_pictures, pngs.__getitem__), encoding="utf-8")
+        written.append(path)
+    return written

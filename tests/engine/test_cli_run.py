@@ -180,3 +180,79 @@ def test_run_prints_verdicts_and_writes_them_for_the_papers_tests(tmp_path: Path
     table = printed.split("verdicts (policy", 1)[1]
     for method in methods:
         assert method in table
+
+
+SHAPES_MODEL = REPO / "examples/reference/shapes_small_cnn.onnx"
+
+
+@pytest.fixture(scope="module")
+def json_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """One small audit (4 shapes images, gradient, cascading) with ``--json --report pdf,html``."""
+    root = tmp_path_factory.mktemp("json_run")
+    images = root / "images"
+    images.mkdir()
+    for path in sorted((REPO / "examples/reference/shapes_images").glob("*.png"))[::16]:
+        (images / path.name).write_bytes(path.read_bytes())
+    out = root / "out"
+    proc = saliency_audit(
+        "run", "--model", SHAPES_MODEL, "--images", images, "--methods", "gradient",
+        "--out", out, "--json", "--report", "pdf,html",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc, out
+
+
+def test_run_json_prints_report_json_alone_on_stdout(
+    json_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, out = json_run
+    assert json.loads(proc.stdout) == json.loads((out / "report.json").read_text())
+    # what is said on the way goes to stderr
+    assert "input spec used" in proc.stderr and "wrote " in proc.stderr
+
+
+def test_run_report_writes_the_services_pdf_and_html(
+    json_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    import shutil
+
+    _, out = json_run
+    pdf = (out / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-")
+    pdfinfo = shutil.which("pdfinfo")
+    assert pdfinfo is not None, "run tests/install_tools.sh (poppler-utils)"
+    info = subprocess.run([pdfinfo, str(out / "report.pdf")], capture_output=True, text=True)
+    pages = int(next(line for line in info.stdout.splitlines() if line.startswith("Pages:"))[6:])
+    assert pages >= 2
+    html = (out / "report.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html")
+    # the heatmaps are in it, as the service's report has them (inline PNGs)
+    assert html.count("data:image/png;base64,") >= 4
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"]["sha256"] in html
+
+
+def test_run_progress_lines_show_elapsed_time_and_eta(
+    json_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    proc, _ = json_run
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert lines and all("(elapsed " in line and ", ETA " in line for line in lines)
+    assert lines[-1].startswith("[100.0%]") and lines[-1].endswith("ETA 0:00)")
+
+
+def test_the_table_names_the_class_each_map_explains(
+    json_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    from workers.reports.text import format_summary
+
+    _, out = json_run
+    report = json.loads((out / "report.json").read_text())
+    printed = format_summary(report)
+    assert "explained class per image" in printed
+    for image in report["images"]:
+        row = next(line for line in printed.splitlines() if line.startswith(image["name"] + " "))
+        assert f"{image['target']} ({image['target_name']})" in row
+    assert all(image["target_name"] for image in report["images"])  # the model names classes

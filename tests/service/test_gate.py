@@ -89,9 +89,14 @@ def junit(path: Path) -> tuple[ET.Element, dict[tuple[str, str], ET.Element], di
     assert int(suite.get("tests", "-1")) == len(cases) == int(root.get("tests", "-2"))
     failures = [c for c in cases if c.find("failure") is not None]
     errors = [c for c in cases if c.find("error") is not None]
+    skipped = [c for c in cases if c.find("skipped") is not None]
     assert int(suite.get("failures", "-1")) == len(failures)
     assert int(suite.get("errors", "-1")) == len(errors)
-    assert not [c for c in cases if c.find("failure") is not None and c.find("error") is not None]
+    assert int(suite.get("skipped", "-1")) == len(skipped)
+    outcomes = [
+        sum(c.find(tag) is not None for tag in ("failure", "error", "skipped")) for c in cases
+    ]
+    assert max(outcomes, default=0) <= 1  # at most one of failure / error / skipped per case
     assert float(suite.get("time", "-1")) >= 0
     props = {p.get("name", ""): p.get("value", "") for p in suite.findall("properties/property")}
     by_key = {(c.get("classname", ""), c.get("name", "")): c for c in cases}
@@ -168,6 +173,35 @@ def test_the_exit_code_rules() -> None:
         decide(both_pass, ["gradcam"], tests, "maybe")  # type: ignore[arg-type]
 
 
+def gitlab_counts(root: ET.Element) -> dict[str, int]:
+    """Test cases by status as GitLab's JUnit parser counts them (from the test cases, not the
+    suite's attributes): a ``<failure>`` is failed, an ``<error>`` is error, a ``<skipped>``
+    is skipped, anything else success."""
+    counts = {"success": 0, "failed": 0, "error": 0, "skipped": 0}
+    for case in root.iter("testcase"):
+        if case.find("failure") is not None:
+            counts["failed"] += 1
+        elif case.find("error") is not None:
+            counts["error"] += 1
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["success"] += 1
+    return counts
+
+
+def _document(verdicts: list[dict[str, Any]], required: list[str], **options: Any) -> ET.Element:
+    return junit_document(
+        verdicts,
+        required=required,
+        audit_id="a-1",
+        model_sha256="ab" * 32,
+        policy_version="1.0.0",
+        time_s=12.5,
+        **options,
+    )
+
+
 def test_the_junit_document_keeps_failures_and_errors_apart() -> None:
     verdicts = [
         v("gradcam", "cascading", "PASS", measure="ssim", stage="fc", mean=0.2, ci_low=0.1,
@@ -177,17 +211,12 @@ def test_the_junit_document_keeps_failures_and_errors_apart() -> None:
         v("control_sobel", "cascading", "FAIL"),
         v("control_random", "cascading", "PASS"),
     ]  # fmt: skip
-    root = junit_document(
-        verdicts,
-        required=["gradcam", "lrp"],
-        audit_id="a-1",
-        model_sha256="ab" * 32,
-        policy_version="1.0.0",
-        time_s=12.5,
-    )
+    root = _document(verdicts, ["gradcam", "lrp", "guided_backprop"])
     suite = root.find("testsuite")
     assert suite is not None
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("5", "2", "1")
+    counts = ("tests", "failures", "errors", "skipped")
+    assert tuple(suite.get(c) for c in counts) == ("5", "1", "1", "2")
+    assert gitlab_counts(root) == {"success": 1, "failed": 1, "error": 1, "skipped": 2}
     assert suite.get("time") == "12.500"
     props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
     assert props["audit_id"] == "a-1" and props["model_sha256"] == "ab" * 32
@@ -214,6 +243,77 @@ def test_the_junit_document_keeps_failures_and_errors_apart() -> None:
     assert ET.fromstring(ET.tostring(root)).find("testsuite") is not None
 
 
+def test_a_passing_gate_gives_a_green_junit_report() -> None:
+    """Controls and methods the gate does not require never fail the suite: they are skipped
+    with their verdict and reason (control_sobel FAILs on every audit, by design)."""
+    verdicts = [
+        v("gradient", "cascading", "PASS"),
+        v("guided_backprop", "cascading", "FAIL"),
+        v("control_sobel", "cascading", "FAIL"),
+        v("control_random", "cascading", "PASS"),
+        v("lrp", "cascading", "INCONCLUSIVE"),
+    ]
+    root = _document(verdicts, ["gradient"])
+    suite = root.find("testsuite")
+    assert suite is not None
+    assert (suite.get("failures"), suite.get("errors"), suite.get("skipped")) == ("0", "0", "4")
+    assert gitlab_counts(root) == {"success": 1, "failed": 0, "error": 0, "skipped": 4}
+    assert (root.get("failures"), root.get("errors")) == ("0", "0")
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    sobel = cases["control_sobel"].find("skipped")
+    assert sobel is not None and sobel.get("type") == "FAIL"
+    assert sobel.get("message") == (
+        "FAIL (control not required by the gate): control_sobel fail on cascading"
+    )
+    guided = cases["guided_backprop"].find("skipped")
+    assert guided is not None and guided.get("message", "").startswith(
+        "FAIL (method not required by the gate)"
+    )
+    assert case_props(cases["guided_backprop"])["verdict"] == "FAIL"
+    assert cases["gradient"].findtext("system-out") == "PASS: gradient pass on cascading"
+
+
+@pytest.mark.parametrize(
+    ("mode", "tag", "failures", "errors"),
+    [("error", "error", "0", "1"), ("fail", "failure", "1", "0"), ("pass", None, "0", "0")],
+)
+def test_a_required_inconclusive_verdict_follows_the_inconclusive_option(
+    mode: str, tag: str | None, failures: str, errors: str
+) -> None:
+    root = _document(
+        [v("gradient", "cascading", "INCONCLUSIVE"), v("control_sobel", "cascading", "FAIL")],
+        ["gradient"],
+        inconclusive=mode,
+    )
+    suite = root.find("testsuite")
+    assert suite is not None
+    assert (suite.get("failures"), suite.get("errors"), suite.get("skipped")) == (
+        failures,
+        errors,
+        "1",
+    )
+    (gradient,) = [c for c in suite.findall("testcase") if c.get("name") == "gradient"]
+    present = [t for t in ("failure", "error", "skipped") if gradient.find(t) is not None]
+    assert present == ([tag] if tag else [])
+    if tag is None:
+        assert "counted as a PASS (--inconclusive pass)" in (gradient.findtext("system-out") or "")
+    props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
+    assert props["inconclusive"] == mode
+
+
+def test_a_required_verdict_the_audit_lacks_is_an_error_case() -> None:
+    root = _document(
+        [v("gradient", "cascading", "PASS")], ["gradient"], tests=["cascading", "independent"]
+    )
+    suite = root.find("testsuite")
+    assert suite is not None
+    assert (suite.get("tests"), suite.get("errors"), suite.get("failures")) == ("2", "1", "0")
+    (missing,) = [c for c in suite.findall("testcase") if c.find("error") is not None]
+    assert missing.get("classname") == "saliency-audit.independent"
+    error = missing.find("error")
+    assert error is not None and error.get("type") == "MISSING"
+
+
 def test_progress_rewrites_one_line_on_a_terminal_and_writes_lines_otherwise() -> None:
     states = [
         {"state": "queued", "progress": 0.0, "step": "queued"},
@@ -222,14 +322,20 @@ def test_progress_rewrites_one_line_on_a_terminal_and_writes_lines_otherwise() -
         {"state": "succeeded", "progress": 1.0, "step": "done"},
     ]
     lines = io.StringIO()
-    progress = Progress(lines, tty=False)
+    now = [100.0]
+
+    def clock() -> float:  # ten seconds between two readings (an unchanged line reads none)
+        now[0] += 10.0
+        return now[0] - 10.0
+
+    progress = Progress(lines, tty=False, clock=clock)
     for state in states:
         progress.update(state)
     progress.close()
     assert lines.getvalue().splitlines() == [
-        "[  0.0%] queued: queued",
-        "[ 25.0%] running: maps",
-        "[100.0%] succeeded: done",
+        "[  0.0%] queued: queued (elapsed 0:10, ETA -)",
+        "[ 25.0%] running: maps (elapsed 0:20, ETA 0:30)",  # 25% in 10 s: 75% in 30 s
+        "[100.0%] succeeded: done (elapsed 0:30, ETA 0:00)",
     ]
     terminal = io.StringIO()
     progress = Progress(terminal, tty=True)
@@ -238,7 +344,7 @@ def test_progress_rewrites_one_line_on_a_terminal_and_writes_lines_otherwise() -
     progress.close()
     text = terminal.getvalue()
     assert text.count("\r") == 3 and text.count("\n") == 1 and text.endswith("\n")
-    assert "[" + "#" * 30 + "] 100.0% succeeded: done" in text
+    assert "[" + "#" * 30 + "] 100.0% succeeded: done (elapsed 0:00, ETA 0:00)" in text
     quiet = io.StringIO()
     progress = Progress(quiet, quiet=True, tty=True)
     progress.update(states[2])
@@ -358,6 +464,8 @@ def test_the_ci_examples_parse_and_their_gate_command_is_accepted() -> None:
     assert len(report) == 1 and report[0]["if"] == "always()"
     assert report[0]["with"]["path"] == str(args.junit)
     assert report[0]["with"]["reporter"] == "java-junit"
+    # the report is red exactly when the gate fails: no need to ignore its failures
+    assert "fail-on-error" not in report[0]["with"]
     assert steps.index(report[0]) > steps.index(gate_step)
 
     gitlab = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
@@ -420,12 +528,15 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     passing = cases[("saliency-audit.cascading", "gradient")]
     assert passing.find("failure") is None and passing.find("error") is None
     assert case_props(passing)["required"] == "true"
-    failing = cases[("saliency-audit.cascading", "guided_backprop")].find("failure")
+    # not required: reported, never failing the suite (a passing gate is a green report)
+    failing = cases[("saliency-audit.cascading", "guided_backprop")].find("skipped")
     assert failing is not None and "not below the threshold 0.473" in failing.get("message", "")
+    assert failing.get("type") == "FAIL"
     assert case_props(cases[("saliency-audit.cascading", "control_random")])["is_control"] == (
         "true"
     )
-    assert suite.get("errors") == "0" and suite.get("failures") == "2"  # guided bp, sobel
+    assert suite.get("errors") == "0" and suite.get("failures") == "0"
+    assert suite.get("skipped") == "3"  # guided bp, sobel, random: not required
     counts = (total(api, "/v1/models"), total(api, "/v1/datasets"), total(api, "/v1/audits"))
     assert counts == (1, 1, 1)
 
@@ -436,6 +547,16 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     assert "model: reusing" in again.stderr and "images: reusing" in again.stderr
     assert f"audit: attached to {audit_id}" in again.stderr
     assert junit(tmp_path / "again.xml")[2]["audit_id"] == audit_id
+
+    # --json: the decision and the verdicts as one JSON object, the same audit's report
+    as_json = gate(pg_server.url, key, *options, "--require", "gradient", "--json", "--quiet")
+    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    decided = json.loads(as_json.stdout)
+    assert (decided["outcome"], decided["exit_code"], decided["audit_id"]) == ("PASS", 0, audit_id)
+    assert decided["per_method"] == {"gradient": {"cascading": "PASS"}}
+    report = api.get(f"/v1/audits/{audit_id}/report.json").json()
+    assert decided["verdicts"] == report["verdicts"]
+    assert decided["policy"]["version"] == DEFAULT_VERSION
     assert (total(api, "/v1/models"), total(api, "/v1/datasets"), total(api, "/v1/audits")) == (
         counts
     )
@@ -451,18 +572,21 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     # --quiet: no progress lines and no notes (the reasons of the failure still come)
     assert not [line for line in failed.stderr.splitlines() if line.startswith("[")]
     assert "audit: " not in failed.stderr and "guided_backprop FAILs cascading" in failed.stderr
-    _, fail_cases, fail_props = junit(tmp_path / "fail.xml")
+    fail_suite, fail_cases, fail_props = junit(tmp_path / "fail.xml")
     assert fail_props["audit_id"] == audit_id
-    assert (
-        case_props(fail_cases[("saliency-audit.cascading", "guided_backprop")])["required"]
-        == "true"
-    )
+    guided = fail_cases[("saliency-audit.cascading", "guided_backprop")]
+    assert case_props(guided)["required"] == "true" and guided.find("failure") is not None
+    assert (fail_suite.get("failures"), fail_suite.get("errors")) == ("1", "0")
     assert total(api, "/v1/audits") == 1
 
     # a required method the audit does not run: an error before anything is submitted
     absent = gate(pg_server.url, key, *options, "--require", "gradcam")
     assert absent.returncode == 2
     assert "gradcam not in --methods" in absent.stderr
+    absent = gate(pg_server.url, key, *options, "--require", "gradcam", "--json")
+    assert absent.returncode == 2
+    refused = json.loads(absent.stdout)
+    assert (refused["outcome"], refused["code"]) == ("ERROR", "required_not_audited")
     assert total(api, "/v1/audits") == 1
 
 
@@ -508,10 +632,10 @@ def test_an_inconclusive_verdict_is_an_error_unless_told_otherwise(
     assert error is not None and gradient.find("failure") is None
     assert error.get("type") == "INCONCLUSIVE"
     assert "straddles the threshold 0.18" in error.get("message", "")
-    # guided backprop still FAILs, and stays a failure, not an error
+    # guided backprop still FAILs, but the gate does not require it: skipped, not a failure
     guided = cases[("saliency-audit.cascading", "guided_backprop")]
-    assert guided.find("failure") is not None and guided.find("error") is None
-    assert (suite.get("failures"), suite.get("errors")) == ("2", "1")
+    assert guided.find("skipped") is not None and guided.find("failure") is None
+    assert (suite.get("failures"), suite.get("errors")) == ("0", "1")
 
     as_fail = gate(pg_server.url, key, *options, "--inconclusive", "fail", "--quiet")
     assert as_fail.returncode == 1, as_fail.stdout + as_fail.stderr

@@ -95,11 +95,49 @@ def format_summary(report: dict[str, Any]) -> str:
         )
     if unusual:
         lines += ["not ok:", *unusual]
+    images = report.get("images") or []
+    if images:
+        lines += ["", format_explained(images)]
     if "layers" in (report.get("tests") or {}):
         lines += ["", format_layers(report["tests"]["layers"])]
     verdicts = report.get("verdicts") or []
     if verdicts:
         lines += ["", format_verdicts(report)]
+    return "\n".join(lines)
+
+
+EXPLAINED_ROWS = 16  # images listed by name; the rest are counted per class
+
+
+def class_label(index: int, name: str | None) -> str:
+    """``3 (triangle)``, or ``3`` when the model names no classes."""
+    return f"{index} ({name})" if name else str(index)
+
+
+def format_explained(images: list[dict[str, Any]]) -> str:
+    """The class each map explains (the target: index and name when known) per image, with
+    the model's prediction and the target's probability, then how many images explain each
+    class: a map explains one class, and which one is the first thing to check."""
+    width = max(12, *(len(str(i.get("name"))) + 2 for i in images[:EXPLAINED_ROWS]))
+    header = f"{'image':<{width}}{'explained class':<24}{'predicted':>10}{'p(class)':>10}"
+    lines = ["explained class per image (the maps explain this class's score)", header]
+    lines.append("-" * len(header))
+    for image in images[:EXPLAINED_ROWS]:
+        target = class_label(int(image["target"]), image.get("target_name"))
+        probability = image.get("probability")
+        lines.append(
+            f"{image.get('name')!s:<{width}}{target:<24}{image.get('predicted')!s:>10}"
+            f"{'-' if probability is None else format(probability, '.3f'):>10}"
+        )
+    counts: dict[tuple[int, str], int] = {}
+    for image in images:
+        index = int(image["target"])
+        key = (index, class_label(index, image.get("target_name")))
+        counts[key] = counts.get(key, 0) + 1
+    if len(images) > EXPLAINED_ROWS:
+        lines.append(f"... and {len(images) - EXPLAINED_ROWS} more images")
+    per_class = [f"{label} x{n}" for (_, label), n in sorted(counts.items())]
+    lines.append("explained classes: " + ", ".join(per_class))
     return "\n".join(lines)
 
 
@@ -199,3 +237,34 @@ def format_verdicts(report: dict[str, Any]) -> str:
             shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
             lines.append(f"  {shown}: {reason}")
     return "\n".join(lines)
+
+
+def format_duration(seconds: float) -> str:
+    """``75.2`` -> ``1:15``; ``3725`` -> ``1:02:05``."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class ProgressClock:
+    """Elapsed time and an ETA for progress lines (``saliency-audit run`` and ``gate``).
+
+    The ETA extrapolates the rate observed since the first progress reading, so attaching to
+    an audit already half done does not count the first half as if it took no time."""
+
+    def __init__(self, now: float) -> None:
+        self.started = now
+        self.first: tuple[float, float] | None = None  # (time, fraction) of the first reading
+
+    def text(self, fraction: float, now: float) -> str:
+        """``elapsed 0:12, ETA 0:30`` (``ETA -`` until there is a rate to extrapolate)."""
+        if self.first is None:
+            self.first = (now, fraction)
+        since, start = self.first
+        eta = "-"
+        if fraction >= 1.0:
+            eta = "0:00"
+        elif fraction > start and now > since:
+            eta = format_duration((now - since) * (1.0 - fraction) / (fraction - start))
+        return f"elapsed {format_duration(now - self.started)}, ETA {eta}"
