@@ -38,7 +38,7 @@ from service.cli import build_parser
 from service.client import retry_after_seconds, zip_folder_deterministic
 from service.config import Config
 from service.db import Database
-from service.gate import Progress, decide, idempotency_key, junit_document
+from service.gate import Progress, decide, idempotency_key, junit_document, write_junit
 from tests.servers import REFERENCE, REPO, Api, Server, Worker, new_key
 from workers.engine.policy import load_policy
 
@@ -271,6 +271,28 @@ def test_a_passing_gate_gives_a_green_junit_report() -> None:
     )
     assert case_props(cases["guided_backprop"])["verdict"] == "FAIL"
     assert cases["gradient"].findtext("system-out") == "PASS: gradient pass on cascading"
+
+
+def test_junitparser_reads_a_passing_gate_as_green_and_a_failing_one_as_red(
+    tmp_path: Path,
+) -> None:
+    """What CI reporters built on junitparser (and GitLab, above) count."""
+    import junitparser
+
+    verdicts = [
+        v("gradient", "cascading", "PASS"),
+        v("guided_backprop", "cascading", "FAIL"),
+        v("control_sobel", "cascading", "FAIL"),
+        v("control_random", "cascading", "PASS"),
+    ]
+    for required, expected in ((["gradient"], (0, 0, 3)), (["guided_backprop"], (1, 0, 3))):
+        path = tmp_path / f"{required[0]}.xml"
+        write_junit(path, _document(verdicts, required))
+        (suite,) = list(junitparser.JUnitXml.fromfile(str(path)))
+        assert (suite.failures, suite.errors, suite.skipped) == expected, required
+        results = {case.name: [type(r).__name__ for r in case.result] for case in suite}
+        assert results[required[0]] == (["Failure"] if expected[0] else [])
+        assert results["control_sobel"] == ["Skipped"]
 
 
 @pytest.mark.parametrize(
