@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", type=Path, default=Path("out"), help="output folder (default ./out)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_method_plugin_argument(run)
 
     sub.add_parser("methods", help="list the saliency methods, tests and similarity measures")
     sub.add_parser("policy", help="print the default verdict policy (JSON)")
@@ -221,14 +222,32 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return run_gate(args)
 
 
+def add_method_plugin_argument(run: argparse.ArgumentParser) -> None:
+    """``run --method-plugin module:callable[=name]``: your own explainer, audited by name."""
+    run.add_argument(
+        "--method-plugin",
+        dest="method_plugins",
+        action="append",
+        default=[],
+        metavar="MODULE:CALLABLE[=NAME]",
+        help="audit your own explainer, a callable (model, inputs, targets) -> maps, like a "
+        "built-in method under NAME (default: the callable's name); repeatable; the module is "
+        "imported from the Python path",
+    )
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from workers.engine.methods import METHODS
+    from workers.engine.methods.plugins import is_plugin, load_entry_point_explainers
+
+    load_entry_point_explainers()  # what the operator installed for the workers
     from workers.engine.sanity import TEST_INFO
     from workers.engine.spec import MEASURES
 
     print("methods:")
     for name, info in METHODS.items():
         kind = "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
+        kind = "plugin" if is_plugin(info) else kind
         print(f"  {name:<22}{kind:<9}{info.reference}")
     print("tests (--tests):")
     for name, test in TEST_INFO.items():
