@@ -30,8 +30,14 @@ def catalogue() -> dict[str, Any]:
     return value
 
 
-# the entry point group operators install explainers in (methods/plugins.py loads them)
+# the entry point group operators install explainers in (methods/plugins.py loads them), and
+# the family prefix that marks a method as such an explainer (kind "plugin")
 ENTRY_POINT_GROUP = "saliency_audit.explainers"
+PLUGIN_FAMILY_PREFIX = "plugin:"
+
+
+def _is_plugin(family: str) -> bool:
+    return family.startswith(PLUGIN_FAMILY_PREFIX)
 
 
 def plugin_methods() -> list[dict[str, Any]]:
@@ -50,7 +56,7 @@ def plugin_methods() -> list[dict[str, Any]]:
         asdict(
             MethodInfo(
                 name=point.name,
-                family=f"plugin:{point.name}",
+                family=PLUGIN_FAMILY_PREFIX + point.name,
                 reference=point.value,
                 description=f"explainer plugin {point.value} (installed by the operator)",
             )
@@ -81,12 +87,11 @@ def build_from_registry() -> dict[str, Any]:
     from dataclasses import asdict
 
     from .methods import METHODS
-    from .methods.plugins import is_plugin
     from .sanity import TEST_INFO
     from .spec import MEASURES
 
     return {
-        "methods": [asdict(info) for info in METHODS.values() if not is_plugin(info)],
+        "methods": [asdict(info) for info in METHODS.values() if not _is_plugin(info.family)],
         "tests": [
             {"name": name, "description": t.description, "reference": t.reference}
             for name, t in TEST_INFO.items()

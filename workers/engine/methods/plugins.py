@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..catalogue import ENTRY_POINT_GROUP
+from ..catalogue import ENTRY_POINT_GROUP, PLUGIN_FAMILY_PREFIX
 from ..contract.catalogue import MethodInfo
 from ..errors import SpecError
 from .base import FAMILIES, METHODS, MethodContext, MethodFamily
@@ -41,8 +41,6 @@ __all__ = [
     "register_explainer",
     "unregister_explainer",
 ]
-
-PLUGIN_FAMILY_PREFIX = "plugin:"
 
 
 class Explainer(Protocol):
