@@ -79,7 +79,8 @@ def load_explainer_plugins() -> tuple[str, ...]:
     """Register the explainers the operator installed in this worker's environment as entry
     points (group ``saliency_audit.explainers``), once per process: at worker start, and
     before the first audit of a process that was not started as a worker. A plugin that
-    cannot be loaded stops the worker with the reason (never an audit that skips it)."""
+    cannot be loaded is logged at start and fails every audit of this worker with the reason
+    (never an audit that silently runs without it)."""
     from workers.engine.methods.plugins import load_entry_point_explainers
 
     names = tuple(info.name for info in load_entry_point_explainers())
