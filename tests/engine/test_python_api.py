@@ -230,3 +230,23 @@ def test_readme_python_api_example_runs_as_written(
     assert {v["method"] for v in report["verdicts"]} >= {"gradient", "occlusion"}
     assert not any(is_plugin(info) for info in METHODS.values() if info.name == "gradient")
     assert os.path.exists(tmp_path / "out" / "maps.npz")
+
+
+def test_run_takes_a_zip_and_a_single_image_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = messy_folder(tmp_path)
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                z.write(p, p.relative_to(folder).as_posix())
+    for source, n in ((archive, 3), (folder / "0_1.png", 1)):
+        out = tmp_path / f"out_{n}"
+        argv = ["run", "--model", str(DIGITS_MODEL), "--images", str(source),
+                "--methods", "gradient", "--tests", "none", "--device", "cpu",
+                "--out", str(out), "--quiet"]  # fmt: skip
+        assert main(argv) == 0, capsys.readouterr().err
+        report = json.loads((out / "report.json").read_text())
+        assert len(report["images"]) == n
+    assert "__MACOSX/._0_0.png (macOS metadata)" in capsys.readouterr().out
