@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_json_argument(
         run, "report.json's content on stdout instead of the tables (notes go to stderr)"
     )
+    add_method_plugin_argument(run)
 
     methods = sub.add_parser(
         "methods", help="list the saliency methods, tests and similarity measures"
@@ -313,12 +314,31 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return run_gate(args)
 
 
+def add_method_plugin_argument(run: argparse.ArgumentParser) -> None:
+    """``run --method-plugin module:callable[=name]``: your own explainer, audited by name."""
+    run.add_argument(
+        "--method-plugin",
+        dest="method_plugins",
+        action="append",
+        default=[],
+        metavar="MODULE:CALLABLE[=NAME]",
+        help="audit your own explainer, a callable (model, inputs, targets) -> maps, like a "
+        "built-in method under NAME (default: the callable's name); repeatable; the module is "
+        "imported from the Python path",
+    )
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from workers.engine.methods import METHODS
+    from workers.engine.methods.plugins import is_plugin, load_entry_point_explainers
     from workers.engine.sanity import TEST_INFO
     from workers.engine.spec import MEASURES
 
+    load_entry_point_explainers()  # what the operator installed for the workers
+
     def kind(info: Any) -> str:
+        if is_plugin(info):
+            return "plugin"
         return "control" if info.is_control else ("layer" if info.needs_conv_layer else "input")
 
     if args.json:

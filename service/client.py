@@ -234,17 +234,22 @@ def zip_folder(folder: Path) -> bytes:
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-def zip_folder_deterministic(folder: Path) -> bytes:
+def zip_folder_deterministic(
+    folder: Path, skip: Callable[[tuple[str, ...]], bool] | None = None
+) -> bytes:
     """The folder's files as a zip whose bytes depend only on the files' relative paths and
     contents: names sorted, every timestamp 1980-01-01, the same permissions, so the archive's
     sha256 is the same on every run and machine (what lets a release gate find an upload the
     service already has). Members are stored, not deflated (images are compressed already, and
     no compressor version can change the bytes). Hidden files are left out, as in
-    :func:`zip_folder`."""
+    :func:`zip_folder`; ``skip(path segments)``, when given, decides instead."""
     entries = []
     for path in folder.rglob("*"):
         relative = path.relative_to(folder)
-        if path.is_file() and not any(p.startswith(".") for p in relative.parts):
+        if not path.is_file():
+            continue
+        skipped = skip(relative.parts) if skip else any(p.startswith(".") for p in relative.parts)
+        if not skipped:
             entries.append((relative.as_posix(), path))
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:

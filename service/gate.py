@@ -563,7 +563,7 @@ def _dataset(
     assert path is not None
     data: bytes | None = None
     if path.is_dir():
-        data = zip_folder_deterministic(path)
+        data = _zip_image_set(path, what, note)
         sha = hashlib.sha256(data).hexdigest()
     else:
         sha = sha256_file(path)
@@ -579,6 +579,27 @@ def _dataset(
         row = client.upload_dataset(path, metadata)
     note(f"{what}: uploaded {row['id']} (sha256 {sha[:12]}, {row['n_images']} images)")
     return row
+
+
+def _zip_image_set(folder: Path, what: str, note: Callable[[str], None]) -> bytes:
+    """The folder as a deterministic zip without the files that are not part of an image set
+    (hidden files, ``__MACOSX``, ``.txt`` notes: the rule ``saliency-audit run`` and the
+    upload apply, :func:`workers.engine.image_files.skip_reason`), noted by name."""
+    from workers.engine.image_files import IMAGE_SET_FILES, skip_reason, skipped_note
+
+    skipped: list[str] = []
+
+    def skip(parts: tuple[str, ...]) -> bool:
+        reason = skip_reason(parts, keep=IMAGE_SET_FILES)
+        if reason is not None:
+            skipped.append(f"{'/'.join(parts)} ({reason})")
+        return reason is not None
+
+    data = zip_folder_deterministic(folder, skip)
+    message = skipped_note(sorted(skipped))
+    if message:
+        note(f"{what}: {message}")
+    return data
 
 
 def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], None]) -> int:

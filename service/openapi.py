@@ -449,6 +449,12 @@ def _schemas() -> dict[str, Schema]:
             "class_names": _nullable("array", items={"type": "string"}),
             "has_masks": {"type": "boolean"},
             "has_boxes": {"type": "boolean"},
+            "skipped": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Archive members left out because they are not images (hidden "
+                "files, __MACOSX, text notes), each with the reason.",
+            },
             "created_at": DATE_TIME,
             "links": _object({"self": LINK}),
         },

@@ -2,8 +2,8 @@
 
 The local twin of the worker's audit task (:mod:`workers.tasks`): it loads the model and the
 images from files instead of the database and the artifact store, calls the same engine entry
-point (:func:`workers.engine.runner.run_audit`), and writes ``report.json`` and ``maps.npz`` to
-a folder instead of rows and artifacts. torch and the engine are imported inside
+point (:func:`workers.engine.api.audit`, the Python API), and writes ``report.json`` and
+``maps.npz`` to a folder instead of rows and artifacts. torch and the engine are imported inside
 :func:`run_local`, so the command line that dispatches to it stays light.
 """
 
@@ -48,20 +48,19 @@ def run_local(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    import numpy as np
     import torch
 
+    from workers.engine.api import audit, read_images
     from workers.engine.data_randomization import LabeledImages
     from workers.engine.images import (
-        load_image_folder,
         load_labeled_folder,
         load_mask_folder,
         masks_tensor,
         preprocess,
     )
     from workers.engine.methods import METHODS
+    from workers.engine.methods.plugins import is_plugin
     from workers.engine.models.loader import load_model
-    from workers.engine.runner import run_audit
     from workers.engine.spec import (
         ANALYSES,
         MEASURES,
@@ -86,7 +85,12 @@ def _run(args: argparse.Namespace) -> int:
     except TypeError as exc:
         print(f"error: invalid training recipe: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    methods = args.methods or [n for n, info in METHODS.items() if not info.is_control]
+    plugins = _register_method_plugins(getattr(args, "method_plugins", None) or [])
+    methods = (
+        args.methods
+        or [n for n, info in METHODS.items() if not info.is_control and not is_plugin(info)]
+        + plugins
+    )
     tests = args.tests
     if tests == ["none"]:
         tests = []
@@ -128,13 +132,13 @@ def _run(args: argparse.Namespace) -> int:
         file=say,
         flush=True,
     )
-    decoded = load_image_folder(args.images, model.input_spec.channels)
-    images = preprocess(decoded, model.input_spec)
+    read = read_images(args.images, model.input_spec)
+    if read.note:
+        print(f"note: {read.note}", file=say, flush=True)
+        model.notes.append(read.note)
     masks = None
     if args.masks is not None:
-        masks = masks_tensor(
-            load_mask_folder(args.masks, [d.name for d in decoded]), model.input_spec
-        )
+        masks = masks_tensor(load_mask_folder(args.masks, read.names), model.input_spec)
     train = None
     if args.train is not None:
         train_images, labels, _ = load_labeled_folder(
@@ -169,24 +173,21 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{fraction * 100:5.1f}%] {step} ({timing})", file=sys.stderr, flush=True)
             last[0] = now
 
-    result = run_audit(
+    result = audit(
         model,
-        images,
-        spec,
-        image_names=[d.name for d in decoded],
+        read.tensor,
+        spec=spec,
+        image_names=read.names,
         train=train,
         random_label_model=random_label_model,
         masks=masks,
         progress=progress,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = args.out / "report.json"
+    report = result.write(args.out)
     document = result.to_dict()
-    report.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
-    np.savez_compressed(args.out / "maps.npz", **result.maps)  # type: ignore[arg-type]
     written = [report, args.out / "maps.npz"]
     if report_formats:
-        written += write_reports(document, result, decoded, args.out, report_formats)
+        written += write_reports(document, result, read.decoded, args.out, report_formats)
     if as_json:
         print(json.dumps(document, indent=2, allow_nan=False))
     else:
@@ -264,3 +265,17 @@ def write_reports(
             path.write_text(render_html(with_pictures, pngs.__getitem__), encoding="utf-8")
         written.append(path)
     return written
+
+
+def _register_method_plugins(targets: list[str]) -> list[str]:
+    """``--method-plugin module:callable[=name]``: import and register each explainer (code
+    the person running the audit chose; the service never imports code a request names).
+    Returns the registered names, in order."""
+    from workers.engine.methods.plugins import load_explainer, register_explainer
+
+    names = []
+    for target in targets:
+        name, explainer = load_explainer(target)
+        register_explainer(name, explainer, reference=target.partition("=")[0], replace=True)
+        names.append(name)
+    return names

@@ -22,6 +22,7 @@ from typing import Any
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_init
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
@@ -69,6 +70,26 @@ def register_tasks(app: Celery) -> None:
         (INSPECT_TASK, inspect_model_task, {}),
     ):
         app.task(name=name, bind=True, shared=False, **options)(function)
+    worker_init.connect(_load_explainer_plugins_at_start, weak=False)
+
+
+def _load_explainer_plugins_at_start(**_: Any) -> None:
+    load_explainer_plugins()
+
+
+@cache
+def load_explainer_plugins() -> tuple[str, ...]:
+    """Register the explainers the operator installed in this worker's environment as entry
+    points (group ``saliency_audit.explainers``), once per process: at worker start, and
+    before the first audit of a process that was not started as a worker. A plugin that
+    cannot be loaded is logged at start and fails every audit of this worker with the reason
+    (never an audit that silently runs without it)."""
+    from workers.engine.methods.plugins import load_entry_point_explainers
+
+    names = tuple(info.name for info in load_entry_point_explainers())
+    if names:
+        log.info("explainer plugins: %s", ", ".join(names))
+    return names
 
 
 @cache
@@ -417,13 +438,15 @@ def load_inputs(rt: Runtime, audit_id: str) -> Inputs:
 
 
 def compute(inputs: Inputs, spec: Any, progress: Any) -> Any:
-    """``run_audit`` on the loaded inputs with ``spec`` (the whole audit's, or a part's)."""
-    from workers.engine.runner import run_audit
+    """The engine's :func:`~workers.engine.api.audit` (what ``saliency-audit run`` and the
+    Python API call) on the loaded inputs with ``spec`` (the whole audit's, or a part's)."""
+    from workers.engine.api import audit
 
-    return run_audit(
+    load_explainer_plugins()
+    return audit(
         inputs.model,
         inputs.images,
-        spec,
+        spec=spec,
         image_names=[d.name for d in inputs.decoded],
         train=inputs.train,
         masks=inputs.masks,

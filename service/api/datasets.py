@@ -54,6 +54,7 @@ def render(row: DatasetRecord, with_images: bool = False) -> dict[str, Any]:
         "class_names": row.class_names,
         "has_masks": row.has_masks,
         "has_boxes": row.has_boxes,
+        "skipped": list((row.manifest or {}).get("skipped", [])),
         "created_at": iso(row.created_at),
         "links": {"self": url_for("datasets.get_dataset", dataset_id=row.id)},
     }

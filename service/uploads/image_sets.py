@@ -21,8 +21,12 @@ Image names are paths relative to the set's root without ``images/`` (``a.png``,
 its file name (``masks/a.png`` is the mask of ``a.png`` or of ``cat/a.png``), so when masks
 are present image stems must be unique. ``images`` and ``masks`` are never class names.
 A boxes.json entry may be ``[]`` (no object); images it does not name have no boxes. Any
-other file is refused (``unexpected_member``); so are links, devices, duplicate names,
-unsafe paths (absolute, ``..``, backslashes, drive letters, NUL) and nested archives.
+other file that is not an image (a ``.txt`` note, ``desktop.ini``) is skipped and listed in
+the manifest's ``skipped`` (the rule ``saliency-audit run`` and the release gate apply:
+:func:`workers.engine.image_files.skip_reason`), after the same size and nested-archive checks
+as any member; links, devices, duplicate names, unsafe paths (absolute, ``..``, backslashes,
+drive letters, NUL), oversize members and nested archives are refused. An image file that does
+not fit the layout is refused too (``unexpected_member``).
 Only when the whole archive validates is each image and mask handed to ``sink``, in a second
 pass over the archive, so a refusal never stores anything.
 """
@@ -35,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from workers.engine.image_files import ALLOWED_SUFFIXES
+from workers.engine.image_files import ALLOWED_SUFFIXES, IMAGE_SET_FILES, skip_reason
 
 from .archives import (
     ARCHIVE_ERRORS,
@@ -72,6 +76,8 @@ class DatasetManifest:
     has_masks: bool
     has_boxes: bool
     total_bytes: int  # uncompressed bytes handed to the sink (images and masks)
+    # members that are not images, with the reason: "notes.txt (not an image)"
+    skipped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,9 +115,12 @@ def read_dataset_archive(
             "unsupported_format",
             status=415,
         )
-    entries = _first_pass(path, kind, limits, size)
+    skipped: list[str] = []
+    entries = _first_pass(path, kind, limits, size, skipped)
     plan, manifest_fields = _plan(entries, limits)
-    return _second_pass(path, kind, limits, plan, manifest_fields, sink)
+    manifest = _second_pass(path, kind, limits, plan, manifest_fields, sink)
+    manifest.skipped = sorted(skipped)
+    return manifest
 
 
 # ---- pass 1: every member once, under the caps ---------------------------------------------
@@ -138,13 +147,16 @@ class _Totals:
     images: int = 0  # masks included
 
 
-def _first_pass(path: Path, kind: str, limits: ArchiveLimits, size: int) -> dict[str, _Entry]:
+def _first_pass(
+    path: Path, kind: str, limits: ArchiveLimits, size: int, skipped: list[str]
+) -> dict[str, _Entry]:
+    """The members kept, checked; what the layout skips is appended to ``skipped``."""
     entries: dict[str, _Entry] = {}
     seen: set[str] = set()
     totals = _Totals()
     try:
         for m in iter_members(path, kind, limits):
-            parts = _kept_parts(m, seen, limits)
+            parts = _kept_parts(m, seen, limits, skipped)
             if parts is None:
                 continue
             key = "/".join(parts)
@@ -152,6 +164,10 @@ def _first_pass(path: Path, kind: str, limits: ArchiveLimits, size: int) -> dict
             totals.bytes += m.size
             _check_total_size(totals.bytes, limits, size)
             data = _read_member(m, key, limits)
+            reason = skip_reason(parts, keep=IMAGE_SET_FILES)
+            if reason is not None:  # checked like any member, then left out
+                skipped.append(f"{key} ({reason})")
+                continue
             entries[key] = _check_content(parts, data, limits, totals)
     except UploadRejected:
         raise
@@ -167,18 +183,19 @@ def _corrupt(exc: BaseException) -> UploadRejected:
     )
 
 
-def _is_ignored(parts: tuple[str, ...]) -> bool:
-    return (
-        any(p.startswith(".") for p in parts)
-        or parts[0] == "__MACOSX"
-        or parts[-1].lower() == "thumbs.db"
-    )
+def _ignored_reason(parts: tuple[str, ...]) -> str | None:
+    """Hidden files, ``__MACOSX`` and system files: skipped before any other check (files
+    that are merely not images are checked like any member first)."""
+    reason = skip_reason(parts, keep=IMAGE_SET_FILES)
+    return None if reason == "not an image" else reason
 
 
-def _kept_parts(m: Member, seen: set[str], limits: ArchiveLimits) -> tuple[str, ...] | None:
+def _kept_parts(
+    m: Member, seen: set[str], limits: ArchiveLimits, skipped: list[str]
+) -> tuple[str, ...] | None:
     """The member's path segments, or None for what the layout skips (the root, directories,
-    hidden and system files); refuses links, special files, duplicates, deep or encrypted
-    members."""
+    hidden and system files, listed in ``skipped``); refuses links, special files,
+    duplicates, deep or encrypted members."""
     parts = normalize_name(m.name)
     if not parts:
         return None  # the archive root itself ("./")
@@ -204,7 +221,9 @@ def _kept_parts(m: Member, seen: set[str], limits: ArchiveLimits) -> tuple[str, 
             member=key,
         )
     seen.add(key)
-    if _is_ignored(parts):
+    reason = _ignored_reason(parts)
+    if reason is not None:
+        skipped.append(f"{key} ({reason})")
         return None
     if len(parts) - 1 > limits.max_depth:
         raise _reject(

@@ -38,7 +38,14 @@ from service.cli import build_parser
 from service.client import retry_after_seconds, zip_folder_deterministic
 from service.config import Config
 from service.db import Database
-from service.gate import Progress, decide, idempotency_key, junit_document, write_junit
+from service.gate import (
+    Progress,
+    _zip_image_set,
+    decide,
+    idempotency_key,
+    junit_document,
+    write_junit,
+)
 from tests.servers import REFERENCE, REPO, Api, Server, Worker, new_key
 from workers.engine.policy import load_policy
 
@@ -464,6 +471,28 @@ def _gate_command(script: str) -> list[str]:
     words = shlex.split(script.replace("\\\n", " "))
     assert words[:2] == ["saliency-audit", "gate"], words
     return words[1:]
+
+
+def test_the_gate_zips_a_folder_without_its_notes_and_says_which(
+    images: Path, tmp_path: Path
+) -> None:
+    # the same extras saliency-audit run and image-set uploads skip (tests/engine/
+    # test_python_api.py, tests/service/test_uploads.py)
+    messy = tmp_path / "messy"
+    shutil.copytree(images, messy)
+    (messy / "notes.txt").write_text("taken on Tuesday\n")
+    (messy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (messy / "__MACOSX").mkdir()
+    (messy / "__MACOSX" / "._a.png").write_bytes(b"\0\5\26\7")
+    notes: list[str] = []
+    assert _zip_image_set(messy, "images", notes.append) == zip_folder_deterministic(images)
+    assert notes == [
+        "images: skipped 3 file(s) that are not images: .DS_Store (hidden), "
+        "__MACOSX/._a.png (macOS metadata), notes.txt (not an image)"
+    ]
+    notes.clear()
+    _zip_image_set(images, "images", notes.append)
+    assert notes == []
 
 
 def test_the_ci_examples_parse_and_their_gate_command_is_accepted() -> None:

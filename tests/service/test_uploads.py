@@ -151,7 +151,7 @@ def test_unsafe_pickle_names_the_global_it_refuses(tmp_path: Path) -> None:
 
 
 def test_archive_member_errors_name_the_member(tmp_path: Path) -> None:
-    case = next(c for c in DATASET_CASES if c.name == "a non-image member")
+    case = next(c for c in DATASET_CASES if c.name == "a zip archive named notes.txt")
     with pytest.raises(UploadRejected, match=r"notes\.txt") as caught:
         _read(_write(tmp_path, case.data, "set.zip"))
     assert caught.value.extra["member"] == "notes.txt"
@@ -657,3 +657,25 @@ def test_ordered_dict_state_dicts_and_plain_dicts_are_both_accepted(tmp_path: Pa
     for name, obj in (("od.pt", OrderedDict(state)), ("d.pt", dict(state))):
         info = _inspect(_torch_file(tmp_path, obj, name), "resnet18")
         assert (info.tensors, info.parameters) == (2, 8)
+
+
+def test_non_image_members_are_skipped_and_listed_not_refused(tmp_path: Path) -> None:
+    # the same folder contents as saliency-audit run and the gate see (tests/engine,
+    # tests/service/test_gate.py): a note, macOS metadata, a hidden file
+    junk = b"not an image"
+    extra = [
+        ("notes.txt", b"taken on Tuesday\n"),
+        (".DS_Store", junk),
+        ("__MACOSX/._circle_0.png", junk),
+        ("run.sh", b"#!/bin/sh\n"),
+    ]
+    manifest, sink = _read(_write(tmp_path, valid_dataset_zip(3, extra=extra), "set.zip"))
+    assert manifest.n_images == 3
+    assert manifest.skipped == [
+        ".DS_Store (hidden)",
+        "__MACOSX/._circle_0.png (macOS metadata)",
+        "notes.txt (not an image)",
+        "run.sh (not an image)",
+    ]
+    assert all(data != junk and not data.startswith(b"#!") for _, data in sink.calls)
+    assert manifest.to_dict()["skipped"] == manifest.skipped

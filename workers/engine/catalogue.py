@@ -21,9 +21,48 @@ from .errors import SpecError
 
 @cache
 def catalogue() -> dict[str, Any]:
+    """The built-in methods, tests and measures (``catalogue.json``) plus the explainers
+    installed as entry points (:func:`plugin_methods`)."""
     text = resources.files(__package__).joinpath("catalogue.json").read_text()
     value: dict[str, Any] = CatalogueFile.model_validate_json(text).model_dump(mode="json")
+    builtin = {m["name"] for m in value["methods"]}
+    value["methods"] += [m for m in plugin_methods() if m["name"] not in builtin]
     return value
+
+
+# the entry point group operators install explainers in (methods/plugins.py loads them), and
+# the family prefix that marks a method as such an explainer (kind "plugin")
+ENTRY_POINT_GROUP = "saliency_audit.explainers"
+PLUGIN_FAMILY_PREFIX = "plugin:"
+
+
+def _is_plugin(family: str) -> bool:
+    return family.startswith(PLUGIN_FAMILY_PREFIX)
+
+
+def plugin_methods() -> list[dict[str, Any]]:
+    """Catalogue entries of the explainers installed in this environment as entry points in
+    :data:`ENTRY_POINT_GROUP`, read from the installed packages' metadata only: nothing is
+    imported, so the API process (torch-free) lists what the workers run without loading any
+    plugin code. Operators install the same plugin packages in the API and worker images
+    (docs/plugins.md)."""
+    from dataclasses import asdict
+    from importlib.metadata import entry_points
+
+    from .contract.catalogue import MethodInfo
+
+    points = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda p: p.name)
+    return [
+        asdict(
+            MethodInfo(
+                name=point.name,
+                family=PLUGIN_FAMILY_PREFIX + point.name,
+                reference=point.value,
+                description=f"explainer plugin {point.value} (installed by the operator)",
+            )
+        )
+        for point in points
+    ]
 
 
 def method_names() -> list[str]:
@@ -52,7 +91,7 @@ def build_from_registry() -> dict[str, Any]:
     from .spec import MEASURES
 
     return {
-        "methods": [asdict(info) for info in METHODS.values()],
+        "methods": [asdict(info) for info in METHODS.values() if not _is_plugin(info.family)],
         "tests": [
             {"name": name, "description": t.description, "reference": t.reference}
             for name, t in TEST_INFO.items()

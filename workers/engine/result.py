@@ -6,7 +6,9 @@ stores; ``AuditResult.from_dict`` reads it back (maps are kept out of JSON and t
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,16 @@ class AuditResult:
             "policy": self.policy,
             "tests": {k: v.to_dict() for k, v in self.tests.items()},
         }
+
+    def write(self, folder: str | Path) -> Path:
+        """Write ``report.json`` and ``maps.npz`` (method -> (N, H, W) maps) into ``folder``,
+        as ``saliency-audit run`` does; returns the report's path."""
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        report = out / "report.json"
+        report.write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        np.savez_compressed(out / "maps.npz", **self.maps)  # type: ignore[arg-type]
+        return report
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditResult:

@@ -34,7 +34,7 @@ class LoadedModel:
 
     module: nn.Module
     input_spec: InputSpec
-    source: Literal["onnx", "torchvision"]
+    source: Literal["onnx", "torchvision", "torch"]
     sha256: str
     architecture: str | None = None
     onnx_bytes: bytes | None = None
