@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torchvision architecture name (e.g. resnet18); --model is then a .safetensors "
         "file or a state dict saved with torch.save",
     )
-    run.add_argument("--images", required=True, type=Path, help="folder of images")
+    run.add_argument(
+        "--images",
+        required=True,
+        type=Path,
+        help="the images: a folder, a zip or tar archive, image files or a glob (files that are not images are skipped and listed)",
+    )
     run.add_argument(
         "--methods",
         type=csv_list,
