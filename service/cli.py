@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         required=True,
         type=Path,
-        help="the images: a folder, a zip or tar archive, image files or a glob (files that are not images are skipped and listed)",
+        help="the images: a folder, a zip or tar archive, image files or a glob (files that "
+        "are not images are skipped and listed)",
     )
     run.add_argument(
         "--methods",
