@@ -221,6 +221,8 @@ class Audit(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_sha256: Mapped[str] = mapped_column(String(64))
     task_id: Mapped[str | None] = mapped_column(String(64))
+    # the broker queue its message went to: a worker's fair claim picks from its own queue
+    queue: Mapped[str | None] = mapped_column(String(200))
     worker: Mapped[str | None] = mapped_column(String(200))  # hostname:pid of the attempt
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     report_sha256: Mapped[str | None] = mapped_column(String(64))
