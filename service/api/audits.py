@@ -28,6 +28,7 @@ from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 from .. import purge, routes
 from ..app import state
 from ..artifacts import ArtifactMissing
+from ..config import Config
 from ..jobs import announce_finished
 from ..models import (
     AUDIT_STATES,
@@ -42,6 +43,7 @@ from ..models import (
     utcnow,
 )
 from ..problems import ApiError
+from ..quotas import check_queued_audits
 from ..webhooks import WebhookUrlError, check_url, new_secret
 from .common import check_keys, get_owned, iso, json_body, paginated, tenant_id
 
@@ -208,6 +210,12 @@ def _replay(session: Any, key: str, fingerprint: str) -> Audit | None:
     return existing
 
 
+def check_quotas(session: Any, config: Config) -> None:
+    """The tenant's audit quotas (:mod:`service.quotas`): 429 ``too_many_audits`` while its
+    queue is full. (Its running cap is applied by the workers' fair claim, not here.)"""
+    check_queued_audits(session, config, tenant_id())
+
+
 @bp.post("")
 def submit() -> Any:
     st = state()
@@ -246,6 +254,7 @@ def submit() -> Any:
                     "unlabeled_training_set",
                     "train_dataset_id must be a labeled dataset (one folder of images per class)",
                 )
+        check_quotas(session, st.config)
         if "data_randomization" in spec["tests"] and train_id is None:
             raise ApiError(
                 422,

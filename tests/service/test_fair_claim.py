@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from service.artifacts import ArtifactStore
 from service.config import Config
@@ -41,12 +41,20 @@ def fair(pg_config: Config, tmp_path: Path) -> Iterator[tuple[Runtime, Recording
     broker = RecordingBroker()
     db = Database.from_config(config)
     yield Runtime(config, db, ArtifactStore(tmp_path / "store"), Enqueuer(config, broker)), broker
+    with db.session() as session:  # the rows made here name no stored file: leave none behind
+        for tenant in session.scalars(select(Tenant).where(Tenant.name.like(f"{UNIT}-%"))):
+            for table in (Audit, ModelRecord, DatasetRecord):
+                session.execute(delete(table).where(table.tenant_id == tenant.id))
+            session.delete(tenant)
     db.dispose()
+
+
+UNIT = f"fair-unit-{secrets.token_hex(3)}"
 
 
 def tenant_with_inputs(db: Database) -> tuple[str, str, str]:
     with db.session() as session:
-        tenant = Tenant(name=f"fair-{secrets.token_hex(4)}")
+        tenant = Tenant(name=f"{UNIT}-{secrets.token_hex(4)}")
         session.add(tenant)
         session.flush()
         model = ModelRecord(
