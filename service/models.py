@@ -204,6 +204,8 @@ class Audit(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_audits_tenant_idem"),
         Index("ix_audits_state_heartbeat", "state", "heartbeat_at"),
         Index("ix_audits_tenant_created", "tenant_id", "created_at"),
+        # the fair claim's "served longest ago": a tenant's latest claim is one index lookup
+        Index("ix_audits_tenant_started", "tenant_id", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

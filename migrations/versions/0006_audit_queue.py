@@ -1,5 +1,5 @@
 """audits: the broker queue an audit's message was sent to, so the fair claim of a worker on
-one queue only picks audits sent to that queue
+one queue only picks audits sent to that queue; an index for a tenant's latest claim
 
 Revision ID: 0006
 Revises: 0005
@@ -22,8 +22,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("audits", schema=None) as batch_op:
         batch_op.add_column(sa.Column("queue", sa.String(length=200), nullable=True))
+        batch_op.create_index("ix_audits_tenant_started", ["tenant_id", "started_at"])
 
 
 def downgrade() -> None:
     with op.batch_alter_table("audits", schema=None) as batch_op:
+        batch_op.drop_index("ix_audits_tenant_started")
         batch_op.drop_column("queue")
