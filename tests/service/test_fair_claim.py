@@ -5,6 +5,7 @@ worker: a tenant that submitted a backlog does not make a second tenant wait for
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
@@ -251,3 +252,54 @@ def test_a_second_tenants_audit_starts_before_a_busy_tenants_backlog_is_done(
     started_before = [a for a in backlog if rows[a].started_at < late_start]  # type: ignore[operator]
     # only the audit that was already running (the backlog's head) ran before the other tenant's
     assert started_before == backlog[:1], [(a, rows[a].started_at) for a in backlog]
+
+
+def test_a_tenant_at_its_running_cap_runs_one_audit_at_a_time_on_two_workers(
+    pg_config: Config,
+    pg_database: Database,
+    worker_factory: Callable[[Config], Worker],
+    tmp_path: Path,
+) -> None:
+    config = pg_config.with_overrides(
+        data_dir=tmp_path,
+        artifact_dir=pg_config.resolved_artifact_dir,
+        queue=f"gpu-cap-{secrets.token_hex(3)}",
+        cpu_queue=f"cpu-cap-{secrets.token_hex(3)}",
+        max_running_audits_per_tenant=1,
+    )
+    server = start_server(config, "--no-worker")
+    try:
+        worker_factory(config)
+        worker_factory(config)
+        api = Api(server.url, new_key(pg_database))
+        model = api.upload_model(DIGITS_MODEL)
+        dataset = api.upload_dataset(digits_zip(2))
+        ids = [
+            api.post(
+                "/v1/audits",
+                json={
+                    "model_id": model["id"],
+                    "dataset_id": dataset["id"],
+                    "methods": ["gradient"],
+                    "tests": [],
+                    "seed": seed,
+                },
+            ).json()["id"]
+            for seed in range(3)
+        ]
+        # the second worker's messages wait (sent again a little later) instead of running a
+        # second audit of the tenant; none is lost
+        for audit_id in ids:
+            assert api.wait(audit_id, timeout_s=180)["state"] == "succeeded"
+    finally:
+        server.stop()
+    with pg_database.session() as session:
+        rows = sorted(
+            session.scalars(select(Audit).where(Audit.id.in_(ids))),
+            key=lambda row: row.started_at or utcnow(),
+        )
+    for earlier, later in itertools.pairwise(rows):
+        assert earlier.finished_at is not None and later.started_at is not None
+        assert later.started_at >= earlier.finished_at, [
+            (r.id, r.started_at, r.finished_at) for r in rows
+        ]
