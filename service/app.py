@@ -19,6 +19,7 @@ from .artifacts import ArtifactStore
 from .config import Config
 from .db import Database
 from .jobs import Enqueuer, broker_probe, reconcile
+from .quotas import RateLimiter
 
 log = logging.getLogger(__name__)
 # The HTML the service serves (the report and /docs) is self-contained: inline CSS, data: URI
@@ -90,6 +91,17 @@ def create_app(config: Config | None = None, *, celery_app: Any | None = None) -
 
             with st.db.session() as session:
                 require_tenant(session)
+
+    limiter = RateLimiter(config)
+    app.extensions["saliency_audit_rate_limiter"] = limiter
+
+    @app.before_request
+    def _rate_limit() -> None:
+        # after authentication: the bucket is the tenant's (an unauthenticated request was
+        # refused already)
+        tenant = getattr(g, "tenant_id", None)
+        if tenant is not None and request.method != "OPTIONS":
+            limiter.check(tenant)
 
     @app.after_request
     def _headers(response: Any) -> Any:

@@ -71,6 +71,17 @@ class Config:
     # deliver to loopback and private addresses too (off: a tenant must not reach the
     # service's own network through it)
     webhook_allow_private: bool = False
+    # tenant quotas (docs/service.md, "Quotas and fair scheduling"); 0 = unlimited
+    max_queued_audits_per_tenant: int = 1000
+    # a tenant with this many running audits is skipped by the fair claim (its audits wait)
+    max_running_audits_per_tenant: int = 0
+    # a token bucket per tenant: refilled at rate_limit_per_s, holding up to rate_limit_burst
+    rate_limit_per_s: float = 100.0
+    rate_limit_burst: int = 1000
+    # bytes of live models, datasets and audit artifacts per tenant
+    max_stored_bytes_per_tenant: int = 100 * 1024 * MiB
+    # Retry-After of a refused submit (too many queued audits)
+    queue_full_retry_after_s: int = 30
     log_level: str = "INFO"
 
     @property
@@ -113,6 +124,17 @@ class Config:
             raise ConfigError("max_attempts must be >= 1")
         if self.audit_parts < 1:
             raise ConfigError("audit_parts must be >= 1")
+        for name in (
+            "max_queued_audits_per_tenant",
+            "max_running_audits_per_tenant",
+            "rate_limit_per_s",
+            "rate_limit_burst",
+            "max_stored_bytes_per_tenant",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: unlimited)")
+        if self.rate_limit_per_s > 0 and self.rate_limit_burst < 1:
+            raise ConfigError("rate_limit_burst must be >= 1 when rate_limit_per_s is set")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -88,14 +88,23 @@ class Enqueuer:
             self._app = celery_client(self.config)
         return self._app
 
-    def send(self, task: str, audit_id: str, queue: str, task_id: str | None = None) -> bool:
-        """Send one task; False (logged) when the broker is unreachable."""
+    def send(
+        self,
+        task: str,
+        audit_id: str,
+        queue: str,
+        task_id: str | None = None,
+        countdown: float | None = None,
+    ) -> bool:
+        """Send one task (``countdown`` seconds from now when given); False (logged) when the
+        broker is unreachable."""
         try:
             self.app.send_task(
                 task,
                 args=[audit_id],
                 task_id=task_id or uuid.uuid4().hex,
                 queue=queue,
+                countdown=countdown,
                 retry=True,
                 retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
             )
@@ -119,7 +128,7 @@ class Enqueuer:
             session.execute(
                 update(Audit)
                 .where(Audit.id == audit_id, Audit.state == "queued")
-                .values(task_id=task_id, enqueued_at=utcnow())
+                .values(task_id=task_id, enqueued_at=utcnow(), queue=self.config.queue)
             )
         return True
 
@@ -218,6 +227,214 @@ def claim(db: Database, audit_id: str, worker: str, config: Config) -> Claim:
             return Claim.BUSY
         clear_results(session, audit_id)
     return Claim.CLAIMED
+
+
+# ---------------------------------------------------------------------------------- fair claim
+
+# a message whose pick went to another worker tries again this many times before giving up
+FAIR_CLAIM_TRIES = 5
+# a wake-up whose audits all belong to tenants at their running cap is sent again this much later
+CAPPED_RETRY_S = 2.0
+
+
+class Next(NamedTuple):
+    """What a wake-up message ended in: the audit it concerns (the one claimed, when it was)
+    and how the claim went."""
+
+    audit_id: str
+    outcome: Claim
+
+
+def _eligible_queued() -> Any:
+    return and_(Audit.state == "queued", Audit.cancel_requested.is_(False))
+
+
+def pick_fair(session: Session, config: Config, holder: str | None = None) -> str | None:
+    """The queued audit the fair claim runs next, or None.
+
+    Among tenants with queued audits and under their running cap: the one with the fewest
+    running audits, then the one served longest ago (its latest claim; never served first),
+    then the one whose oldest queued audit waited longest. Within a tenant, first in, first
+    out. The "served longest ago" step makes the order round-robin when every tenant has
+    nothing running, so one worker alternates between a tenant's backlog and a newcomer.
+
+    Only audits sent to this worker's queue are candidates, and ``holder``, the audit whose
+    message woke the worker (its queue may not be recorded yet: the enqueuer writes it just
+    after sending)."""
+    on_queue = Audit.queue == config.queue
+    if holder is not None:
+        on_queue = or_(on_queue, Audit.id == holder)
+    eligible = and_(_eligible_queued(), Audit.attempts < config.max_attempts, on_queue)
+    heads = dict(
+        session.execute(
+            select(Audit.tenant_id, func.min(Audit.created_at))
+            .where(eligible)
+            .group_by(Audit.tenant_id)
+        ).all()
+    )
+    if not heads:
+        return None
+    running = dict(
+        session.execute(
+            select(Audit.tenant_id, func.count())
+            .where(Audit.state == "running", Audit.tenant_id.in_(list(heads)))
+            .group_by(Audit.tenant_id)
+        ).all()
+    )
+    served = dict(
+        session.execute(
+            select(Audit.tenant_id, func.max(Audit.started_at))
+            .where(Audit.tenant_id.in_(list(heads)), Audit.started_at.is_not(None))
+            .group_by(Audit.tenant_id)
+        ).all()
+    )
+    cap = config.max_running_audits_per_tenant
+    open_tenants = [t for t in heads if not cap or running.get(t, 0) < cap]
+    if not open_tenants:
+        return None
+
+    def order(t: str) -> tuple[int, float, datetime, str]:
+        last = served.get(t)
+        return (running.get(t, 0), -math.inf if last is None else last.timestamp(), heads[t], t)
+
+    tenant = min(open_tenants, key=order)
+    return session.scalar(
+        select(Audit.id)
+        .where(eligible, Audit.tenant_id == tenant)
+        .order_by(Audit.created_at, Audit.id)
+        .limit(1)
+    )
+
+
+def claim_next(rt: Runtime, audit_id: str, worker: str, task_id: str | None = None) -> Next:
+    """Take the audit that fairness picks (:func:`pick_fair`) for this worker: the audit task's
+    message is a wake-up, not an order.
+
+    Every queued audit has one message in flight (its ``task_id``). When a worker takes message
+    ``task_id`` and claims a different audit B than the one holding that message (A), the two
+    swap messages in the same transaction: A takes B's ``task_id`` (B's message is still in the
+    broker and now wakes a worker for A), so the reconciler still finds every queued audit's
+    message in the broker. The claim itself is the same conditional UPDATE as :func:`claim`:
+    two workers that pick the same audit cannot both run it; the loser picks again.
+
+    What stays with :func:`claim` (the message's own audit): a running audit whose heartbeat is
+    stale or whose local worker died (a redelivered message takes it over), and a queued audit
+    to cancel or fail for its attempt cap. A message whose own audit is running elsewhere,
+    finished or gone is a spare wake-up (a duplicate, or one a swap handed on): it still claims
+    the fair pick, which is never wrong: one message claims at most one audit.
+
+    When every queued audit belongs to a tenant at its running cap, the message's audit stays
+    queued and its message is sent again ``CAPPED_RETRY_S`` later, so it is not lost."""
+    config, db = rt.config, rt.db
+    with db.session() as session:
+        audit = session.get(Audit, audit_id)
+        state = None if audit is None else audit.state
+    if state == "running":
+        outcome = claim(db, audit_id, worker, config)
+        if outcome is not Claim.BUSY:
+            return Next(audit_id, outcome)
+    held: str | None = None
+    for _ in range(FAIR_CLAIM_TRIES):
+        with db.session() as session:
+            holder = _message_holder(session, audit_id, task_id)
+            if holder is not None and (
+                holder.cancel_requested or holder.attempts >= config.max_attempts
+            ):
+                held = holder.id
+                break
+            pick = pick_fair(session, config, holder.id if holder is not None else None)
+            if pick is None:
+                held = holder.id if holder is not None else None
+                break
+            if _claim_queued(session, pick, worker, holder):
+                return Next(pick, Claim.CLAIMED)
+    else:
+        return Next(audit_id, Claim.BUSY)
+    if held is None:  # nothing to run: a spare wake-up
+        if state is None:
+            return Next(audit_id, Claim.MISSING)
+        return Next(audit_id, Claim.FINISHED if state in FINAL_STATES else Claim.BUSY)
+    with db.session() as session:
+        holder = session.get(Audit, held)
+        capped = (
+            holder is not None
+            and holder.state == "queued"
+            and not holder.cancel_requested
+            and holder.attempts < config.max_attempts
+        )
+    if not capped:  # to cancel, or past its attempt cap: claim() ends it
+        return Next(held, claim(db, held, worker, config))
+    # every queued audit waits for its tenant's running cap: keep this one's message alive
+    _send_later(rt, held, task_id, CAPPED_RETRY_S)
+    return Next(held, Claim.BUSY)
+
+
+def _send_later(rt: Runtime, audit_id: str, old_task_id: str | None, delay_s: float) -> None:
+    """Send the queued audit a new message ``delay_s`` from now, in place of ``old_task_id``
+    (a failed send leaves the old id, which the reconciler finds gone and repairs)."""
+    new_task_id = uuid.uuid4().hex
+    if not rt.enqueue.send(TASK_NAME, audit_id, rt.config.queue, new_task_id, delay_s):
+        return
+    with rt.db.session() as session:
+        guard = [Audit.id == audit_id, Audit.state == "queued"]
+        if old_task_id is not None:
+            guard.append(Audit.task_id == old_task_id)
+        session.execute(
+            update(Audit).where(*guard).values(task_id=new_task_id, enqueued_at=utcnow())
+        )
+
+
+def _message_holder(session: Session, audit_id: str, task_id: str | None) -> Audit | None:
+    """The queued audit this message wakes a worker for: the one holding its task id (after a
+    swap that is no longer the audit named in the message), else the message's own audit while
+    it is queued (the enqueuer records a task id just after sending, so a fast worker may see
+    the message first; and taking a stale duplicate for the holder only swaps one live message
+    for another)."""
+    if task_id is not None:
+        holder = session.scalars(
+            select(Audit).where(Audit.state == "queued", Audit.task_id == task_id).limit(1)
+        ).first()
+        if holder is not None:
+            return holder
+    audit = session.get(Audit, audit_id)
+    return audit if audit is not None and audit.state == "queued" else None
+
+
+def _claim_queued(session: Session, pick: str, worker: str, holder: Audit | None) -> bool:
+    """Claim the queued audit ``pick`` and, when the message belongs to another queued audit,
+    hand that audit the picked one's message. False when another worker claimed it first."""
+    now = utcnow()
+    row = session.execute(
+        select(Audit.task_id, Audit.enqueued_at).where(Audit.id == pick, _eligible_queued())
+    ).first()
+    if row is None:
+        return False
+    claimed = session.execute(
+        update(Audit)
+        .where(Audit.id == pick, _eligible_queued())
+        .values(
+            state="running",
+            attempts=Audit.attempts + 1,
+            worker=worker,
+            started_at=now,
+            heartbeat_at=now,
+            progress=0.0,
+            step="starting",
+            error=None,
+        )
+    )
+    if not claimed.rowcount:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    if holder is not None and holder.id != pick:
+        # guarded by the holder's current task id: a concurrent swap or a re-send wins
+        session.execute(
+            update(Audit)
+            .where(Audit.id == holder.id, Audit.state == "queued", Audit.task_id == holder.task_id)
+            .values(task_id=row.task_id, enqueued_at=row.enqueued_at)
+        )
+    clear_results(session, pick)
+    return True
 
 
 def clear_results(session: Session, audit_id: str, *, parts: bool = True) -> None:

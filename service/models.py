@@ -204,6 +204,8 @@ class Audit(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_audits_tenant_idem"),
         Index("ix_audits_state_heartbeat", "state", "heartbeat_at"),
         Index("ix_audits_tenant_created", "tenant_id", "created_at"),
+        # the fair claim's "served longest ago": a tenant's latest claim is one index lookup
+        Index("ix_audits_tenant_started", "tenant_id", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -221,6 +223,8 @@ class Audit(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     request_sha256: Mapped[str] = mapped_column(String(64))
     task_id: Mapped[str | None] = mapped_column(String(64))
+    # the broker queue its message went to: a worker's fair claim picks from its own queue
+    queue: Mapped[str | None] = mapped_column(String(200))
     worker: Mapped[str | None] = mapped_column(String(200))  # hostname:pid of the attempt
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     report_sha256: Mapped[str | None] = mapped_column(String(64))

@@ -825,10 +825,32 @@ def _with_edge_400(response: Schema | None) -> Schema:
     )
 
 
+RATE_LIMITED_EXTRA: dict[str, Schema] = {
+    "limit_per_s": {"type": "number", "description": "The tenant's sustained request rate."},
+    "burst": {"type": "integer", "description": "Requests a tenant may send at once."},
+}
+
+
+def _with_rate_limit_429(response: Schema | None) -> Schema:
+    """Every /v1/ route is behind the tenant's request rate limit (service.quotas)."""
+    codes = ["rate_limited"]
+    description = "Too many requests from this tenant; retry after Retry-After"
+    if response is not None:
+        codes = _codes(
+            response["content"][PROBLEM_JSON]["schema"]["properties"]["code"]["enum"], codes
+        )
+        description = response["description"].split(" (code: ")[0] + ", or " + description
+    return _problem(description, 429, codes, RATE_LIMITED_EXTRA, headers=["Retry-After"])
+
+
 def _v1(responses: dict[str, Schema]) -> dict[str, Schema]:
-    """Every /v1/ route authenticates against the database: 401, 500 and 503 apply, and the
-    edge's 400s."""
-    responses = {**responses, "400": _with_edge_400(responses.get("400"))}
+    """Every /v1/ route authenticates against the database: 401, 500 and 503 apply, the edge's
+    400s, and the tenant's rate limit (429)."""
+    responses = {
+        **responses,
+        "400": _with_edge_400(responses.get("400")),
+        "429": _with_rate_limit_429(responses.get("429")),
+    }
     return dict(
         sorted(
             {**_common("Unauthorized", "InternalError", "ServiceUnavailable"), **responses}.items()
@@ -1002,6 +1024,16 @@ def _upload_operation(
                     422,
                     _codes(route_422, rejections[422]),
                     UPLOAD_EXTRA,
+                ),
+                "507": _problem(
+                    f"Storing the {kind} would take the tenant past its stored-bytes quota",
+                    507,
+                    ["storage_quota_exceeded"],
+                    {
+                        "used_bytes": {"type": "integer"},
+                        "limit_bytes": {"type": "integer"},
+                        "upload_bytes": {"type": "integer"},
+                    },
                 ),
             }
         ),
@@ -1403,6 +1435,13 @@ def _paths() -> dict[str, Schema]:
                         ),
                         "415": _problem(
                             "Not Content-Type: application/json", 415, ["unsupported_media_type"]
+                        ),
+                        "429": _problem(
+                            "The tenant has its limit of queued audits waiting",
+                            429,
+                            ["too_many_audits"],
+                            {"queued": {"type": "integer"}, "limit": {"type": "integer"}},
+                            headers=["Retry-After"],
                         ),
                         "422": _problem(
                             "The request is refused",

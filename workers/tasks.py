@@ -41,7 +41,7 @@ from service.jobs import (
     Ownership,
     Runtime,
     announce_finished,
-    claim,
+    claim_next,
     worker_identity,
 )
 from service.models import Audit, AuditArtifact, DatasetRecord, ModelRecord, ResultRow, VerdictRow
@@ -105,7 +105,9 @@ def runtime(task: Task) -> Runtime:
 
 def run_audit_task(self: Task, audit_id: str) -> str:
     rt = runtime(self)
-    outcome = execute(rt, audit_id)
+    # the message is a wake-up: the audit run is the one the fair claim picks
+    audit_id, claimed = claim_next(rt, audit_id, worker_identity(), self.request.id)
+    outcome = execute(rt, audit_id, claimed)
     if outcome in ("succeeded", "failed", "canceled", Claim.EXHAUSTED.value):
         announce_finished(rt.db, rt.enqueue, audit_id)
     return outcome
@@ -167,11 +169,11 @@ def deliver_webhook_task(self: Task, audit_id: str) -> str:
 # ---------------------------------------------------------------------------------- audit
 
 
-def execute(rt: Runtime, audit_id: str) -> str:
-    """Claim the audit, run it under a heartbeat, and record how it ended: the outcome
-    (``succeeded``, ``failed``, ``canceled``, ``lost`` or why it was not claimed)."""
+def execute(rt: Runtime, audit_id: str, outcome: Claim) -> str:
+    """Run the audit this worker claimed (``outcome``, from :func:`service.jobs.claim_next`)
+    under a heartbeat, and record how it ended: the outcome (``succeeded``, ``failed``,
+    ``canceled``, ``lost`` or why it was not claimed)."""
     worker = worker_identity()
-    outcome = claim(rt.db, audit_id, worker, rt.config)
     if outcome is not Claim.CLAIMED:
         log.info("audit %s not run by %s: %s", audit_id, worker, outcome.value)
         return outcome.value

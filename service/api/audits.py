@@ -29,6 +29,7 @@ from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 from .. import purge, routes
 from ..app import state
 from ..artifacts import ArtifactMissing
+from ..config import Config
 from ..jobs import announce_finished
 from ..models import (
     AUDIT_STATES,
@@ -43,6 +44,7 @@ from ..models import (
     utcnow,
 )
 from ..problems import ApiError
+from ..quotas import check_queued_audits
 from ..webhooks import WebhookUrlError, check_url, new_secret
 from .common import check_keys, get_owned, iso, json_body, paginated, tenant_id
 
@@ -225,6 +227,12 @@ def check_layer_names(spec: dict[str, Any], model: ModelRecord) -> None:
             raise ApiError(422, "invalid_spec", str(unknown_analysis_layer(name, spatial)))
 
 
+def check_quotas(session: Any, config: Config) -> None:
+    """The tenant's audit quotas (:mod:`service.quotas`): 429 ``too_many_audits`` while its
+    queue is full. (Its running cap is applied by the workers' fair claim, not here.)"""
+    check_queued_audits(session, config, tenant_id())
+
+
 @bp.post("")
 def submit() -> Any:
     st = state()
@@ -264,6 +272,7 @@ def submit() -> Any:
                     "unlabeled_training_set",
                     "train_dataset_id must be a labeled dataset (one folder of images per class)",
                 )
+        check_quotas(session, st.config)
         if "data_randomization" in spec["tests"] and train_id is None:
             raise ApiError(
                 422,

@@ -20,6 +20,7 @@ from ..app import state
 from ..artifacts import Received
 from ..models import Audit, DatasetRecord, utcnow
 from ..problems import ApiError
+from ..quotas import check_stored_bytes
 from ..uploads import ArchiveLimits, read_dataset_archive
 from .common import (
     check_keys,
@@ -66,6 +67,12 @@ def render(row: DatasetRecord, with_images: bool = False) -> dict[str, Any]:
     return body
 
 
+def check_storage(session: Any, size_bytes: int) -> None:
+    """507 ``storage_quota_exceeded`` when this archive would take the tenant past its
+    stored-bytes limit (:mod:`service.quotas`; a dataset counts its archive's size)."""
+    check_stored_bytes(session, state().config, tenant_id(), size_bytes)
+
+
 @bp.post("")
 def upload_dataset() -> Any:
     st = state()
@@ -92,6 +99,7 @@ def upload_dataset() -> Any:
             existing = existing_upload(session, DatasetRecord, received.sha256)
             if existing is not None:
                 return upload_response(render(existing), 200)
+            check_storage(session, received.size)
         # images are staged once the whole archive has been checked, and enter the store only
         # once the row is accepted
         manifest = read_dataset_archive(received.path, filename, sink=stage, limits=limits)

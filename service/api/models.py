@@ -22,6 +22,7 @@ from .. import purge
 from ..app import state
 from ..models import Audit, ModelRecord, utcnow
 from ..problems import ApiError
+from ..quotas import check_stored_bytes
 from ..uploads import inspect_model
 from .common import (
     check_keys,
@@ -81,6 +82,12 @@ def _input_spec_overrides(meta: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
+def check_storage(session: Any, size_bytes: int) -> None:
+    """507 ``storage_quota_exceeded`` when this model would take the tenant past its
+    stored-bytes limit (:mod:`service.quotas`)."""
+    check_stored_bytes(session, state().config, tenant_id(), size_bytes)
+
+
 @bp.post("")
 def upload_model() -> Any:
     st = state()
@@ -128,6 +135,7 @@ def upload_model() -> Any:
                 ).one_or_none()
                 if existing is not None and existing.deleted_at is None:
                     return upload_response(render(existing), 200)
+                check_storage(session, received.size)
                 row = existing or ModelRecord(tenant_id=tenant_id(), sha256=received.sha256)
                 row.name = name
                 row.format = info.format
