@@ -11,14 +11,16 @@ import os
 import secrets
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import onnx
+import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import func, select
 
+from service import db as service_db
 from service import purge
 from service.artifacts import ArtifactStore
 from service.config import Config
@@ -32,8 +34,32 @@ from service.models import (
     ResultRow,
     VerdictRow,
 )
-from tests.servers import Api, Server, Worker, assert_problem, new_key
+from tests.servers import Api, Server, Worker, assert_problem, fast_lifecycle, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, REFERENCE
+
+
+# This module measures the artifact directory's disk usage, so it runs on an artifact store
+# and queues of its own: audits other modules leave queued (on the session's shared queues)
+# never run here and write their reports into the store mid-measurement.
+@pytest.fixture(scope="module")
+def pg_config(pg_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    config = Config(
+        data_dir=tmp_path_factory.mktemp("pg-deletion"),
+        database_url=pg_url,
+        broker_url=redis_url,
+        queue=f"gpu-deletion-{secrets.token_hex(3)}",
+        cpu_queue=f"cpu-deletion-{secrets.token_hex(3)}",
+        **fast_lifecycle(),
+    )
+    service_db.upgrade(config.resolved_database_url)
+    return config
+
+
+@pytest.fixture(scope="module")
+def pg_database(pg_config: Config) -> Iterator[Database]:
+    database = Database.from_config(pg_config)
+    yield database
+    database.dispose()
 
 
 def unique_model() -> bytes:
