@@ -110,3 +110,57 @@ def test_serve_sigterm_drains_its_worker_exits_0_and_loses_no_audit(tmp_path: Pa
     finally:
         server.stop()
         database.dispose()
+
+
+def test_a_draining_worker_hands_its_part_of_a_split_audit_back(
+    pg_config: Config,
+    pg_database: Database,
+    worker_factory: Callable[[Config], Worker],
+    tmp_path: Path,
+) -> None:
+    """Two workers share a split audit; SIGTERM to the one computing a part it does not own
+    puts that part back in the queue (not done, not left running) and the audit's own worker
+    completes the audit on its first attempt."""
+    from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
+    from tests.service.test_scale_out import METHODS, parts_of, split_config
+
+    split = split_config(pg_config, tmp_path / "split").with_overrides(drain_grace_s=1.0)
+    server = start_server(split, "--no-worker")
+    try:
+        workers = [worker_factory(split), worker_factory(split)]
+        api = Api(server.url, new_key(pg_database))
+        model, dataset = api.upload_model(DIGITS_MODEL), api.upload_dataset(digits_zip(8))
+        response = api.post(
+            "/v1/audits",
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset["id"],
+                "methods": METHODS,
+                "tests": ["cascading"],
+                "params": {"noise_samples": 8, "ig_steps": 16},
+            },
+        )
+        audit_id = response.json()["id"]
+
+        def helper_part() -> tuple[int, str] | None:
+            owner = audit_row(pg_database, audit_id).worker
+            for part in parts_of(pg_database, audit_id):
+                if part.state == "running" and part.worker and part.worker != owner:
+                    return part.part_index, part.worker
+            return None
+
+        index, helper_id = wait_for(helper_part, 90, "a second worker to compute a part")
+        child = int(helper_id.rpartition(":")[2])
+        (helper,) = [w for w in workers if f"PPid:\t{w.process.pid}\n" in proc_status(child)]
+        assert sigterm(helper, timeout_s=30) == 0, helper.log_text()[-3000:]
+        part = parts_of(pg_database, audit_id)[index]
+        assert part.worker != helper_id or part.state == "queued", (part.state, part.worker)
+        final = api.wait(audit_id, timeout_s=120)
+    finally:
+        server.stop()
+    assert (final["state"], final["attempts"]) == ("succeeded", 1), final
+    assert parts_of(pg_database, audit_id)[index].worker != helper_id
+
+
+def proc_status(pid: int) -> str:
+    return Path(f"/proc/{pid}/status").read_text()
