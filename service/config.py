@@ -18,6 +18,8 @@ from typing import Any
 
 PREFIX = "SALIENCY_AUDIT_"
 MiB = 1024 * 1024
+# after the drain grace: writing the hand-back, re-enqueueing and exiting (seconds)
+DRAIN_EXIT_MARGIN_S = 20.0
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,10 @@ class Config:
     # a queued audit whose message is not in the broker is re-enqueued once it is this old
     requeue_after_s: float = 30.0
     max_attempts: int = 3
+    # SIGTERM drains a worker: it stops taking messages and lets its running audit finish for up
+    # to this long, then hands the audit back (queued again, the attempt not counted). A process
+    # manager must wait ``shutdown_grace_s`` before it kills the worker (docs/service.md)
+    drain_grace_s: float = 600.0
     # split an audit's method families into this many parts that any worker can compute
     # (workers/parts.py); 1 runs every audit in one piece
     audit_parts: int = 1
@@ -115,6 +121,14 @@ class Config:
         longest audit (the hard time limit) or a running audit would be delivered twice."""
         return self.hard_time_limit_s + 600
 
+    @property
+    def shutdown_grace_s(self) -> float:
+        """How long a worker may take to exit after SIGTERM: the drain grace, plus up to one
+        heartbeat interval for the hand-back to be noticed, plus time to write it and exit. The
+        Kubernetes ``terminationGracePeriodSeconds`` and compose ``stop_grace_period`` of the
+        workers must be at least this."""
+        return self.drain_grace_s + self.heartbeat_interval_s + DRAIN_EXIT_MARGIN_S
+
     def __post_init__(self) -> None:
         if self.hard_time_limit_s <= self.soft_time_limit_s:
             raise ConfigError("hard_time_limit_s must be greater than soft_time_limit_s")
@@ -122,6 +136,8 @@ class Config:
             raise ConfigError("heartbeat_stale_s must exceed twice heartbeat_interval_s")
         if self.max_attempts < 1:
             raise ConfigError("max_attempts must be >= 1")
+        if self.drain_grace_s < 0:
+            raise ConfigError("drain_grace_s must be >= 0")
         if self.audit_parts < 1:
             raise ConfigError("audit_parts must be >= 1")
         for name in (

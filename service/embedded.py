@@ -82,11 +82,15 @@ def start_worker(
 
 
 def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
-    """Warm shutdown (SIGTERM lets the running task finish its step), then SIGKILL."""
+    """Drain the worker, then SIGKILL what is left after ``timeout_s``.
+
+    SIGTERM goes to the worker's parent process only: its warm shutdown passes it on to the
+    pool child, which lets the running audit finish within ``drain_grace_s`` or hands it back
+    (workers/tasks.py). Sent to the whole process group it would reach the child twice."""
     if process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
         process.wait(timeout=timeout_s)
     except (subprocess.TimeoutExpired, ProcessLookupError):
         with contextlib.suppress(ProcessLookupError):
@@ -152,6 +156,60 @@ def make_server(app: Any, config: Config, host: str, port: int, threads: int) ->
     return server
 
 
+# after SIGTERM, requests already received get this long to be answered (seconds)
+API_DRAIN_S = 20.0
+
+
+def _listeners(server: Any) -> list[Any]:
+    from waitress.server import BaseWSGIServer
+
+    return [
+        s for s in [server, *getattr(server, "map", {}).values()] if isinstance(s, BaseWSGIServer)
+    ]
+
+
+def serve_until_stopped(server: Any, stopping: list[int]) -> None:
+    """Run the Waitress server until ``stopping`` is non-empty (a signal arrived), then drain
+    it: the listening sockets close (no new connection), idle keep-alive connections are closed,
+    and the loop goes on until the requests received so far are answered (at most
+    ``API_DRAIN_S``)."""
+    import time
+
+    from waitress import wasyncore
+    from waitress.channel import HTTPChannel
+
+    listeners = _listeners(server)
+    channels_map = listeners[0]._map
+    adj = listeners[0].adj
+    deadline: float | None = None
+    while True:
+        wasyncore.loop(
+            timeout=adj.asyncore_loop_timeout,
+            map=channels_map,
+            use_poll=adj.asyncore_use_poll,
+            count=1,
+        )
+        if not stopping:
+            continue
+        if deadline is None:
+            deadline = time.monotonic() + API_DRAIN_S
+            for listener in listeners:  # no new connections; the trigger stays open
+                if listener.socket is not None:
+                    wasyncore.dispatcher.close(listener)
+        busy = False
+        for channel in list(channels_map.values()):
+            if not isinstance(channel, HTTPChannel):
+                continue
+            if channel.requests or channel.request is not None or channel.total_outbufs_len:
+                busy = True
+            else:
+                channel.will_close = True
+        if not busy or time.monotonic() > deadline:
+            break
+    server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+    wasyncore.close_all(channels_map)
+
+
 def serve(config: Config, host: str, port: int, with_worker: bool | None, threads: int) -> int:
     from . import db
     from .app import create_app
@@ -167,12 +225,17 @@ def serve(config: Config, host: str, port: int, with_worker: bool | None, thread
         print(f"worker: pid {worker.pid}, log {log_path}", file=sys.stderr, flush=True)
     app = create_app(config)
     server = make_server(app, config, host, port, threads)
+    stopping: list[int] = []
 
     def shutdown(signum: int, frame: FrameType | None) -> None:
-        server.close()
-        raise SystemExit(0)
+        # the loop below notices within a poll timeout; the worker starts draining at once
+        if not stopping and worker is not None and worker.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.send_signal(signal.SIGTERM)
+        stopping.append(signum)
 
     signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
     from sqlalchemy.engine import make_url
 
     where = (
@@ -188,10 +251,9 @@ def serve(config: Config, host: str, port: int, with_worker: bool | None, thread
         flush=True,
     )
     try:
-        server.run()
-    except (KeyboardInterrupt, SystemExit):
-        pass
+        serve_until_stopped(server, stopping)
     finally:
         if worker is not None:
-            stop_worker(worker)
+            print("draining the worker", file=sys.stderr, flush=True)
+            stop_worker(worker, config.shutdown_grace_s)
     return 0

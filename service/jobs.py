@@ -12,6 +12,10 @@ A split audit's parts (``audit_parts`` rows, :mod:`workers.parts`) follow the sa
 level down: a part is claimed with a conditional UPDATE (queued, or running with a stale
 heartbeat), and one :class:`Heartbeat` thread keeps an audit's or a part's claim alive.
 The workers' tasks only move data; every statement about who runs what is here.
+
+A worker asked to stop (SIGTERM: :class:`Drain`) lets its running audit finish within
+``drain_grace_s``; past that its :class:`Heartbeat` hands the audit (or part) back with
+:func:`hand_back`: queued again, the attempt not counted, because a shutdown is not a crash.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -475,6 +479,75 @@ class Lost(Exception):
         self.reason = reason
 
 
+class Drained(Lost):
+    """The worker is shutting down and its drain grace ran out: the audit (or part) was handed
+    back (``handed_back``), or could not be (the database was down: the reconciler repairs it
+    as it repairs a crash)."""
+
+    def __init__(self, handed_back: bool) -> None:
+        super().__init__("drained")
+        self.handed_back = handed_back
+
+
+class Drain:
+    """A worker process's stop request: set once by SIGTERM with a deadline (monotonic clock),
+    read by the :class:`Heartbeat` of the running audit. Plain attribute writes only, so a
+    signal handler may call :meth:`request` whatever the interrupted thread holds."""
+
+    def __init__(self) -> None:
+        self.deadline: float | None = None
+
+    def request(self, grace_s: float) -> None:
+        if self.deadline is None:
+            self.deadline = time.monotonic() + max(0.0, grace_s)
+
+    def reset(self) -> None:
+        self.deadline = None
+
+    @property
+    def requested(self) -> bool:
+        return self.deadline is not None
+
+    def remaining_s(self) -> float | None:
+        """Seconds of grace left (0 when it ran out), None when no stop was requested."""
+        deadline = self.deadline
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def expired(self) -> bool:
+        return self.remaining_s() == 0.0
+
+
+# the stop request of this process (a worker's pool child): SIGTERM sets it (workers/tasks.py)
+WORKER_DRAIN = Drain()
+
+
+def hand_back(db: Database, audit_id: str, worker: str) -> bool:
+    """Return an audit that ``worker`` is running to the queue because the worker shuts down:
+    the claim's attempt is not counted, the partial results (and parts) are cleared as a new
+    claim would, and the step says ``handed_back``. False when ``worker`` no longer owns it.
+    The caller sends the audit's task again (else the reconciler does, as for a lost message)."""
+    with db.session() as session:
+        handed = session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.state == "running", Audit.worker == worker)
+            .values(
+                state="queued",
+                attempts=case((Audit.attempts > 0, Audit.attempts - 1), else_=0),
+                progress=0.0,
+                step=f"handed_back: worker {worker} shut down; queued again, attempt not counted"[
+                    :300
+                ],
+                heartbeat_at=None,
+                error=None,
+            )
+        )
+        if not handed.rowcount:  # type: ignore[attr-defined]
+            return False
+        clear_results(session, audit_id)
+    log.info("audit %s handed back by %s (shutting down)", audit_id, worker)
+    return True
+
+
 @dataclass
 class Ownership:
     """What a running attempt writes: heartbeats, progress, and its end state, each guarded by
@@ -483,10 +556,20 @@ class Ownership:
     db: Database
     audit_id: str
     worker: str
+    # sends the audit's task again after a hand-back (None: the reconciler will)
+    enqueue: Enqueuer | None = None
 
     @property
     def label(self) -> str:
         return self.audit_id
+
+    def hand_back(self) -> bool:
+        """:func:`hand_back` this attempt and send the audit's task again."""
+        if not hand_back(self.db, self.audit_id, self.worker):
+            return False
+        if self.enqueue is not None:
+            self.enqueue(self.db, self.audit_id)
+        return True
 
     def _owned(self) -> Any:
         return and_(
@@ -563,6 +646,10 @@ class Lease(Protocol):
         """Renew the claim (and record the progress); raises :class:`Lost` when it is gone."""
         ...
 
+    def hand_back(self) -> bool:
+        """Give the claim up for another worker, uncounted; False when it was already gone."""
+        ...
+
 
 class Heartbeat(threading.Thread):
     """Renews a lease every ``interval_s``, with the latest progress, so a long engine step
@@ -570,20 +657,29 @@ class Heartbeat(threading.Thread):
     the next :meth:`progress` call raises into the computation.
 
     With ``write_progress_every_s`` the progress reported is also written at once (at most that
-    often), so the API shows it before the next beat. Used as a context manager: the thread runs
-    inside the ``with`` block."""
+    often), so the API shows it before the next beat. When the worker's ``drain`` grace runs out
+    the lease is handed back (by this thread, so even a long step without progress reports is
+    handed back in time, or by the next progress report, whichever comes first) and
+    :class:`Drained` is raised at the next :meth:`progress`. Used as a context manager: the
+    thread runs inside the ``with`` block."""
 
     def __init__(
-        self, lease: Lease, interval_s: float, write_progress_every_s: float | None = None
+        self,
+        lease: Lease,
+        interval_s: float,
+        write_progress_every_s: float | None = None,
+        drain: Drain = WORKER_DRAIN,
     ) -> None:
         super().__init__(name=f"heartbeat-{lease.label}", daemon=True)
         self.lease = lease
         self.interval_s = interval_s
         self.write_progress_every_s = write_progress_every_s
+        self.drain = drain
         self.stop = threading.Event()
         self.lost: Lost | None = None
         self.latest: tuple[float, str] | None = None
         self._written_at = -math.inf  # the first progress report is written at once
+        self._hand_back_lock = threading.Lock()
 
     def __enter__(self) -> Heartbeat:
         self.start()
@@ -593,8 +689,15 @@ class Heartbeat(threading.Thread):
         self.stop.set()
         self.join(timeout=10)
 
+    def _next_wait_s(self) -> float:
+        remaining = self.drain.remaining_s()
+        return self.interval_s if remaining is None else min(self.interval_s, remaining)
+
     def run(self) -> None:
-        while not self.stop.wait(self.interval_s):
+        while not self.stop.wait(self._next_wait_s()):
+            if self.drain.expired():
+                self.hand_back()
+                return
             try:
                 latest = self.latest
                 if latest is None:
@@ -607,8 +710,26 @@ class Heartbeat(threading.Thread):
             except Exception as exc:  # the database may blip; the next beat retries
                 log.warning("heartbeat for %s failed: %s", self.lease.label, exc)
 
+    def hand_back(self) -> None:
+        """Give the lease back once (the drain grace ran out); :meth:`progress` raises the
+        outcome."""
+        with self._hand_back_lock:
+            if self.lost is not None:
+                return
+            try:
+                handed = self.lease.hand_back()
+            except Exception as exc:  # the database is down: the reconciler repairs it later
+                log.warning("could not hand %s back: %s", self.lease.label, exc)
+                self.lost = Drained(handed_back=False)
+                return
+            # not handed back: it was taken away or canceled meanwhile, no longer ours anyway
+            self.lost = Drained(True) if handed else Lost("the lease was gone at the hand-back")
+
     def progress(self, fraction: float, step: str) -> None:
-        """The engine's progress callback: raises :class:`Lost` once the lease is gone."""
+        """The engine's progress callback: raises :class:`Lost` once the lease is gone, and
+        :class:`Drained` once it was handed back."""
+        if self.lost is None and self.drain.expired():
+            self.hand_back()
         if self.lost is not None:
             raise self.lost
         self.latest = (fraction, step)
@@ -731,6 +852,16 @@ class PartLease:
             live = session.scalar(select(Audit.id).where(_audit_live(self.audit_id)))
         if not written.rowcount or live is None:  # type: ignore[attr-defined]
             raise Lost("the audit or the part is no longer this worker's to compute")
+
+    def hand_back(self) -> bool:
+        """Queue the part again for any worker (this one is shutting down)."""
+        with self.db.session() as session:
+            handed = session.execute(
+                update(AuditPart)
+                .where(self._owned())
+                .values(state="queued", worker=None, heartbeat_at=None, progress=0.0)
+            )
+        return bool(handed.rowcount)  # type: ignore[attr-defined]
 
     def finish(self, result_sha256: str) -> bool:
         """Mark the part done with its stored result; False when it was taken away."""

@@ -88,6 +88,8 @@ def fast_lifecycle(**overrides: Any) -> dict[str, Any]:
         "reconcile_in_api": False,
         "webhook_backoff_s": 0.2,
         "webhook_allow_private": True,
+        # a worker stopped at the end of a test hands its audit back within seconds
+        "drain_grace_s": 2.0,
     }
     values.update(overrides)
     return values

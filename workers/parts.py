@@ -25,6 +25,7 @@ from celery import Task
 
 from service.jobs import (
     PART_TASK,
+    WORKER_DRAIN,
     Heartbeat,
     Lost,
     PartLease,
@@ -131,5 +132,6 @@ def run_audit_part_task(self: Task, audit_id: str) -> str:
     computed = 0
     while index is not None:
         computed += compute_part(rt, PartLease(rt.db, audit_id, index, worker), inputs)
-        index = claim_part(rt.db, audit_id, worker, rt.config)
+        # a worker shutting down takes no further part (a drained one was handed back)
+        index = None if WORKER_DRAIN.requested else claim_part(rt.db, audit_id, worker, rt.config)
     return f"computed {computed} parts"

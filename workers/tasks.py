@@ -6,21 +6,28 @@ the database, the artifact store and the engine. :func:`register_tasks` puts the
 app :func:`workers.celery.create_celery` builds. torch and the engine are imported inside the
 tasks, so they load in the pool child, never in the worker's parent process.
 :mod:`workers.local` is the same audit run from files, for ``saliency-audit run``.
+
+Shutdown (:func:`install_drain`): SIGTERM to the worker starts Celery's warm shutdown (no new
+messages) and is passed on to the pool child, which lets its running task go on for
+``drain_grace_s`` before the audit is handed back (:class:`service.jobs.Heartbeat`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import cache
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init
 from sqlalchemy import delete, update
@@ -35,7 +42,9 @@ from service.jobs import (
     RENDER_TASK,
     TASK_NAME,
     WEBHOOK_TASK,
+    WORKER_DRAIN,
     Claim,
+    Drained,
     Heartbeat,
     Lost,
     Ownership,
@@ -62,6 +71,7 @@ def register_tasks(app: Celery) -> None:
     """Put the workers' tasks on ``app`` (under the names :mod:`service.jobs` sends)."""
     from .parts import run_audit_part_task
 
+    install_drain()
     for name, function, options in (
         (TASK_NAME, run_audit_task, {}),
         (PART_TASK, run_audit_part_task, {}),
@@ -92,6 +102,104 @@ def load_explainer_plugins() -> tuple[str, ...]:
     return names
 
 
+# ---------------------------------------------------------------------------------- drain
+
+
+class _PoolChild:
+    """Signal state of this pool child (plain attributes: signal handlers write them)."""
+
+    pid = 0  # the process that installed the handler (a forked child installs its own)
+    previous: Any = signal.SIG_DFL  # billiard's SIGTERM handler, used while no task runs
+    busy = False  # a task is running
+    sigterms = 0  # SIGTERMs received during the running task
+    grace_s = 0.0
+
+
+class _Parent:
+    forwarded = False  # the drain was passed on to the pool children
+
+
+def install_drain() -> None:
+    """Connect the shutdown handlers (once per process, whatever the number of apps).
+
+    - worker parent, warm shutdown (the first SIGTERM or Ctrl-C): passed on once, as SIGTERM,
+      to the pool child; Celery itself stops taking messages and waits for the running task.
+    - pool child: SIGTERM while idle exits as billiard has it exit; while a task runs it starts
+      the drain (:data:`service.jobs.WORKER_DRAIN`) instead of killing the task: the audit goes
+      on for ``drain_grace_s`` and is then handed back, its attempt not counted, and the
+      parent is told to shut down too. A message the parent still hands over is sent back to
+      the queue unclaimed. A second SIGTERM during the task (the pool terminated at a cold
+      shutdown) exits once the task returned.
+    """
+    signals.task_prerun.connect(_task_starts, dispatch_uid="saliency-drain-prerun")
+    signals.task_postrun.connect(_task_ends, dispatch_uid="saliency-drain-postrun")
+    signals.worker_shutting_down.connect(_pass_drain_on, dispatch_uid="saliency-drain-parent")
+
+
+def _child_sigterm(signum: int, frame: Any) -> None:
+    if not _PoolChild.busy:
+        _exit_by(signum, frame)
+    _PoolChild.sigterms += 1
+    if not WORKER_DRAIN.requested:
+        WORKER_DRAIN.request(_PoolChild.grace_s)
+        # whoever got the signal, the whole worker drains: the parent stops taking messages
+        # (Celery ignores a SIGTERM during its warm shutdown)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(os.getppid(), signal.SIGTERM)
+
+
+def _exit_by(signum: int, frame: Any) -> None:
+    previous = _PoolChild.previous
+    if callable(previous):
+        previous(signum, frame)
+        return
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _task_starts(task: Task | None = None, **_: Any) -> None:
+    # installed at the first task, in a prefork pool child's main thread (billiard sets its own
+    # SIGTERM handler after the child's initializer, worker_process_init, has run); never in a
+    # worker's main process, whose SIGTERM is Celery's warm shutdown
+    from billiard.process import current_process
+
+    if (
+        _PoolChild.pid != os.getpid()
+        and current_process().name != "MainProcess"
+        and threading.current_thread() is threading.main_thread()
+    ):
+        config = getattr(getattr(task, "app", None), "conf", {}).get("saliency_audit_config")
+        if config is not None:
+            _PoolChild.grace_s = config.drain_grace_s
+            _PoolChild.previous = signal.signal(signal.SIGTERM, _child_sigterm)
+            _PoolChild.pid = os.getpid()
+    _PoolChild.busy = True
+
+
+def _task_ends(**_: Any) -> None:
+    _PoolChild.busy = False
+    if _PoolChild.sigterms > 1:
+        _exit_by(signal.SIGTERM, None)
+
+
+def _pass_drain_on(how: str = "", **_: Any) -> None:
+    if how != "Warm" or _Parent.forwarded:
+        return
+    _Parent.forwarded = True
+    from billiard.process import active_children
+    from celery.worker import state
+
+    if not (state.active_requests or state.reserved_requests):  # the pool closes an idle child
+        return
+    for child in active_children():
+        if child.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, signal.SIGTERM)
+
+
+# ---------------------------------------------------------------------------------- runtime
+
+
 @cache
 def _runtime(app: Celery, pid: int) -> Runtime:
     """One database pool per process and app (keyed by pid: a forked child must not reuse its
@@ -105,6 +213,10 @@ def runtime(task: Task) -> Runtime:
 
 def run_audit_task(self: Task, audit_id: str) -> str:
     rt = runtime(self)
+    if WORKER_DRAIN.requested:
+        # shutting down, yet handed one more message: leave it queued for another worker
+        rt.enqueue(rt.db, audit_id)
+        return "draining"
     # the message is a wake-up: the audit run is the one the fair claim picks
     audit_id, claimed = claim_next(rt, audit_id, worker_identity(), self.request.id)
     outcome = execute(rt, audit_id, claimed)
@@ -172,16 +284,20 @@ def deliver_webhook_task(self: Task, audit_id: str) -> str:
 def execute(rt: Runtime, audit_id: str, outcome: Claim) -> str:
     """Run the audit this worker claimed (``outcome``, from :func:`service.jobs.claim_next`)
     under a heartbeat, and record how it ended: the outcome (``succeeded``, ``failed``,
-    ``canceled``, ``lost`` or why it was not claimed)."""
+    ``canceled``, ``handed_back`` (the worker shut down), ``lost`` or why it was not
+    claimed)."""
     worker = worker_identity()
     if outcome is not Claim.CLAIMED:
         log.info("audit %s not run by %s: %s", audit_id, worker, outcome.value)
         return outcome.value
-    owner = Ownership(rt.db, audit_id, worker)
+    owner = Ownership(rt.db, audit_id, worker, rt.enqueue)
     try:
         with Heartbeat(owner, rt.config.heartbeat_interval_s, PROGRESS_WRITE_EVERY_S) as beat:
             _run(rt, audit_id, owner, beat.progress)
         return "succeeded"
+    except Drained as exc:
+        # the worker shuts down: queued again and sent again (Ownership.hand_back), uncounted
+        return "handed_back" if exc.handed_back else "lost"
     except Lost as exc:
         if exc.reason == "canceled":
             owner.finish_canceled()

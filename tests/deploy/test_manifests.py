@@ -69,6 +69,30 @@ def test_gpu_workers_hold_a_gpu_and_outlive_the_hard_time_limit() -> None:
     assert "nvidia.com/gpu" not in str(cpu["containers"][0]["resources"])
 
 
+def test_the_workers_grace_periods_outlast_the_drain_grace() -> None:
+    """Kubernetes and docker kill a GPU worker still draining when their grace period ends,
+    which would count the running audit's attempt as a crash: each must give the worker the
+    drain grace, a heartbeat to notice it and the time to hand the audit back and exit."""
+    settings = by_kind("ConfigMap")["saliency-audit-config"]["data"]
+    assert "SALIENCY_AUDIT_DRAIN_GRACE_S" in settings  # stated beside the grace period
+    config = Config.from_env(settings)
+    worker = by_kind("Deployment")["saliency-audit-gpu-worker"]["spec"]["template"]["spec"]
+    assert worker["terminationGracePeriodSeconds"] >= config.shutdown_grace_s
+    compose = yaml.safe_load((REPO / "deploy" / "docker-compose.yml").read_text())
+    compose_config = Config.from_env(compose["services"]["gpu-worker"]["environment"])
+    assert compose_config.drain_grace_s == config.drain_grace_s
+    grace_s = compose_duration_s(compose["services"]["gpu-worker"]["stop_grace_period"])
+    assert grace_s >= compose_config.shutdown_grace_s
+
+
+def compose_duration_s(text: str) -> int:
+    """A compose duration such as ``3h10m`` or ``90s``, in seconds."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+)([hms])", text)
+    assert parts and "".join(n + u for n, u in parts) == text, text
+    return sum(int(n) * units[u] for n, u in parts)
+
+
 def test_keda_scales_the_gpu_workers_on_the_gpu_queue_with_a_long_cooldown() -> None:
     (scaled,) = [d for _, d in DOCS if d["kind"] == "ScaledObject"]
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
