@@ -179,6 +179,9 @@ def serve_until_stopped(server: Any, stopping: list[int]) -> None:
     from waitress.channel import HTTPChannel
 
     listeners = _listeners(server)
+    if not listeners:  # not a Waitress server this loop can drive (a test double): its own
+        server.run()
+        return
     channels_map = listeners[0]._map
     adj = listeners[0].adj
     deadline: float | None = None

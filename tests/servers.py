@@ -233,6 +233,27 @@ def pg_server(pg_config: Config) -> Iterator[Server]:
     server = start_server(pg_config, "--no-worker")
     yield server
     server.stop()
+    end_unfinished_audits(pg_config)
+
+
+def end_unfinished_audits(config: Config) -> None:
+    """Cancel what a test module left queued or running on the session's shared queues, so
+    the next module's workers (which claim the fairest queued audit, whatever message woke
+    them) start on an empty queue and its timings are its own."""
+    from sqlalchemy import update
+
+    from service.models import Audit, utcnow
+
+    database = Database.from_config(config)
+    try:
+        with database.session() as session:
+            session.execute(
+                update(Audit)
+                .where(Audit.state.in_(("queued", "running")))
+                .values(state="canceled", finished_at=utcnow(), step="canceled by the tests")
+            )
+    finally:
+        database.dispose()
 
 
 class Api:

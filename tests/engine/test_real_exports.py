@@ -249,7 +249,8 @@ def test_fidelity_rtol_is_an_audit_spec_field_reported_everywhere() -> None:
     with pytest.raises(SpecError):
         AuditSpec(methods=("gradient",), fidelity_rtol=-1.0)
     properties = openapi_document()["components"]["schemas"]["AuditSpec"]["properties"]
-    assert properties["fidelity_rtol"] == {"type": "number", "minimum": 0}
+    # bounded on both sides (the upper bound: issue 18, every parameter bounded before it is queued)
+    assert properties["fidelity_rtol"] == {"type": "number", "minimum": 0, "maximum": 1e6}
     fidelity_schema: dict[str, Any] = report_schema()["properties"]["fidelity"]["anyOf"][0]
     assert fidelity_schema["properties"]["rtol"] == {"type": "number", "minimum": 0}
     fidelity = check_fidelity(load_onnx(_huge_logits_graph()), images(2, 16), 1e-3).to_dict()

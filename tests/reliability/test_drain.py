@@ -20,6 +20,9 @@ from tests.servers import Api, Server, Worker, fast_lifecycle, new_key, start_se
 
 # long enough (a few seconds on a CPU) for a SIGTERM to arrive while it runs
 LONG_METHODS = ["gradient", "smoothgrad", "integrated_gradients"]
+# long enough to outlast a 1 s drain grace on an idle machine too (with 4 images the audit
+# sometimes finished within the grace in a full CI run)
+LONGER_IMAGES = 32
 
 
 def sigterm(worker: Worker, timeout_s: float) -> int:
@@ -63,7 +66,7 @@ def test_an_audit_past_the_drain_grace_is_handed_back_without_counting_the_attem
     config = pg_config.with_overrides(max_attempts=1)
     api = Api(pg_server.url, new_key(pg_database))
     first = worker_factory(config.with_overrides(drain_grace_s=1.0))
-    audit_id = submit(api, LONG_METHODS, images=4)
+    audit_id = submit(api, LONG_METHODS, images=LONGER_IMAGES)
     wait_for(lambda: running(pg_database, audit_id), 60, "the audit to run")
     assert sigterm(first, timeout_s=30) == 0, first.log_text()[-3000:]
     row = audit_row(pg_database, audit_id)
@@ -88,7 +91,7 @@ def test_serve_sigterm_drains_its_worker_exits_0_and_loses_no_audit(tmp_path: Pa
     try:
         database = Database.from_config(config)
         api = Api(server.url, new_key(database))
-        first = submit(api, LONG_METHODS, images=4)
+        first = submit(api, LONG_METHODS, images=LONGER_IMAGES)
         second = submit(api, ["gradient"], images=4)
         wait_for(lambda: running(database, first), 90, "the first audit to run")
         assert api.get("/healthz").status_code == 200  # a kept-alive connection does not block

@@ -11,11 +11,11 @@ import textwrap
 from pathlib import Path
 
 from service.config import Config
-from service.jobs import PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
+from service.jobs import INSPECT_TASK, PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
 from tests.servers import REPO
 from workers.celery import create_celery
 
-TASKS = {TASK_NAME, PART_TASK, RENDER_TASK, WEBHOOK_TASK}
+TASKS = {TASK_NAME, PART_TASK, RENDER_TASK, WEBHOOK_TASK, INSPECT_TASK}
 
 
 def test_the_factory_registers_the_tasks_on_each_app_it_builds(tmp_path: Path) -> None:

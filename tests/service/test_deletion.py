@@ -70,17 +70,29 @@ def unique_model() -> bytes:
 
 
 def unique_images(count: int = 4) -> bytes:
-    """A zip of digit images, each with a random text chunk: the same pixels, bytes no other
-    test uploads."""
+    """A zip of digit images no other test (or earlier run) uploads, down to their pixels: four
+    pixels of each are set at random, so the maps, heatmaps and reports drawn from them are this
+    test's own too (a file stays while any row in the database names it, and the database is
+    shared by every test module); each also carries a random text chunk."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         for path in sorted((REFERENCE / "digits_images").glob("*.png"))[:count]:
             nonce = PngInfo()
             nonce.add_text("nonce", secrets.token_hex(8))
+            image = Image.open(path)
+            image.load()
+            for corner in ((0, 0), (0, 1), (1, 0), (1, 1)):
+                image.putpixel(corner, _random_pixel(image.mode))
             png = io.BytesIO()
-            Image.open(path).save(png, "PNG", pnginfo=nonce)
+            image.save(png, "PNG", pnginfo=nonce)
             archive.writestr(path.name, png.getvalue())
     return buffer.getvalue()
+
+
+def _random_pixel(mode: str) -> int | tuple[int, ...]:
+    bands = len(mode) if mode in ("RGB", "RGBA") else 1
+    values = tuple(secrets.randbelow(256) for _ in range(bands))
+    return values[0] if bands == 1 else values
 
 
 def store_of(config: Config) -> ArtifactStore:
