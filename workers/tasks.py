@@ -69,6 +69,10 @@ Progress = Callable[[float, str], None]
 
 def register_tasks(app: Celery) -> None:
     """Put the workers' tasks on ``app`` (under the names :mod:`service.jobs` sends)."""
+    from workers.engine.errors import stop_audit_on
+
+    # a soft time limit ends the audit; the engine must not take it for one method's failure
+    stop_audit_on(SoftTimeLimitExceeded)
     from .parts import run_audit_part_task
 
     install_drain()

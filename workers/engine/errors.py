@@ -189,3 +189,18 @@ def unknown_analysis_layer(name: str, spatial: Sequence[str]) -> SpecError:
     return SpecError(
         f"unknown layer {name!r}; modules with a spatial output: {', '.join(spatial[:40])}"
     )
+
+
+# Exceptions the caller's environment raises to stop an audit (a Celery task's soft time limit,
+# :func:`stop_audit_on`): the engine's error isolation, which turns a failing method or layer
+# into a reported error and goes on, re-raises these instead of swallowing them.
+_STOP_AUDIT: list[type[BaseException]] = []
+
+
+def stop_audit_on(*kinds: type[BaseException]) -> None:
+    """Declare exception types that must end the audit wherever they are raised."""
+    _STOP_AUDIT.extend(k for k in kinds if k not in _STOP_AUDIT)
+
+
+def stops_the_audit(exc: BaseException) -> bool:
+    return isinstance(exc, tuple(_STOP_AUDIT))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import faithfulness
-from .errors import SpecError, unknown_analysis_layer
+from .errors import SpecError, stops_the_audit, unknown_analysis_layer
 from .maps import MapInputs, conservation_ratios
 from .methods._ort import ort_forward
 from .methods.base import conv_layer_names
@@ -261,6 +261,8 @@ def layer_analysis(
         except SpecError:
             raise
         except Exception as exc:  # a failing method never loses the analysis
+            if stops_the_audit(exc):
+                raise
             errors.setdefault(label, {})[LRP] = f"{type(exc).__name__}: {exc}"[:500]
         else:
             shares.setdefault(label, {})[LRP] = _mean_ratio(

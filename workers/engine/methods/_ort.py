@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import stops_the_audit
+
 # Below this much work (masked passes x pixels) the export (~0.5 s for resnet18) is not worth it.
 MIN_WORK_PIXELS = 1 << 24
 # Logit agreement required between the exported graph and PyTorch, relative to the logit scale.
@@ -135,7 +137,9 @@ def _export_and_check(
         session = ort.InferenceSession(
             buffer.getvalue(), sess_options=options, providers=["CPUExecutionProvider"]
         )
-    except Exception:  # any export or load failure: PyTorch runs the passes instead
+    except Exception as exc:  # any export or load failure: PyTorch runs the passes instead
+        if stops_the_audit(exc):
+            raise
         return None, False
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
@@ -150,7 +154,9 @@ def _export_and_check(
         probe, expected = x[:check_rows], logits[:check_rows]
     try:
         got = forward(probe)
-    except Exception:  # e.g. a batch size baked into a reshape: ONNX Runtime refuses the run
+    except Exception as exc:  # e.g. a batch size baked into a reshape: ORT refuses the run
+        if stops_the_audit(exc):
+            raise
         return None, False
     if got.shape != expected.shape:
         return None, False

@@ -24,7 +24,13 @@ import torch
 from torch import nn
 
 from ..contract.catalogue import MethodInfo
-from ..errors import MethodFailedError, NotApplicableError, SpecError, unknown_cam_layer
+from ..errors import (
+    MethodFailedError,
+    NotApplicableError,
+    SpecError,
+    stops_the_audit,
+    unknown_cam_layer,
+)
 from ..spec import MethodParams
 
 
@@ -292,6 +298,8 @@ def _compute_family(
     except SpecError:
         raise  # the audit spec is wrong (an unknown composite, a layer that is no feature map)
     except Exception as exc:
+        if stops_the_audit(exc):
+            raise  # the caller stops the audit (a time limit): not the method's failure
         _forget_since(ctx, recorded)
         if len(members) > 1:
             out = {}
