@@ -13,6 +13,8 @@ import torch
 from tests.engine.nets import images, small_cnn
 from workers.engine import audit
 from workers.engine.errors import _STOP_AUDIT, stop_audit_on
+from workers.engine.methods import METHODS
+from workers.engine.methods.plugins import unregister_explainer
 
 
 class TimeIsUp(Exception):
@@ -50,3 +52,6 @@ def test_a_declared_stop_ends_the_audit_and_anything_else_is_the_methods_failure
         assert result.to_dict()["methods"]["gradient"]["status"] == "ok"
     finally:
         _STOP_AUDIT.remove(TimeIsUp)
+        for name in ("late", "broken"):  # the registry is global: leave it as it was
+            if name in METHODS:
+                unregister_explainer(name)
