@@ -181,6 +181,20 @@ def _dead_local_worker(worker: str | None) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
+def _running(worker: str, now: datetime) -> dict[str, Any]:
+    """What a claim writes: the audit runs on ``worker`` from ``now``, one more attempt."""
+    return {
+        "state": "running",
+        "attempts": Audit.attempts + 1,
+        "worker": worker,
+        "started_at": now,
+        "heartbeat_at": now,
+        "progress": 0.0,
+        "step": "starting",
+        "error": None,
+    }
+
+
 def claim(db: Database, audit_id: str, worker: str, config: Config) -> Claim:
     """Take an audit for this worker: queued, or running with a stale heartbeat or a dead local
     worker. Clears the audit's partial results from any earlier attempt in the same
@@ -214,18 +228,7 @@ def claim(db: Database, audit_id: str, worker: str, config: Config) -> Claim:
             )
             return Claim.EXHAUSTED if failed.rowcount else Claim.BUSY  # type: ignore[attr-defined]
         claimed = session.execute(
-            update(Audit)
-            .where(Audit.id == audit_id, takeable)
-            .values(
-                state="running",
-                attempts=Audit.attempts + 1,
-                worker=worker,
-                started_at=now,
-                heartbeat_at=now,
-                progress=0.0,
-                step="starting",
-                error=None,
-            )
+            update(Audit).where(Audit.id == audit_id, takeable).values(**_running(worker, now))
         )
         if not claimed.rowcount:  # type: ignore[attr-defined]
             return Claim.BUSY
@@ -414,18 +417,7 @@ def _claim_queued(session: Session, pick: str, worker: str, holder: Audit | None
     if row is None:
         return False
     claimed = session.execute(
-        update(Audit)
-        .where(Audit.id == pick, _eligible_queued())
-        .values(
-            state="running",
-            attempts=Audit.attempts + 1,
-            worker=worker,
-            started_at=now,
-            heartbeat_at=now,
-            progress=0.0,
-            step="starting",
-            error=None,
-        )
+        update(Audit).where(Audit.id == pick, _eligible_queued()).values(**_running(worker, now))
     )
     if not claimed.rowcount:  # type: ignore[attr-defined]
         session.rollback()

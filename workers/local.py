@@ -199,58 +199,12 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# the worker renders the same pictures (workers/tasks.py): the trained model's maps of the
-# first images, and every map a test kept for its heatmap grids
-HEATMAP_IMAGES = 16
-TRAINED_STAGE = "trained"
-MODEL_TEST = "model"
-
-
-def report_pictures(
-    result: Any, images: list[Any]
-) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
-    """The heatmap PNGs the reports show, as report.json's ``artifacts`` list (kind, test,
-    stage, method, image, sha256) and the PNG bytes by sha256: what the service keeps in its
-    artifact store, kept in memory for one local rendering."""
-    import hashlib
-
-    from workers.reports.heatmaps import heatmap_png, overlay_png
-
-    listed: list[dict[str, Any]] = []
-    pngs: dict[str, bytes] = {}
-
-    def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
-        for i in range(min(count, len(maps))):
-            png = overlay_png(maps[i], images[i].pixels) if overlay else heatmap_png(maps[i])
-            sha = hashlib.sha256(png).hexdigest()
-            pngs[sha] = png
-            listed.append(
-                {
-                    "kind": "overlay_png" if overlay else "heatmap_png",
-                    "test": test,
-                    "stage": stage,
-                    "method": method,
-                    "image": images[i].name,
-                    "sha256": sha,
-                    "media_type": "image/png",
-                    "size_bytes": len(png),
-                }
-            )
-
-    for method, maps in result.maps.items():
-        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES, overlay=False)
-    for test_name, test in result.tests.items():
-        for stage, by_method in test.example_maps.items():
-            for method, maps in by_method.items():
-                add(test_name, stage, method, maps, len(maps), overlay=test_name == "layers")
-    return listed, pngs
-
-
 def write_reports(
     document: dict[str, Any], result: Any, images: list[Any], out: Path, formats: list[str]
 ) -> list[Path]:
     """``out/report.pdf`` and / or ``out/report.html``, rendered by the functions the worker
     renders the service's reports with, from the report and its heatmaps."""
+    from workers.reports.heatmaps import report_pictures
     from workers.reports.html import render_html
     from workers.reports.pdf import render_pdf
 

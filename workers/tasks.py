@@ -58,9 +58,6 @@ from service.routes import artifact_path, report_links
 
 log = logging.getLogger(__name__)
 
-HEATMAP_IMAGES = 16  # images whose trained-model heatmaps are rendered as PNGs
-TRAINED_STAGE = "trained"
-MODEL_TEST = "model"  # the "test" of the trained model's own maps
 Progress = Callable[[float, str], None]
 
 
@@ -598,38 +595,14 @@ def _ground_truth(rt: Runtime, dataset: DatasetRecord, images: list[Any], spec: 
 def _heatmaps(
     rt: Runtime, tenant_id: str, audit_id: str, result: Any, images: list[Any]
 ) -> list[AuditArtifact]:
-    """PNGs of the trained model's maps for the first images, of every map a test kept for
-    its heatmap grids (the first images at each stage), and for the ``layers`` analysis the
-    maps laid over their images (per image, method and layer)."""
-    from workers.reports.heatmaps import heatmap_png, overlay_png
+    """The pictures the reports show (:func:`workers.reports.heatmaps.report_pictures`), put in
+    the artifact store, as rows."""
+    from workers.reports.heatmaps import report_pictures
 
-    rows: list[AuditArtifact] = []
-
-    def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
-        for i in range(min(count, len(maps))):
-            png = overlay_png(maps[i], images[i].pixels) if overlay else heatmap_png(maps[i])
-            rows.append(
-                AuditArtifact(
-                    tenant_id=tenant_id,
-                    audit_id=audit_id,
-                    kind="overlay_png" if overlay else "heatmap_png",
-                    method=method,
-                    test=test,
-                    stage=stage,
-                    image=images[i].name,
-                    sha256=rt.store.put_bytes(png),
-                    media_type="image/png",
-                    size_bytes=len(png),
-                )
-            )
-
-    for method, maps in result.maps.items():
-        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES, overlay=False)
-    for test_name, test in result.tests.items():
-        for stage, by_method in test.example_maps.items():
-            for method, maps in by_method.items():
-                add(test_name, stage, method, maps, len(maps), overlay=test_name == "layers")
-    return rows
+    listed, pngs = report_pictures(result, images)
+    for png in pngs.values():
+        rt.store.put_bytes(png)
+    return [AuditArtifact(tenant_id=tenant_id, audit_id=audit_id, **entry) for entry in listed]
 
 
 # ---------------------------------------------------------------------------------- follow-ups

@@ -9,11 +9,17 @@ visible. An all-zero (or non-finite) map renders as the colour of zero.
 
 from __future__ import annotations
 
+import hashlib
 import io
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+
+from workers.engine.contract.report import TRAINED_STAGE
+
+from .content import MODEL_TEST
 
 # anchor colours (position in [0, 1], RGB) of the two scales
 _DIVERGING = ((0.0, (33, 102, 172)), (0.5, (247, 247, 247)), (1.0, (178, 24, 43)))
@@ -88,3 +94,44 @@ def _png(image: Image.Image, min_side_px: int) -> bytes:
     # fixed settings and no metadata: the same map gives the same bytes (and sha256)
     image.save(out, format="PNG", optimize=False, compress_level=6)
     return out.getvalue()
+
+
+# the pictures an audit's reports show (the worker stores them, `run --report` keeps them in
+# memory): the trained model's maps of the first images, and every map a test kept for its
+# heatmap grids (the ``layers`` analysis: laid over their images)
+HEATMAP_IMAGES = 16
+
+
+def report_pictures(
+    result: Any, images: list[Any]
+) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
+    """The heatmap PNGs of an audit result, as report.json's ``artifacts`` entries (kind, test,
+    stage, method, image, sha256, media_type, size_bytes) and the PNG bytes by sha256."""
+    listed: list[dict[str, Any]] = []
+    pngs: dict[str, bytes] = {}
+
+    def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
+        for i in range(min(count, len(maps))):
+            png = overlay_png(maps[i], images[i].pixels) if overlay else heatmap_png(maps[i])
+            sha = hashlib.sha256(png).hexdigest()
+            pngs[sha] = png
+            listed.append(
+                {
+                    "kind": "overlay_png" if overlay else "heatmap_png",
+                    "test": test,
+                    "stage": stage,
+                    "method": method,
+                    "image": images[i].name,
+                    "sha256": sha,
+                    "media_type": "image/png",
+                    "size_bytes": len(png),
+                }
+            )
+
+    for method, maps in result.maps.items():
+        add(MODEL_TEST, TRAINED_STAGE, method, maps, HEATMAP_IMAGES, overlay=False)
+    for test_name, test in result.tests.items():
+        for stage, by_method in test.example_maps.items():
+            for method, maps in by_method.items():
+                add(test_name, stage, method, maps, len(maps), overlay=test_name == "layers")
+    return listed, pngs
