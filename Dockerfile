@@ -12,6 +12,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
+# the import names (saliency_audit.service, ...): links to the three folders above
+COPY saliency_audit ./saliency_audit
 
 # ---- the HTTP API, the reconciler and the migrations job: never imports torch -----------------
 FROM ${PYTHON_IMAGE} AS api
@@ -31,7 +33,7 @@ HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
 # gunicorn workers fork after the app factory runs in each: no state is shared across them
 CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--threads", "8", \
-     "--timeout", "600", "--graceful-timeout", "30", "service.app:create_app()"]
+     "--timeout", "600", "--graceful-timeout", "30", "saliency_audit.service.app:create_app()"]
 
 # ---- the audit workers (GPU queue) and the report workers (CPU queue) ------------------------
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04 AS worker
@@ -50,5 +52,5 @@ RUN pip install '.[api,worker]' \
 USER 10001
 ENV SALIENCY_AUDIT_ARTIFACT_DIR=/data/artifacts
 # one prefork child per GPU process: the time limits need a child, and CUDA starts in it
-CMD ["celery", "-A", "workers", "worker", "-Q", "gpu", "--pool", "prefork", "--concurrency", "1", \
+CMD ["celery", "-A", "saliency_audit.workers", "worker", "-Q", "gpu", "--pool", "prefork", "--concurrency", "1", \
      "--prefetch-multiplier", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

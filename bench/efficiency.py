@@ -51,17 +51,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.methods import median_time  # noqa: E402
+from saliency_audit.workers.engine import sanity  # noqa: E402
+from saliency_audit.workers.engine.contract.cost import FB, PassCount, audit_passes  # noqa: E402
+from saliency_audit.workers.engine.images import load_image_folder, preprocess  # noqa: E402
+from saliency_audit.workers.engine.methods import METHODS, scorecam  # noqa: E402
+from saliency_audit.workers.engine.methods._ort import ort_forward  # noqa: E402
+from saliency_audit.workers.engine.models.base import LoadedModel  # noqa: E402
+from saliency_audit.workers.engine.models.loader import load_model  # noqa: E402
+from saliency_audit.workers.engine.randomization import stages, units  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec  # noqa: E402
 from tests.engine.nets import torchvision_model  # noqa: E402
-from workers.engine import sanity  # noqa: E402
-from workers.engine.contract.cost import FB, PassCount, audit_passes  # noqa: E402
-from workers.engine.images import load_image_folder, preprocess  # noqa: E402
-from workers.engine.methods import METHODS, scorecam  # noqa: E402
-from workers.engine.methods._ort import ort_forward  # noqa: E402
-from workers.engine.models.base import LoadedModel  # noqa: E402
-from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.randomization import stages, units  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import AuditSpec, InputSpec  # noqa: E402
 
 
 class LiveRows:

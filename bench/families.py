@@ -30,17 +30,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.engine.nets import images, reestimate_batchnorm  # noqa: E402
-from workers.engine.maps import conservation_ratios  # noqa: E402
-from workers.engine.methods import (  # noqa: E402
+from saliency_audit.workers.engine.maps import conservation_ratios  # noqa: E402
+from saliency_audit.workers.engine.methods import (  # noqa: E402
     METHODS,
     MethodContext,
     cam_layer_choice,
     compute_methods,
 )
-from workers.engine.models.onnx_convert import load_onnx  # noqa: E402
-from workers.engine.models.torchvision_adapter import prepare_for_attribution  # noqa: E402
-from workers.engine.spec import MethodParams  # noqa: E402
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx  # noqa: E402
+from saliency_audit.workers.engine.models.torchvision_adapter import prepare_for_attribution  # noqa: E402
+from saliency_audit.workers.engine.spec import MethodParams  # noqa: E402
+from tests.engine.nets import images, reestimate_batchnorm  # noqa: E402
 
 FAST = MethodParams(ig_steps=8, noise_samples=4, scorecam_batch=64)
 FAMILIES = [

@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from examples.reference.export_training_set import export_training_set  # noqa: E402
-from workers.engine.data_randomization import LabeledImages  # noqa: E402
-from workers.engine.images import load_image_folder, load_labeled_folder, preprocess  # noqa: E402
-from workers.engine.methods import METHODS  # noqa: E402
-from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import TESTS, AuditSpec  # noqa: E402
+from saliency_audit.workers.engine.data_randomization import LabeledImages  # noqa: E402
+from saliency_audit.workers.engine.images import load_image_folder, load_labeled_folder, preprocess  # noqa: E402
+from saliency_audit.workers.engine.methods import METHODS  # noqa: E402
+from saliency_audit.workers.engine.models.loader import load_model  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import TESTS, AuditSpec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,14 +36,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from saliency_audit.workers.engine.images import DecodedImage, preprocess  # noqa: E402
+from saliency_audit.workers.engine.methods import METHODS  # noqa: E402
+from saliency_audit.workers.engine.models.base import LoadedModel  # noqa: E402
+from saliency_audit.workers.engine.models.torchvision_adapter import load_torchvision  # noqa: E402
+from saliency_audit.workers.engine.result import AuditResult  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec  # noqa: E402
 from tests.engine.nets import torchvision_model  # noqa: E402
-from workers.engine.images import DecodedImage, preprocess  # noqa: E402
-from workers.engine.methods import METHODS  # noqa: E402
-from workers.engine.models.base import LoadedModel  # noqa: E402
-from workers.engine.models.torchvision_adapter import load_torchvision  # noqa: E402
-from workers.engine.result import AuditResult  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import AuditSpec, InputSpec  # noqa: E402
 
 TARGET_S = 60.0  # the budget for resnet50, 100 images, on one H100
 WARMUP_IMAGES = 2

@@ -3,7 +3,7 @@
 1024 per image at conv1, layer1 .. layer4).
 
 Runs the engine exactly as the analysis does (``compute_maps`` with ``scorecam`` at each layer
-that :func:`workers.engine.layers.block_output_layers` picks; masked passes batched
+that :func:`saliency_audit.workers.engine.layers.block_output_layers` picks; masked passes batched
 ``scorecam_batch`` at a time, in ONNX Runtime on the CPU), ``--repeats`` times, and prints the
 wall time per layer and in all with the median over runs.
 
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from saliency_audit.workers.engine.layers import block_output_layers
+from saliency_audit.workers.engine.maps import compute_maps
+from saliency_audit.workers.engine.spec import AuditSpec
 from tests.engine.nets import torchvision_model
-from workers.engine.layers import block_output_layers
-from workers.engine.maps import compute_maps
-from workers.engine.spec import AuditSpec
 
 
 def main() -> int:

@@ -25,10 +25,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from saliency_audit.workers.engine.methods import MethodContext, compute_methods
+from saliency_audit.workers.engine.methods.base import get_module
+from saliency_audit.workers.engine.spec import MethodParams
 from tests.engine.nets import torchvision_model
-from workers.engine.methods import MethodContext, compute_methods
-from workers.engine.methods.base import get_module
-from workers.engine.spec import MethodParams
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:

@@ -63,17 +63,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.methods import references  # noqa: E402
+from saliency_audit.workers.engine import sanity, similarity  # noqa: E402
+from saliency_audit.workers.engine.images import DecodedImage, load_image_folder, preprocess  # noqa: E402
+from saliency_audit.workers.engine.methods import (  # noqa: E402
+    METHODS,
+    MethodContext,
+    compute_methods,
+    resolve_layer,
+)
+from saliency_audit.workers.engine.models.base import LoadedModel  # noqa: E402
+from saliency_audit.workers.engine.models.loader import load_model  # noqa: E402
+from saliency_audit.workers.engine.models.torchvision_adapter import prepare_for_attribution  # noqa: E402
+from saliency_audit.workers.engine.randomization import Stage, Unit, stages, units  # noqa: E402
+from saliency_audit.workers.engine.result import AuditResult  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams  # noqa: E402
 from tests.engine.nets import torchvision_model  # noqa: E402
-from workers.engine import sanity, similarity  # noqa: E402
-from workers.engine.images import DecodedImage, load_image_folder, preprocess  # noqa: E402
-from workers.engine.methods import METHODS, MethodContext, compute_methods, resolve_layer  # noqa: E402
-from workers.engine.models.base import LoadedModel  # noqa: E402
-from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.models.torchvision_adapter import prepare_for_attribution  # noqa: E402
-from workers.engine.randomization import Stage, Unit, stages, units  # noqa: E402
-from workers.engine.result import AuditResult  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams  # noqa: E402
 
 MEASURES: tuple[str, ...] = ("spearman_abs", "spearman", "ssim", "hog_pearson")
 NON_CONTROL: tuple[str, ...] = tuple(n for n, i in METHODS.items() if not i.is_control)

@@ -36,8 +36,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.config import Config  # noqa: E402
-from service.embedded import config_environment, worker_command  # noqa: E402
+from saliency_audit.service.config import Config  # noqa: E402
+from saliency_audit.service.embedded import config_environment, worker_command  # noqa: E402
 
 PG = "postgresql://127.0.0.1:5432/test"
 METHODS = [
@@ -115,7 +115,7 @@ def main() -> int:
         "C": base.with_overrides(queue="gpu-c", cpu_queue="cpu-c", audit_parts=1),
     }
     workers_of = {"A": 1, "B": 2, "C": 1}
-    cli = [sys.executable, "-m", "service.cli"]
+    cli = [sys.executable, "-m", "saliency_audit.service.cli"]
     env = config_environment(base)
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     key = subprocess.run(

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from service.client import Client
-from workers.reports.text import format_summary
+from saliency_audit.service.client import Client
+from saliency_audit.workers.reports.text import format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "examples" / "reference" / "shapes_small_resnet.onnx"
@@ -40,7 +40,7 @@ def free_port() -> int:
 
 def cli(*args: str, env: dict[str, str]) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "saliency_audit.service.cli", *args],
         env=env,
         check=True,
         capture_output=True,
@@ -85,7 +85,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     server_log = open(out / "service.log", "wb")  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "saliency_audit.service.cli", "serve", "--port", str(port)],
         env=env,
         stdout=server_log,
         stderr=subprocess.STDOUT,

@@ -1,4 +1,5 @@
-"""Alembic environment: the URL comes from the config that :func:`service.db.alembic_config`
+"""Alembic environment: the URL comes from the config that
+:func:`saliency_audit.service.db.alembic_config`
 builds (``saliency-audit db upgrade``), never from a file checked into the repository."""
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
-from service.models import Base
+from saliency_audit.service.models import Base
 
 config = context.config
 target_metadata = Base.metadata

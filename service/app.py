@@ -1,8 +1,10 @@
 """The Flask application factory: ``create_app(config)``.
 
 Nothing is global at import time: the factory builds the database pool, the artifact store and
-the enqueuer from one :class:`~service.config.Config` and keeps them in ``app.extensions``.
-A production server runs ``gunicorn 'service.app:create_app()'``; ``saliency-audit serve``
+the enqueuer from one :class:`~saliency_audit.service.config.Config` and keeps them in
+``app.extensions``.
+A production server runs ``gunicorn 'saliency_audit.service.app:create_app()'``; ``saliency-audit
+serve``
 runs the same app embedded.
 """
 

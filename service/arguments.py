@@ -1,7 +1,8 @@
 """Argument types and option sets of the ``saliency-audit`` command line.
 
-Shared by :mod:`service.cli` (which builds the parser for every command) and
-:mod:`service.gate` (which reads the ``gate`` options), so the parser can be built without
+Shared by :mod:`saliency_audit.service.cli` (which builds the parser for every command) and
+:mod:`saliency_audit.service.gate` (which reads the ``gate`` options), so the parser can be built
+without
 importing what a command needs to run: ``saliency-audit serve`` never loads the HTTP client.
 Standard library only.
 """

@@ -115,7 +115,7 @@ class ArtifactStore:
 
     def delete(self, sha256: str) -> int | None:
         """Remove a file; its size in bytes, or None when it was not there. Whether any row
-        still needs it is the caller's question (:mod:`service.purge`)."""
+        still needs it is the caller's question (:mod:`saliency_audit.service.purge`)."""
         path = self.path(sha256)
         try:
             size = path.stat().st_size

@@ -1,7 +1,8 @@
 """The Celery app that sends tasks: broker, queues, routes and time limits from a
-:class:`~service.config.Config`, and no task code. The API process builds this one to enqueue
+:class:`~saliency_audit.service.config.Config`, and no task code. The API process builds this one to
+enqueue
 audits (it never imports the task module, so never the engine); the workers build theirs with
-:func:`workers.celery.create_celery`, which adds the tasks to the same configuration.
+:func:`saliency_audit.workers.celery.create_celery`, which adds the tasks to the same configuration.
 
 Settings follow the job-lifecycle rules of ARCHITECTURE.md: late acknowledgement and
 rejection on a lost worker (a killed worker's audit is delivered again), one message prefetched

@@ -2,8 +2,8 @@
 
 The parser for every command, and one small handler per command that imports what the command
 needs when it runs: ``serve`` loads neither torch nor the HTTP client, ``run`` is
-:mod:`workers.local` (the engine, beside the worker task it mirrors) and ``gate`` is
-:mod:`service.gate` (the client).
+:mod:`saliency_audit.workers.local` (the engine, beside the worker task it mirrors) and ``gate`` is
+:mod:`saliency_audit.service.gate` (the client).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workers.local import run_local
+    from saliency_audit.workers.local import run_local
 
     return run_local(args)
 
@@ -335,10 +335,10 @@ def add_method_plugin_argument(run: argparse.ArgumentParser) -> None:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from workers.engine.methods import METHODS
-    from workers.engine.methods.plugins import is_plugin, load_entry_point_explainers
-    from workers.engine.sanity import TEST_INFO
-    from workers.engine.spec import MEASURES
+    from saliency_audit.workers.engine.methods import METHODS
+    from saliency_audit.workers.engine.methods.plugins import is_plugin, load_entry_point_explainers
+    from saliency_audit.workers.engine.sanity import TEST_INFO
+    from saliency_audit.workers.engine.spec import MEASURES
 
     load_entry_point_explainers()  # what the operator installed for the workers
 
@@ -369,7 +369,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def cmd_policy(args: argparse.Namespace) -> int:
-    from workers.engine.policy import default_document
+    from saliency_audit.workers.engine.policy import default_document
 
     print(json.dumps(default_document(), indent=None if args.json else 2))
     return EXIT_OK

@@ -74,7 +74,7 @@ def alembic_config(url: str) -> Any:
     from alembic.config import Config as AlembicConfig
 
     cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(resources.files("migrations")))
+    cfg.set_main_option("script_location", str(resources.files("saliency_audit.migrations")))
     # '%' is ConfigParser's interpolation character
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg

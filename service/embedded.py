@@ -3,7 +3,8 @@
 Embedded (no ``DATABASE_URL`` / ``BROKER_URL``): the schema is brought up to date in the SQLite
 file, a real Celery worker process is started on the SQLAlchemy transport (no broker server),
 and the API runs the reconciler in a thread. With a database and broker configured, ``serve``
-runs only the API (workers are separate ``celery -A workers worker -Q gpu`` processes) unless
+runs only the API (workers are separate ``celery -A saliency_audit.workers worker -Q gpu``
+processes) unless
 ``--worker`` asks for one beside it.
 """
 
@@ -51,7 +52,7 @@ def worker_command(
         "-m",
         "celery",
         "-A",
-        "workers",
+        "saliency_audit.workers",
         "worker",
         "-Q",
         ",".join(queues or [config.queue, config.cpu_queue]),

@@ -43,9 +43,9 @@ from typing import Any, TextIO, get_args
 
 import requests
 
-from workers.engine.catalogue import control_names
-from workers.engine.result import VerdictValue
-from workers.reports.text import ProgressClock, format_verdicts
+from saliency_audit.workers.engine.catalogue import control_names
+from saliency_audit.workers.engine.result import VerdictValue
+from saliency_audit.workers.reports.text import ProgressClock, format_verdicts
 
 from . import routes
 from .arguments import INCONCLUSIVE_MODES, InconclusiveMode
@@ -502,7 +502,7 @@ def _error(args: argparse.Namespace, context: _Context, code: str, message: str)
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
-    from workers.engine.spec import ANALYSES
+    from saliency_audit.workers.engine.spec import ANALYSES
 
     server = args.server or os.environ.get("SALIENCY_AUDIT_URL")
     key = args.api_key or os.environ.get("SALIENCY_AUDIT_KEY")
@@ -584,8 +584,8 @@ def _dataset(
 def _zip_image_set(folder: Path, what: str, note: Callable[[str], None]) -> bytes:
     """The folder as a deterministic zip without the files that are not part of an image set
     (hidden files, ``__MACOSX``, ``.txt`` notes: the rule ``saliency-audit run`` and the
-    upload apply, :func:`workers.engine.image_files.skip_reason`), noted by name."""
-    from workers.engine.image_files import IMAGE_SET_FILES, skip_reason, skipped_note
+    upload apply, :func:`saliency_audit.workers.engine.image_files.skip_reason`), noted by name."""
+    from saliency_audit.workers.engine.image_files import IMAGE_SET_FILES, skip_reason, skipped_note
 
     skipped: list[str] = []
 
@@ -603,7 +603,7 @@ def _zip_image_set(folder: Path, what: str, note: Callable[[str], None]) -> byte
 
 
 def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], None]) -> int:
-    from workers.engine.spec import ANALYSES
+    from saliency_audit.workers.engine.spec import ANALYSES
 
     server, key, policy = _check_arguments(args)
     context.server = server

@@ -8,7 +8,8 @@ after that the audit fails with the reason. Every transition is one conditional 
 number of reconcilers and workers can race without double-running an audit: a duplicate message
 finds the audit already claimed and does nothing.
 
-A split audit's parts (``audit_parts`` rows, :mod:`workers.parts`) follow the same rules one
+A split audit's parts (``audit_parts`` rows, :mod:`saliency_audit.workers.parts`) follow the same
+rules one
 level down: a part is claimed with a conditional UPDATE (queued, or running with a stale
 heartbeat), and one :class:`Heartbeat` thread keeps an audit's or a part's claim alive.
 The workers' tasks only move data; every statement about who runs what is here.

@@ -248,7 +248,8 @@ class Audit(Base):
 
 class AuditPart(Base):
     """One share of a split audit (a group of method families), computed by whichever worker
-    claims it; the audit's own worker merges the parts (:mod:`workers.engine.merge`)."""
+    claims it; the audit's own worker merges the parts
+    (:mod:`saliency_audit.workers.engine.merge`)."""
 
     __tablename__ = "audit_parts"
     __table_args__ = (UniqueConstraint("audit_id", "part_index", name="uq_audit_parts_key"),)

@@ -5,7 +5,8 @@ The document is plain data, built once per process. The shapes that cross the en
 boundary (audit spec and parameters, input spec, verdicts, scores, heatmaps, catalogue, policy,
 problem) are the components pydantic generates from the contract (``workers/engine/contract``);
 the service's own shapes are written here from the same constants the routes use (the
-blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``, :data:`~service.models.AUDIT_STATES`), so an
+blueprints' ``METADATA_KEYS`` and ``BODY_KEYS``,
+:data:`~saliency_audit.service.models.AUDIT_STATES`), so an
 enum or a field list cannot drift from the code. ``tests/service/test_contract.py`` checks the
 generated components, ``tests/service/test_openapi.py`` the rest (every route documented,
 every rendered object valid against its schema). The HTML page is self-contained: no script,
@@ -22,15 +23,20 @@ from functools import cache
 from importlib import metadata
 from typing import Any
 
-from workers.engine.catalogue import method_names
-from workers.engine.contract.catalogue import Catalogue
-from workers.engine.contract.problem import Problem
-from workers.engine.contract.report import Heatmap, ReportDocument, Score
-from workers.engine.contract.schema import components, name_enums, rendered, schema_of
-from workers.engine.contract.verdicts import PassWhen, Verdict, VerdictValue
-from workers.engine.result import SCHEMA_VERSION
-from workers.engine.spec import MEASURES, TESTS, AuditSpec, InputSpec
-from workers.reports.schema import report_schema
+from saliency_audit.workers.engine.catalogue import method_names
+from saliency_audit.workers.engine.contract.catalogue import Catalogue
+from saliency_audit.workers.engine.contract.problem import Problem
+from saliency_audit.workers.engine.contract.report import Heatmap, ReportDocument, Score
+from saliency_audit.workers.engine.contract.schema import (
+    components,
+    name_enums,
+    rendered,
+    schema_of,
+)
+from saliency_audit.workers.engine.contract.verdicts import PassWhen, Verdict, VerdictValue
+from saliency_audit.workers.engine.result import SCHEMA_VERSION
+from saliency_audit.workers.engine.spec import MEASURES, TESTS, AuditSpec, InputSpec
+from saliency_audit.workers.reports.schema import report_schema
 
 from .api.audits import BODY_KEYS, MAX_IDEMPOTENCY_KEY, RETRY_AFTER_S
 from .api.common import DEFAULT_PAGE
@@ -49,10 +55,10 @@ SCHEMAS = "#/components/schemas/"
 SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 MODEL_FORMATS = ("onnx", "safetensors", "torch")
 # the audit's PDF and HTML reports (null until it has succeeded) and its webhook (null until
-# it has ended): the values service.jobs and workers.tasks write
+# it has ended): the values saliency_audit.service.jobs and saliency_audit.workers.tasks write
 DOCUMENTS_STATES = ("pending", "ready", "failed")
 WEBHOOK_STATES = ("pending", "delivered", "failed")
-# what service.webhooks.sign() writes: t=<unix seconds>,v1=<hex HMAC-SHA256>
+# what saliency_audit.service.webhooks.sign() writes: t=<unix seconds>,v1=<hex HMAC-SHA256>
 SIGNATURE_PATTERN = "^t=[0-9]+,v1=[0-9a-f]{64}$"
 REPORT_SCHEMA_PATH = "/v1/schemas/report.json"
 # the component of report.json (the schema served at REPORT_SCHEMA_PATH, see _report_schemas)
@@ -582,7 +588,8 @@ def _report_schemas() -> dict[str, Schema]:
     """The report schema served at :data:`REPORT_SCHEMA_PATH` as components: ``Report`` and one
     ``Report<Name>`` per entry of its ``$defs``, their references rewritten, so report.json's
     response refers to it and a generated client reads a typed report. Derived from
-    :func:`workers.reports.schema.report_schema`, never written a second time. Its ``$id``,
+    :func:`saliency_audit.workers.reports.schema.report_schema`, never written a second time. Its
+    ``$id``,
     ``$schema`` and ``title`` stay with the served document: an ``$id`` here would move the base
     of every reference inside it, and generators name a class after a ``title``."""
     # the generated schema before single-use blocks are inlined: every shape keeps its name, so
@@ -808,7 +815,8 @@ def _common(*names: str) -> dict[str, Schema]:
     return {status[n]: {"$ref": "#/components/responses/" + n} for n in names}
 
 
-# what the API edge refuses on every /v1/ route before its view runs (service.api.common):
+# what the API edge refuses on every /v1/ route before its view runs
+# (saliency_audit.service.api.common):
 # control characters in a path or query parameter or a JSON string, an integer path parameter
 # past its column, JSON nested too deep or with a key twice, a multipart part twice
 EDGE_400 = ["invalid_characters", "out_of_range", "too_deep", "duplicate_key", "duplicate_part"]
@@ -832,7 +840,8 @@ RATE_LIMITED_EXTRA: dict[str, Schema] = {
 
 
 def _with_rate_limit_429(response: Schema | None) -> Schema:
-    """Every /v1/ route is behind the tenant's request rate limit (service.quotas)."""
+    """Every /v1/ route is behind the tenant's request rate limit
+    (saliency_audit.service.quotas)."""
     codes = ["rate_limited"]
     description = "Too many requests from this tenant; retry after Retry-After"
     if response is not None:
@@ -897,7 +906,8 @@ _DOCUMENT_500 = _problem(
 )
 
 
-# What the upload checks of :mod:`service.uploads` refuse (besides the route's own checks):
+# What the upload checks of :mod:`saliency_audit.service.uploads` refuse (besides the route's own
+# checks):
 # status -> codes, for a model file and for a dataset archive.
 MODEL_REJECTIONS: dict[int, list[str]] = {
     413: ["file_too_large"],
@@ -1041,7 +1051,8 @@ def _upload_operation(
 
 
 def _webhook_callback() -> Schema:
-    """The POST an audit's ``webhook_url`` receives when the audit ends (service.webhooks)."""
+    """The POST an audit's ``webhook_url`` receives when the audit ends
+    (saliency_audit.service.webhooks)."""
     return {
         "{$request.body#/webhook_url}": {
             "post": {
@@ -1053,7 +1064,8 @@ def _webhook_callback() -> Schema:
                 'HMAC-SHA256(secret, "<t>.<raw body>"), the secret being the tenant\'s '
                 "webhook secret ('saliency-audit keys webhook-secret --tenant NAME'). A "
                 "receiver recomputes the HMAC over the raw body bytes, compares in constant "
-                "time and rejects an old t (service.webhooks.verify allows 300 s). Delivery "
+                "time and rejects an old t (saliency_audit.service.webhooks.verify allows 300 s). "
+                "Delivery "
                 "is at least once: a non-2xx answer or a network error is retried with "
                 "exponential backoff up to the server's webhook_max_attempts; deduplicate on "
                 "delivery_id. The audit's `webhook` shows the state, attempts and last error.",

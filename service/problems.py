@@ -14,7 +14,7 @@ from flask import Flask, Response, json, request
 from sqlalchemy.exc import InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
-from workers.engine.errors import EngineError
+from saliency_audit.workers.engine.errors import EngineError
 
 from .uploads import UploadRejected
 

@@ -1,6 +1,7 @@
 """Real deletion: rows go, and a file of the store goes with the last row that needs it.
 
-The store is content-addressed (:mod:`service.artifacts`): two uploads, two tenants or two
+The store is content-addressed (:mod:`saliency_audit.service.artifacts`): two uploads, two tenants
+or two
 audits may share one file, so a file is removed only when a query over every column that names
 a file finds no row left: live models, the images and masks of live datasets
 (``dataset_files``), audit artifacts, reports, maps and part results. Rows are deleted in one

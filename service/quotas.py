@@ -4,7 +4,7 @@ Each refusal is a problem+json the client can act on: ``429 too_many_audits`` an
 ``429 rate_limited`` carry ``Retry-After``; ``507 storage_quota_exceeded`` carries the usage and
 the limit (it lasts until the tenant deletes something, so no ``Retry-After``). The running-audit
 cap is not checked here: a tenant at its cap is skipped by the workers' fair claim
-(:func:`service.jobs.claim_next`), so its audits wait instead of being refused.
+(:func:`saliency_audit.service.jobs.claim_next`), so its audits wait instead of being refused.
 
 The rate limiter is a token bucket per tenant. With a Redis broker URL the buckets live in Redis
 (one Lua script per request, atomic, shared by every API process); otherwise they are kept in

@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 import requests
 
-from service import db as service_db
-from service.auth import create_key
-from service.config import Config
-from service.db import Database
-from service.embedded import config_environment, start_worker, stop_worker
+from saliency_audit.service import db as service_db
+from saliency_audit.service.auth import create_key
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.embedded import config_environment, start_worker, stop_worker
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO / "examples" / "reference"
@@ -161,7 +161,15 @@ def start_server(config: Config, *extra: str, timeout_s: float = 60.0) -> Server
     env["PYTHONUNBUFFERED"] = "1"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *extra],
+            [
+                sys.executable,
+                "-m",
+                "saliency_audit.service.cli",
+                "serve",
+                "--port",
+                str(port),
+                *extra,
+            ],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -199,7 +207,8 @@ class Worker:
 
 
 def launch_worker(config: Config, timeout_s: float = 90.0) -> Worker:
-    """A real ``celery -A workers worker -Q <queue>`` process, once it reports ready."""
+    """A real ``celery -A saliency_audit.workers worker -Q <queue>`` process, once it reports
+    ready."""
     log = config.data_dir / f"worker-{secrets.token_hex(3)}.log"
     process = start_worker(config, log)
     worker = Worker(process, log)
@@ -242,7 +251,7 @@ def end_unfinished_audits(config: Config) -> None:
     them) start on an empty queue and its timings are its own."""
     from sqlalchemy import update
 
-    from service.models import Audit, utcnow
+    from saliency_audit.service.models import Audit, utcnow
 
     database = Database.from_config(config)
     try:

@@ -1,8 +1,10 @@
 """``saliency-audit run``: one audit on this machine, without the service.
 
-The local twin of the worker's audit task (:mod:`workers.tasks`): it loads the model and the
+The local twin of the worker's audit task (:mod:`saliency_audit.workers.tasks`): it loads the model
+and the
 images from files instead of the database and the artifact store, calls the same engine entry
-point (:func:`workers.engine.api.audit`, the Python API), and writes ``report.json`` and
+point (:func:`saliency_audit.workers.engine.api.audit`, the Python API), and writes ``report.json``
+and
 ``maps.npz`` to a folder instead of rows and artifacts. torch and the engine are imported inside
 :func:`run_local`, so the command line that dispatches to it stays light.
 """
@@ -16,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from workers.reports.text import ProgressClock, format_input_spec, format_summary
+from saliency_audit.workers.reports.text import ProgressClock, format_input_spec, format_summary
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -36,7 +38,7 @@ def _read_json(path: Path | None, what: str) -> dict[str, Any]:
 
 def run_local(args: argparse.Namespace) -> int:
     """``saliency-audit run``: the exit code (0, or 2 with the error on stderr)."""
-    from workers.engine.errors import EngineError
+    from saliency_audit.workers.engine.errors import EngineError
 
     try:
         return _run(args)
@@ -50,18 +52,18 @@ def _run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from workers.engine.api import audit, read_images
-    from workers.engine.data_randomization import LabeledImages
-    from workers.engine.images import (
+    from saliency_audit.workers.engine.api import audit, read_images
+    from saliency_audit.workers.engine.data_randomization import LabeledImages
+    from saliency_audit.workers.engine.images import (
         load_labeled_folder,
         load_mask_folder,
         masks_tensor,
         preprocess,
     )
-    from workers.engine.methods import METHODS
-    from workers.engine.methods.plugins import is_plugin
-    from workers.engine.models.loader import load_model
-    from workers.engine.spec import (
+    from saliency_audit.workers.engine.methods import METHODS
+    from saliency_audit.workers.engine.methods.plugins import is_plugin
+    from saliency_audit.workers.engine.models.loader import load_model
+    from saliency_audit.workers.engine.spec import (
         ANALYSES,
         MEASURES,
         TESTS,
@@ -204,9 +206,9 @@ def write_reports(
 ) -> list[Path]:
     """``out/report.pdf`` and / or ``out/report.html``, rendered by the functions the worker
     renders the service's reports with, from the report and its heatmaps."""
-    from workers.reports.heatmaps import report_pictures
-    from workers.reports.html import render_html
-    from workers.reports.pdf import render_pdf
+    from saliency_audit.workers.reports.heatmaps import report_pictures
+    from saliency_audit.workers.reports.html import render_html
+    from saliency_audit.workers.reports.pdf import render_pdf
 
     artifacts, pngs = report_pictures(result, images)
     with_pictures = {**document, "artifacts": artifacts}
@@ -225,7 +227,7 @@ def _register_method_plugins(targets: list[str]) -> list[str]:
     """``--method-plugin module:callable[=name]``: import and register each explainer (code
     the person running the audit chose; the service never imports code a request names).
     Returns the registered names, in order."""
-    from workers.engine.methods.plugins import load_explainer, register_explainer
+    from saliency_audit.workers.engine.methods.plugins import load_explainer, register_explainer
 
     names = []
     for target in targets:

@@ -1,14 +1,17 @@
 """Split audits: one audit's method families computed by several workers, merged in one place.
 
 With ``audit_parts`` > 1 (``SALIENCY_AUDIT_AUDIT_PARTS``) the worker that claimed an audit
-splits it (:func:`workers.engine.merge.split_methods`), writes one ``audit_parts`` row per part
+splits it (:func:`saliency_audit.workers.engine.merge.split_methods`), writes one ``audit_parts``
+row per part
 and sends one ``workers.run_audit_part`` task per extra part to the audit queue. Every worker,
-the audit's own included, then claims parts (:func:`service.jobs.claim_part`: a queued part, or
+the audit's own included, then claims parts (:func:`saliency_audit.service.jobs.claim_part`: a
+queued part, or
 a running one whose heartbeat went stale, so a part whose worker died is taken over), computes
 its part with the engine and stores the part's result in the artifact store. The audit's own
 worker computes parts as long as any is left unclaimed and otherwise waits for the others, so
 with a single worker the audit still completes (it computes every part itself). Once every part
-is done it merges them (:func:`workers.engine.merge.merge_results`, exact) and stores the audit
+is done it merges them (:func:`saliency_audit.workers.engine.merge.merge_results`, exact) and stores
+the audit
 as usual. No Celery result backend is needed: the parts' state is in the database.
 """
 
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from celery import Task
 
-from service.jobs import (
+from saliency_audit.service.jobs import (
     PART_TASK,
     WORKER_DRAIN,
     Heartbeat,
@@ -61,7 +64,7 @@ def pack(result: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    from workers.engine.result import AuditResult
+    from saliency_audit.workers.engine.result import AuditResult
 
     with np.load(io.BytesIO(data)) as archive:
         result = AuditResult.from_dict(json.loads(archive["__report__"].tobytes()))
@@ -91,7 +94,7 @@ def compute_part(rt: Runtime, lease: PartLease, inputs: Inputs) -> bool:
 def run_split(rt: Runtime, audit_id: str, inputs: Inputs, progress: Progress) -> Any:
     """The audit's own worker: write the parts, share them out, compute what is left, wait,
     merge."""
-    from workers.engine.merge import merge_results, split_methods
+    from saliency_audit.workers.engine.merge import merge_results, split_methods
 
     spec = inputs.spec
     groups = split_methods(spec, rt.config.audit_parts)

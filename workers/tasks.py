@@ -1,15 +1,18 @@
 """The worker's tasks: load an audit's inputs, run the engine, store its outputs.
 
-Thin glue around :func:`workers.engine.runner.run_audit`. The job lifecycle (claim, heartbeat,
-ownership, the final transaction) is :mod:`service.jobs`; this module only moves data between
+Thin glue around :func:`saliency_audit.workers.engine.runner.run_audit`. The job lifecycle (claim,
+heartbeat,
+ownership, the final transaction) is :mod:`saliency_audit.service.jobs`; this module only moves data
+between
 the database, the artifact store and the engine. :func:`register_tasks` puts the tasks on the
-app :func:`workers.celery.create_celery` builds. torch and the engine are imported inside the
+app :func:`saliency_audit.workers.celery.create_celery` builds. torch and the engine are imported
+inside the
 tasks, so they load in the pool child, never in the worker's parent process.
-:mod:`workers.local` is the same audit run from files, for ``saliency-audit run``.
+:mod:`saliency_audit.workers.local` is the same audit run from files, for ``saliency-audit run``.
 
 Shutdown (:func:`install_drain`): SIGTERM to the worker starts Celery's warm shutdown (no new
 messages) and is passed on to the pool child, which lets its running task go on for
-``drain_grace_s`` before the audit is handed back (:class:`service.jobs.Heartbeat`).
+``drain_grace_s`` before the audit is handed back (:class:`saliency_audit.service.jobs.Heartbeat`).
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from celery.signals import worker_init
 from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
-from service.artifacts import ArtifactMissing
-from service.jobs import (
+from saliency_audit.service.artifacts import ArtifactMissing
+from saliency_audit.service.jobs import (
     DATABASE_DOWN,
     INSPECT_TASK,
     PART_TASK,
@@ -53,8 +56,15 @@ from service.jobs import (
     claim_next,
     worker_identity,
 )
-from service.models import Audit, AuditArtifact, DatasetRecord, ModelRecord, ResultRow, VerdictRow
-from service.routes import artifact_path, report_links
+from saliency_audit.service.models import (
+    Audit,
+    AuditArtifact,
+    DatasetRecord,
+    ModelRecord,
+    ResultRow,
+    VerdictRow,
+)
+from saliency_audit.service.routes import artifact_path, report_links
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +75,9 @@ Progress = Callable[[float, str], None]
 
 
 def register_tasks(app: Celery) -> None:
-    """Put the workers' tasks on ``app`` (under the names :mod:`service.jobs` sends)."""
-    from workers.engine.errors import stop_audit_on
+    """Put the workers' tasks on ``app`` (under the names :mod:`saliency_audit.service.jobs`
+    sends)."""
+    from saliency_audit.workers.engine.errors import stop_audit_on
 
     # a soft time limit ends the audit; the engine must not take it for one method's failure
     stop_audit_on(SoftTimeLimitExceeded)
@@ -95,7 +106,7 @@ def load_explainer_plugins() -> tuple[str, ...]:
     before the first audit of a process that was not started as a worker. A plugin that
     cannot be loaded is logged at start and fails every audit of this worker with the reason
     (never an audit that silently runs without it)."""
-    from workers.engine.methods.plugins import load_entry_point_explainers
+    from saliency_audit.workers.engine.methods.plugins import load_entry_point_explainers
 
     names = tuple(info.name for info in load_entry_point_explainers())
     if names:
@@ -126,7 +137,8 @@ def install_drain() -> None:
     - worker parent, warm shutdown (the first SIGTERM or Ctrl-C): passed on once, as SIGTERM,
       to the pool child; Celery itself stops taking messages and waits for the running task.
     - pool child: SIGTERM while idle exits as billiard has it exit; while a task runs it starts
-      the drain (:data:`service.jobs.WORKER_DRAIN`) instead of killing the task: the audit goes
+      the drain (:data:`saliency_audit.service.jobs.WORKER_DRAIN`) instead of killing the task: the
+      audit goes
       on for ``drain_grace_s`` and is then handed back, its attempt not counted, and the
       parent is told to shut down too. A message the parent still hands over is sent back to
       the queue unclaimed. A second SIGTERM during the task (the pool terminated at a cold
@@ -237,9 +249,9 @@ def inspect_model(rt: Runtime, model_id: str) -> str:
     A model that does not load is left as it is: its audits fail with the loader's reason."""
     import torch
 
-    from workers.engine.errors import EngineError
-    from workers.engine.layers import layer_names
-    from workers.engine.models.loader import load_model
+    from saliency_audit.workers.engine.errors import EngineError
+    from saliency_audit.workers.engine.layers import layer_names
+    from saliency_audit.workers.engine.models.loader import load_model
 
     with rt.db.session() as session:
         row = session.get(ModelRecord, model_id)
@@ -283,7 +295,8 @@ def deliver_webhook_task(self: Task, audit_id: str) -> str:
 
 
 def execute(rt: Runtime, audit_id: str, outcome: Claim) -> str:
-    """Run the audit this worker claimed (``outcome``, from :func:`service.jobs.claim_next`)
+    """Run the audit this worker claimed (``outcome``, from
+    :func:`saliency_audit.service.jobs.claim_next`)
     under a heartbeat, and record how it ended: the outcome (``succeeded``, ``failed``,
     ``canceled``, ``handed_back`` (the worker shut down), ``lost`` or why it was not
     claimed)."""
@@ -319,7 +332,7 @@ def execute(rt: Runtime, audit_id: str, outcome: Claim) -> str:
         log.exception("audit %s: the database went away", audit_id)
         raise
     except Exception as exc:
-        from workers.engine.errors import EngineError
+        from saliency_audit.workers.engine.errors import EngineError
 
         if isinstance(exc, EngineError):
             owner.fail(_jsonable(exc.to_dict()))
@@ -359,7 +372,7 @@ def _run(rt: Runtime, audit_id: str, owner: Ownership, progress: Progress) -> No
 def _compute_audit(rt: Runtime, audit_id: str, inputs: Inputs, progress: Progress) -> Any:
     """The engine result: in parts shared with other workers when the configuration splits
     audits and the spec allows it, else in one piece."""
-    from workers.engine.merge import splittable
+    from saliency_audit.workers.engine.merge import splittable
 
     from .parts import run_split
 
@@ -502,11 +515,11 @@ class Inputs:
 def load_inputs(rt: Runtime, audit_id: str) -> Inputs:
     import torch
 
-    from workers.engine.data_randomization import LabeledImages
-    from workers.engine.image_files import class_indices
-    from workers.engine.images import decode_image, preprocess
-    from workers.engine.models.loader import load_model
-    from workers.engine.spec import AuditSpec
+    from saliency_audit.workers.engine.data_randomization import LabeledImages
+    from saliency_audit.workers.engine.image_files import class_indices
+    from saliency_audit.workers.engine.images import decode_image, preprocess
+    from saliency_audit.workers.engine.models.loader import load_model
+    from saliency_audit.workers.engine.spec import AuditSpec
 
     with rt.db.session() as session:
         audit = session.get(Audit, audit_id)
@@ -557,9 +570,10 @@ def load_inputs(rt: Runtime, audit_id: str) -> Inputs:
 
 
 def compute(inputs: Inputs, spec: Any, progress: Any) -> Any:
-    """The engine's :func:`~workers.engine.api.audit` (what ``saliency-audit run`` and the
+    """The engine's :func:`~saliency_audit.workers.engine.api.audit` (what ``saliency-audit run``
+    and the
     Python API call) on the loaded inputs with ``spec`` (the whole audit's, or a part's)."""
-    from workers.engine.api import audit
+    from saliency_audit.workers.engine.api import audit
 
     load_explainer_plugins()
     return audit(
@@ -576,8 +590,8 @@ def compute(inputs: Inputs, spec: Any, progress: Any) -> Any:
 def _ground_truth(rt: Runtime, dataset: DatasetRecord, images: list[Any], spec: Any) -> Any:
     """(N, H, W) object masks at the model's input size when every image has a mask or boxes
     in the dataset, else None (localization needs ground truth for each image)."""
-    from workers.engine.faithfulness import boxes_to_mask
-    from workers.engine.images import decode_mask, masks_tensor
+    from saliency_audit.workers.engine.faithfulness import boxes_to_mask
+    from saliency_audit.workers.engine.images import decode_mask, masks_tensor
 
     items = dataset.manifest["images"]
     if not all(item.get("mask_sha256") or item.get("boxes") for item in items):
@@ -595,9 +609,10 @@ def _ground_truth(rt: Runtime, dataset: DatasetRecord, images: list[Any], spec: 
 def _heatmaps(
     rt: Runtime, tenant_id: str, audit_id: str, result: Any, images: list[Any]
 ) -> list[AuditArtifact]:
-    """The pictures the reports show (:func:`workers.reports.heatmaps.report_pictures`), put in
+    """The pictures the reports show
+    (:func:`saliency_audit.workers.reports.heatmaps.report_pictures`), put in
     the artifact store, as rows."""
-    from workers.reports.heatmaps import report_pictures
+    from saliency_audit.workers.reports.heatmaps import report_pictures
 
     listed, pngs = report_pictures(result, images)
     for png in pngs.values():
@@ -611,8 +626,8 @@ def _heatmaps(
 def render_documents(rt: Runtime, audit_id: str) -> str:
     """The PDF and HTML reports of a succeeded audit, from its stored report.json and
     pictures; idempotent (a re-run replaces the previous documents)."""
-    from workers.reports.html import render_html
-    from workers.reports.pdf import render_pdf
+    from saliency_audit.workers.reports.html import render_html
+    from saliency_audit.workers.reports.pdf import render_pdf
 
     with rt.db.session() as session:
         audit = session.get(Audit, audit_id)
@@ -664,8 +679,8 @@ def render_documents(rt: Runtime, audit_id: str) -> str:
 
 def deliver_webhook(rt: Runtime, audit_id: str) -> str:
     """One attempt: ``delivered``, ``retry`` (attempts left) or ``failed``."""
-    from service.models import Tenant
-    from service.webhooks import payload, post
+    from saliency_audit.service.models import Tenant
+    from saliency_audit.service.webhooks import payload, post
 
     with rt.db.session() as session:
         audit = session.get(Audit, audit_id)

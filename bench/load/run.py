@@ -41,8 +41,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from service.config import Config  # noqa: E402
-from service.embedded import config_environment  # noqa: E402
+from saliency_audit.service.config import Config  # noqa: E402
+from saliency_audit.service.embedded import config_environment  # noqa: E402
 
 PG = "postgresql://127.0.0.1:5432/test"
 
@@ -201,7 +201,7 @@ def main() -> int:
         reconcile_in_api=False,
     )
     env = config_environment(config)
-    cli = [sys.executable, "-m", "service.cli"]
+    cli = [sys.executable, "-m", "saliency_audit.service.cli"]
     subprocess.run([*cli, "db", "upgrade"], env=env, check=True, capture_output=True)
     key = subprocess.run(
         [*cli, "keys", "create", "--tenant", "load"],
@@ -215,7 +215,7 @@ def main() -> int:
         command = [
             sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}",
             "--workers", str(args.workers), "--threads", str(args.threads),
-            "--timeout", "1800", "service.app:create_app()",
+            "--timeout", "1800", "saliency_audit.service.app:create_app()",
         ]  # fmt: skip
     else:
         command = [

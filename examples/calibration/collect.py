@@ -41,12 +41,12 @@ HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(HERE.parents[1]))
 
-from workers.engine.datasets import load_digits_images, make_shapes, stratified_split  # noqa: E402
-from workers.engine.images import DecodedImage, preprocess  # noqa: E402
-from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.randomization import parameterized_modules  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import AuditSpec  # noqa: E402
+from saliency_audit.workers.engine.datasets import load_digits_images, make_shapes, stratified_split  # noqa: E402
+from saliency_audit.workers.engine.images import DecodedImage, preprocess  # noqa: E402
+from saliency_audit.workers.engine.models.loader import load_model  # noqa: E402
+from saliency_audit.workers.engine.randomization import parameterized_modules  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import AuditSpec  # noqa: E402
 
 REFERENCE = HERE.parent / "reference"
 METHODS = ("gradient", "gradcam", "guided_backprop", "guided_gradcam")

@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(HERE.parents[1]))
 
-from workers.engine.policy import Rule, curve_area  # noqa: E402
-from workers.engine.stats import bootstrap_mean, key_seed  # noqa: E402
+from saliency_audit.workers.engine.policy import Rule, curve_area  # noqa: E402
+from saliency_audit.workers.engine.stats import bootstrap_mean, key_seed  # noqa: E402
 
 SENSITIVE = ("gradient", "gradcam")
 INSENSITIVE = ("guided_backprop", "guided_gradcam")

@@ -31,7 +31,7 @@ from examples.reference.train import (  # noqa: E402
     accuracy,
     random_dihedral,
 )
-from workers.engine.datasets import (  # noqa: E402
+from saliency_audit.workers.engine.datasets import (  # noqa: E402
     load_digits_images,
     make_shapes,
     stratified_split,
@@ -179,7 +179,7 @@ def export(model: nn.Module, path: Path, record: dict[str, object], dataset: str
         dynamo=False,
     )
     proto = onnx.load(str(path))
-    from workers.engine.datasets import SHAPE_CLASSES
+    from saliency_audit.workers.engine.datasets import SHAPE_CLASSES
 
     classes = list(SHAPE_CLASSES) if dataset == "shapes" else [str(d) for d in range(10)]
     spec = {

@@ -27,14 +27,14 @@ if __package__ in (None, ""):  # run as a script: make the repository's packages
 import torch  # noqa: E402
 
 from examples.reference.export_training_set import export_training_set  # noqa: E402
-from workers.engine.data_randomization import LabeledImages  # noqa: E402
-from workers.engine.images import load_image_folder, load_labeled_folder, preprocess  # noqa: E402
-from workers.engine.methods import METHODS  # noqa: E402
-from workers.engine.models.loader import load_model  # noqa: E402
-from workers.engine.policy import Rule, decide, evidence, load_policy  # noqa: E402
-from workers.engine.result import AuditResult  # noqa: E402
-from workers.engine.runner import run_audit  # noqa: E402
-from workers.engine.spec import MEASURES, TESTS, AuditSpec  # noqa: E402
+from saliency_audit.workers.engine.data_randomization import LabeledImages  # noqa: E402
+from saliency_audit.workers.engine.images import load_image_folder, load_labeled_folder, preprocess  # noqa: E402
+from saliency_audit.workers.engine.methods import METHODS  # noqa: E402
+from saliency_audit.workers.engine.models.loader import load_model  # noqa: E402
+from saliency_audit.workers.engine.policy import Rule, decide, evidence, load_policy  # noqa: E402
+from saliency_audit.workers.engine.result import AuditResult  # noqa: E402
+from saliency_audit.workers.engine.runner import run_audit  # noqa: E402
+from saliency_audit.workers.engine.spec import MEASURES, TESTS, AuditSpec  # noqa: E402
 
 MODELS = ("shapes_small_cnn", "shapes_small_resnet", "digits_small_cnn", "digits_small_resnet")
 SELECTORS: tuple[str | dict[str, Any], ...] = (

@@ -34,12 +34,12 @@ HERE = Path(__file__).resolve().parent
 if __package__ in (None, ""):  # run as a script: make the repository's packages importable
     sys.path.insert(0, str(HERE.parents[1]))
 
-from workers.engine.datasets import (  # noqa: E402
+from saliency_audit.workers.engine.datasets import (  # noqa: E402
     load_digits_images,
     make_shapes,
     stratified_split,
 )
-from workers.engine.reference_models import build_reference_model  # noqa: E402
+from saliency_audit.workers.engine.reference_models import build_reference_model  # noqa: E402
 
 SIZE = 32
 MEAN, STD = 0.5, 0.5

@@ -65,7 +65,7 @@ def upgrade() -> None:
 def _backfill_dataset_files(dataset_files: sa.Table) -> None:
     """Index the images and masks of the datasets that are live now. Datasets deleted before
     this revision count as tombstones: their files are left for the orphan sweep
-    (:func:`service.purge.remove_orphan_files`)."""
+    (:func:`saliency_audit.service.purge.remove_orphan_files`)."""
     datasets = sa.table(
         "datasets",
         sa.column("id", sa.String),

@@ -18,13 +18,17 @@ from flask import Blueprint, Response, jsonify, request, send_file, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from workers.engine.catalogue import catalogue, check_methods
-from workers.engine.contract.cost import estimate, families_of, stages_of
-from workers.engine.contract.report import PICTURE_KINDS
-from workers.engine.contract.verdicts import Verdict
-from workers.engine.errors import SpecError, unknown_analysis_layer, unknown_cam_layer
-from workers.engine.policy import load_policy
-from workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
+from saliency_audit.workers.engine.catalogue import catalogue, check_methods
+from saliency_audit.workers.engine.contract.cost import estimate, families_of, stages_of
+from saliency_audit.workers.engine.contract.report import PICTURE_KINDS
+from saliency_audit.workers.engine.contract.verdicts import Verdict
+from saliency_audit.workers.engine.errors import (
+    SpecError,
+    unknown_analysis_layer,
+    unknown_cam_layer,
+)
+from saliency_audit.workers.engine.policy import load_policy
+from saliency_audit.workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
 
 from .. import purge, routes
 from ..app import state
@@ -228,7 +232,8 @@ def check_layer_names(spec: dict[str, Any], model: ModelRecord) -> None:
 
 
 def check_quotas(session: Any, config: Config) -> None:
-    """The tenant's audit quotas (:mod:`service.quotas`): 429 ``too_many_audits`` while its
+    """The tenant's audit quotas (:mod:`saliency_audit.service.quotas`): 429 ``too_many_audits``
+    while its
     queue is full. (Its running cap is applied by the workers' fair claim, not here.)"""
     check_queued_audits(session, config, tenant_id())
 
@@ -411,7 +416,7 @@ def get_audit(audit_id: str) -> Any:
 def cancel(audit_id: str) -> Any:
     """Cancel or delete. An active audit is canceled (a queued one at once, 200; a running one
     at its next heartbeat, 202). A final one is deleted (204): its rows and the files no other
-    row needs (:mod:`service.purge`)."""
+    row needs (:mod:`saliency_audit.service.purge`)."""
     st = state()
     with st.db.session() as session:
         audit = get_owned(session, Audit, audit_id, "audit")

@@ -3,7 +3,7 @@
 Images at the archive's root are an audit set; one folder of images per class makes a labeled
 set (a training set for the data randomization test); ``masks/`` and ``boxes.json`` add
 localization ground truth. Every member is checked before anything is stored
-(:func:`service.uploads.read_dataset_archive`): a rejected archive leaves no trace.
+(:func:`saliency_audit.service.uploads.read_dataset_archive`): a rejected archive leaves no trace.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def render(row: DatasetRecord, with_images: bool = False) -> dict[str, Any]:
 
 def check_storage(session: Any, size_bytes: int) -> None:
     """507 ``storage_quota_exceeded`` when this archive would take the tenant past its
-    stored-bytes limit (:mod:`service.quotas`; a dataset counts its archive's size)."""
+    stored-bytes limit (:mod:`saliency_audit.service.quotas`; a dataset counts its archive's
+    size)."""
     check_stored_bytes(session, state().config, tenant_id(), size_bytes)
 
 

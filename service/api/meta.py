@@ -7,8 +7,8 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from workers.engine.catalogue import catalogue
-from workers.engine.policy import default_document
+from saliency_audit.workers.engine.catalogue import catalogue
+from saliency_audit.workers.engine.policy import default_document
 
 from ..app import state
 from ..jobs import broker_ping
@@ -68,7 +68,7 @@ def docs() -> Response:
 @bp.get("/v1/schemas/report.json")
 def report_schema() -> Any:
     """The JSON Schema (2020-12) of report.json, versioned with the report's schema_version."""
-    from workers.reports.schema import report_schema as schema
+    from saliency_audit.workers.reports.schema import report_schema as schema
 
     response = jsonify(schema())
     response.headers["Content-Type"] = "application/schema+json"

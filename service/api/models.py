@@ -2,7 +2,8 @@
 
 An upload is streamed to disk, checked without executing anything (``onnx.checker`` and no
 external data for ONNX, a parsed header for safetensors, a static scan of the pickle opcodes for
-``torch.save`` zips: :mod:`service.uploads`) and stored once per tenant by sha256: uploading the
+``torch.save`` zips: :mod:`saliency_audit.service.uploads`) and stored once per tenant by sha256:
+uploading the
 same bytes again answers 200 with the existing model.
 """
 
@@ -15,8 +16,8 @@ from flask import Blueprint, jsonify, request, url_for
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from workers.engine.errors import SpecError
-from workers.engine.spec import InputSpec
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.spec import InputSpec
 
 from .. import purge
 from ..app import state
@@ -84,7 +85,7 @@ def _input_spec_overrides(meta: dict[str, Any]) -> dict[str, Any]:
 
 def check_storage(session: Any, size_bytes: int) -> None:
     """507 ``storage_quota_exceeded`` when this model would take the tenant past its
-    stored-bytes limit (:mod:`service.quotas`)."""
+    stored-bytes limit (:mod:`saliency_audit.service.quotas`)."""
     check_stored_bytes(session, state().config, tenant_id(), size_bytes)
 
 
@@ -187,7 +188,7 @@ def delete_model(model_id: str) -> Any:
     """Delete the model and, unless another live model (of any tenant) holds the same bytes,
     its file. Refused while an audit of it is queued or running. Finished audits of it keep
     their reports and the model as a tombstone (metadata kept, file gone), unless
-    ``?cascade=true`` deletes them too (:mod:`service.purge`)."""
+    ``?cascade=true`` deletes them too (:mod:`saliency_audit.service.purge`)."""
     st = state()
     cascade = cascade_arg()
     with st.db.session() as session:

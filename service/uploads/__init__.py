@@ -2,7 +2,8 @@
 
 Everything here is a pure function of a file that is already on local disk (Flask has spooled
 the upload to a temporary file). The API process runs it, so it imports only the standard
-library, Pillow, ``onnx`` and the torch-free :mod:`workers.engine.image_files`: never torch.
+library, Pillow, ``onnx`` and the torch-free :mod:`saliency_audit.workers.engine.image_files`: never
+torch.
 Nothing uploaded is unpickled, executed or extracted to disk. Every refusal is one
 :class:`UploadRejected` carrying an HTTP status, a short code and a human-readable detail.
 

@@ -1,4 +1,5 @@
-"""``python -m service.uploads PATH FILENAME SIZE OUTPUT``: the ONNX check in a child process."""
+"""``python -m saliency_audit.service.uploads PATH FILENAME SIZE OUTPUT``: the ONNX check in a child
+process."""
 
 import sys
 

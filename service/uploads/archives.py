@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
-from workers.engine.image_files import MAX_IMAGES
+from saliency_audit.workers.engine.image_files import MAX_IMAGES
 
 from .common import GiB, MiB, _reject, clip
 

@@ -23,7 +23,8 @@ are present image stems must be unique. ``images`` and ``masks`` are never class
 A boxes.json entry may be ``[]`` (no object); images it does not name have no boxes. Any
 other file that is not an image (a ``.txt`` note, ``desktop.ini``) is skipped and listed in
 the manifest's ``skipped`` (the rule ``saliency-audit run`` and the release gate apply:
-:func:`workers.engine.image_files.skip_reason`), after the same size and nested-archive checks
+:func:`saliency_audit.workers.engine.image_files.skip_reason`), after the same size and
+nested-archive checks
 as any member; links, devices, duplicate names, unsafe paths (absolute, ``..``, backslashes,
 drive letters, NUL), oversize members and nested archives are refused. An image file that does
 not fit the layout is refused too (``unexpected_member``).
@@ -39,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from workers.engine.image_files import ALLOWED_SUFFIXES, IMAGE_SET_FILES, skip_reason
+from saliency_audit.workers.engine.image_files import ALLOWED_SUFFIXES, IMAGE_SET_FILES, skip_reason
 
 from .archives import (
     ARCHIVE_ERRORS,

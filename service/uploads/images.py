@@ -1,7 +1,9 @@
 """Images, masks and ``boxes.json`` inside an image set, checked from bytes in memory.
 
-An image must open as one of :data:`workers.engine.image_files.ALLOWED_FORMATS`, stay under
-:data:`workers.engine.image_files.MAX_PIXELS` (read from the header, before decoding) and decode
+An image must open as one of :data:`saliency_audit.workers.engine.image_files.ALLOWED_FORMATS`, stay
+under
+:data:`saliency_audit.workers.engine.image_files.MAX_PIXELS` (read from the header, before decoding)
+and decode
 fully. ``boxes.json`` maps image names to boxes ``[x0, y0, x1, y1]`` inside the image.
 """
 
@@ -15,7 +17,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from workers.engine.image_files import ALLOWED_FORMATS, MAX_PIXELS
+from saliency_audit.workers.engine.image_files import ALLOWED_FORMATS, MAX_PIXELS
 
 from .common import MiB, UploadRejected, _reject, clip, no_duplicate_keys
 

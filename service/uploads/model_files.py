@@ -4,7 +4,8 @@ The format comes from the bytes, never from the file name: a ZIP holding ``<pref
 is a ``torch.save`` archive (:mod:`.torch_model`), 8 bytes of little-endian length then ``{`` is
 safetensors (:mod:`.safetensors_model`), anything else is tried as ONNX protobuf
 (:mod:`.onnx_model`). Weights need a torchvision ``architecture``
-(:data:`service.architectures.TORCHVISION_CLASSIFIERS`). The worker later loads weights with
+(:data:`saliency_audit.service.architectures.TORCHVISION_CLASSIFIERS`). The worker later loads
+weights with
 ``torch.load(weights_only=True)`` or safetensors: this is the early, torch-free check, not the
 only guard.
 """
@@ -16,8 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.architectures import TORCHVISION_CLASSIFIERS
-from workers.engine.errors import NotAClassifierError
+from saliency_audit.service.architectures import TORCHVISION_CLASSIFIERS
+from saliency_audit.workers.engine.errors import NotAClassifierError
 
 from .common import GiB, ModelInfo, UploadRejected, check_file_size, clip
 from .onnx_model import inspect_onnx
@@ -74,7 +75,8 @@ def inspect_model(
     model must be a classifier, as the worker's loader requires: the output an audit explains
     (``output``, the input spec's choice, for a graph with several) is [N, C] with C >= 2, or
     a weights file's head has C >= 2 rows. An ONNX graph also passes the worker's graph rules
-    (:mod:`workers.engine.onnx_rules`); ``input_spec`` (the uploader's fields) may state what
+    (:mod:`saliency_audit.workers.engine.onnx_rules`); ``input_spec`` (the uploader's fields) may
+    state what
     the graph's input leaves open.
     """
     size = check_file_size(path, filename, max_bytes)

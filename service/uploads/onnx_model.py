@@ -3,10 +3,12 @@
 Refused when any tensor points at external data (only the uploaded file is read, never a path
 the model names), when the ONNX checker refuses the graph, when the output an audit would
 explain is not a classifier's [N, C >= 2], or when one of the worker's own graph rules
-(:mod:`workers.engine.onnx_rules`: one float32 image input, IR version and opset range, an input
+(:mod:`saliency_audit.workers.engine.onnx_rules`: one float32 image input, IR version and opset
+range, an input
 spec for what the input's shape leaves open, operators the converter supports) refuses it, with
 the worker's message. Files above :data:`ONNX_IN_PROCESS_MAX_BYTES` are
-checked in a child process (``python -m service.uploads``), so the API process's memory does
+checked in a child process (``python -m saliency_audit.service.uploads``), so the API process's
+memory does
 not grow with the upload.
 """
 
@@ -22,8 +24,8 @@ from typing import Any
 
 import onnx
 
-from workers.engine import onnx_rules
-from workers.engine.errors import (
+from saliency_audit.workers.engine import onnx_rules
+from saliency_audit.workers.engine.errors import (
     EMBED_WEIGHTS_FIX,
     EngineError,
     ModelLoadError,
@@ -31,7 +33,7 @@ from workers.engine.errors import (
     OutputRequiredError,
     UnknownOutputError,
 )
-from workers.engine.spec import resolve_output
+from saliency_audit.workers.engine.spec import resolve_output
 
 from .common import ModelInfo, UploadRejected, clip
 
@@ -74,7 +76,7 @@ def _inspect_isolated(
             [
                 sys.executable,
                 "-m",
-                "service.uploads",
+                "saliency_audit.service.uploads",
                 str(path),
                 filename,
                 str(size),
@@ -178,7 +180,8 @@ def _inspect_in_process(
 
 
 def _worker_rule(check: Callable[[], object], code: str) -> None:
-    """Run one of the worker's rules (:mod:`workers.engine.onnx_rules`); its refusal, with the
+    """Run one of the worker's rules (:mod:`saliency_audit.workers.engine.onnx_rules`); its refusal,
+    with the
     worker's own message, becomes a 422."""
     try:
         check()

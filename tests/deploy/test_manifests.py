@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import PREFIX, Config
+from saliency_audit.service.config import PREFIX, Config
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -158,4 +158,4 @@ def test_the_dockerfile_builds_a_torch_free_api_and_a_cuda_worker() -> None:
     assert installs and all("worker" not in line for line in installs)
     worker_stage = text.split("AS worker", 1)[1]
     assert "'.[api,worker]'" in worker_stage
-    assert '"celery", "-A", "workers", "worker", "-Q", "gpu"' in worker_stage
+    assert '"celery", "-A", "saliency_audit.workers", "worker", "-Q", "gpu"' in worker_stage

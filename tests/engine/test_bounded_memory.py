@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.nets import images, small_cnn
-from workers.engine.methods.noise import (
+from saliency_audit.workers.engine.methods.noise import (
     SAMPLE_ROWS_PER_PASS,
     draw_noise,
     noise_chunks,
     streamed_gradient_moments,
 )
+from tests.engine.nets import images, small_cnn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,9 +62,9 @@ def test_streamed_moments_equal_the_unchunked_moments(rows_per_pass: int) -> Non
 
 
 def test_noise_family_maps_equal_the_unchunked_maps_on_the_same_seed() -> None:
-    from workers.engine.methods.base import MethodContext
-    from workers.engine.methods.noise import NoiseFamily
-    from workers.engine.spec import MethodParams
+    from saliency_audit.workers.engine.methods.base import MethodContext
+    from saliency_audit.workers.engine.methods.noise import NoiseFamily
+    from saliency_audit.workers.engine.spec import MethodParams
 
     model = small_cnn()
     x, t = images(2, 32, seed=5), torch.tensor([2, 4])
@@ -83,10 +83,10 @@ PEAK = textwrap.dedent(
     import json, resource, sys
     import torch
     from tests.engine.nets import images, small_cnn
-    from workers.engine.methods.base import MethodContext
-    from workers.engine.methods.integrated import IntegratedGradientsFamily
-    from workers.engine.methods.noise import NoiseFamily
-    from workers.engine.spec import MethodParams
+    from saliency_audit.workers.engine.methods.base import MethodContext
+    from saliency_audit.workers.engine.methods.integrated import IntegratedGradientsFamily
+    from saliency_audit.workers.engine.methods.noise import NoiseFamily
+    from saliency_audit.workers.engine.spec import MethodParams
 
     torch.set_num_threads(1)
     family, count = sys.argv[1], int(sys.argv[2])

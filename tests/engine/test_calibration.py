@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from examples.calibration import fit
-from workers.engine.policy import load_policy
+from saliency_audit.workers.engine.policy import load_policy
 
 SCORES = Path(__file__).resolve().parents[2] / "docs" / "calibration"
 SHIPPED = fit.Candidate("ssim", (0.0, 0.25), True)

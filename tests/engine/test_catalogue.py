@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine.catalogue import build_from_registry, catalogue, check_methods
-from workers.engine.errors import SpecError
+from saliency_audit.workers.engine.catalogue import build_from_registry, catalogue, check_methods
+from saliency_audit.workers.engine.errors import SpecError
 
 
 def test_catalogue_json_matches_the_method_and_test_registry() -> None:
-    # regenerate with: python -m workers.engine.catalogue --write
+    # regenerate with: python -m saliency_audit.workers.engine.catalogue --write
     assert catalogue() == build_from_registry()
 
 

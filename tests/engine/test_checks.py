@@ -9,14 +9,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
+from saliency_audit.workers.engine import sanity, spec
+from saliency_audit.workers.engine.checks import CHECKS, AuditContext, Check, check_info, register
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.result import StageInfo, TestResult
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from tests.engine.nets import images, small_cnn
-from workers.engine import sanity, spec
-from workers.engine.checks import CHECKS, AuditContext, Check, check_info, register
-from workers.engine.errors import SpecError
-from workers.engine.models.base import LoadedModel
-from workers.engine.result import StageInfo, TestResult
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 
 
 def test_the_registry_holds_exactly_the_tests_the_spec_accepts_in_its_order() -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from examples.sample_photos import write_sample_photos
-from service.cli import main
+from saliency_audit.service.cli import main
+from saliency_audit.workers.engine.methods import METHODS
 from tests.engine.nets import torchvision_model
-from workers.engine.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -246,7 +246,7 @@ def test_run_progress_lines_show_elapsed_time_and_eta(
 def test_the_table_names_the_class_each_map_explains(
     json_run: tuple[subprocess.CompletedProcess[str], Path],
 ) -> None:
-    from workers.reports.text import format_summary
+    from saliency_audit.workers.reports.text import format_summary
 
     _, out = json_run
     report = json.loads((out / "report.json").read_text())

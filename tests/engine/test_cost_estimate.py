@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
+from saliency_audit.workers.engine.contract.cost import FB, FW, audit_passes, stages_of
+from saliency_audit.workers.engine.methods import METHODS
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.randomization import stages, units
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from tests.engine.nets import images, small_cnn
-from workers.engine.contract.cost import FB, FW, audit_passes, stages_of
-from workers.engine.methods import METHODS
-from workers.engine.models.base import LoadedModel
-from workers.engine.randomization import stages, units
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 
 FAMILIES = {name: info.family for name, info in METHODS.items()}
 # the stated factor: the count leaves out the few rows the engine adds around the maps (the

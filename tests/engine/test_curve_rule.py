@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.engine.errors import SpecError
-from workers.engine.policy import (
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.policy import (
     Evidence,
     Rule,
     curve_area,
@@ -17,7 +17,7 @@ from workers.engine.policy import (
     load_policy,
     stage_fractions,
 )
-from workers.engine.result import Score, StageInfo, TestResult
+from saliency_audit.workers.engine.result import Score, StageInfo, TestResult
 
 
 def _score(method: str, stage_index: int, values: list[float], measure: str = "ssim") -> Score:

@@ -6,19 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.engine.nets import images, small_cnn
-from workers.engine.data_randomization import LabeledImages, data_randomization
-from workers.engine.errors import SpecError
-from workers.engine.maps import methods_to_run
-from workers.engine.methods import resolve_layer
-from workers.engine.randomization import parameterized_modules
-from workers.engine.spec import AuditSpec, TrainRecipe
-from workers.engine.training import (
+from saliency_audit.workers.engine.data_randomization import LabeledImages, data_randomization
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.maps import methods_to_run
+from saliency_audit.workers.engine.methods import resolve_layer
+from saliency_audit.workers.engine.randomization import parameterized_modules
+from saliency_audit.workers.engine.spec import AuditSpec, TrainRecipe
+from saliency_audit.workers.engine.training import (
     accuracy,
     fresh_copy,
     permuted_labels,
     train_classifier,
 )
+from tests.engine.nets import images, small_cnn
 
 CPU = torch.device("cpu")
 

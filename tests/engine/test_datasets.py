@@ -16,8 +16,8 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 from torch import nn
 
-from workers.engine import datasets
-from workers.engine.datasets import (
+from saliency_audit.workers.engine import datasets
+from saliency_audit.workers.engine.datasets import (
     MIN_OBJECT_CONTRAST,
     PIXEL_NOISE_MAX,
     SHAPE_CLASSES,
@@ -26,8 +26,12 @@ from workers.engine.datasets import (
     make_shapes,
     stratified_split,
 )
-from workers.engine.errors import SpecError
-from workers.engine.reference_models import BasicBlock, SmallResNet, build_reference_model
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.reference_models import (
+    BasicBlock,
+    SmallResNet,
+    build_reference_model,
+)
 
 REFERENCE_DIR = Path(__file__).resolve().parents[2] / "examples" / "reference"
 REFERENCE_MODELS = [

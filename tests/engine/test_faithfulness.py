@@ -16,8 +16,7 @@ from pytorch_grad_cam.metrics.cam_mult_image import (
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import nn
 
-from tests.engine.nets import small_cnn
-from workers.engine.faithfulness import (
+from saliency_audit.workers.engine.faithfulness import (
     DEFINITIONS,
     ProbabilityFn,
     average_drop,
@@ -31,7 +30,8 @@ from workers.engine.faithfulness import (
     pointing_game,
     target_probabilities,
 )
-from workers.engine.stats import bootstrap_mean
+from saliency_audit.workers.engine.stats import bootstrap_mean
+from tests.engine.nets import small_cnn
 
 nan = float("nan")
 

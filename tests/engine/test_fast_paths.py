@@ -19,14 +19,18 @@ import numpy as np
 import pytest
 import torch
 
+from saliency_audit.workers.engine import similarity
+from saliency_audit.workers.engine.maps import MapSet
+from saliency_audit.workers.engine.methods import METHODS, MethodContext, compute_methods
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.runner import (
+    CHANNELS_LAST_MIN_PIXELS,
+    memory_format_for,
+    run_audit,
+)
+from saliency_audit.workers.engine.sanity import PreparedReference, similarity_values
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from tests.engine.nets import images, small_cnn, torchvision_model
-from workers.engine import similarity
-from workers.engine.maps import MapSet
-from workers.engine.methods import METHODS, MethodContext, compute_methods
-from workers.engine.models.base import LoadedModel
-from workers.engine.runner import CHANNELS_LAST_MIN_PIXELS, memory_format_for, run_audit
-from workers.engine.sanity import PreparedReference, similarity_values
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 
 
 def _maps(n: int = 5, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -167,7 +171,7 @@ def test_the_audit_scores_equal_a_contiguous_run_to_float_rounding() -> None:
         if p.dim() == 4
     )
     # the same audit with the layout forced back to contiguous at every map computation
-    from workers.engine import maps as maps_module
+    from saliency_audit.workers.engine import maps as maps_module
 
     original = maps_module.compute_methods
 
@@ -197,7 +201,7 @@ def test_the_audit_scores_equal_a_contiguous_run_to_float_rounding() -> None:
 
 
 def test_the_randomizer_gives_the_weights_of_randomizing_from_scratch() -> None:
-    from workers.engine.randomization import Randomizer, randomized, stages, units
+    from saliency_audit.workers.engine.randomization import Randomizer, randomized, stages, units
 
     model = small_cnn()
     trained = {k: v.clone() for k, v in model.state_dict().items()}

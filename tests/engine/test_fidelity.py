@@ -11,19 +11,19 @@ import torch
 from onnx import helper
 from torch import nn
 
-from tests.engine import onnx_exports
-from tests.engine.nets import images
-from workers.engine.errors import FidelityError
-from workers.engine.models.base import LoadedModel
-from workers.engine.models.fidelity import (
+from saliency_audit.workers.engine.errors import FidelityError
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.models.fidelity import (
     FidelityReport,
     check_fidelity,
     ensure_fidelity,
     ort_providers,
     ort_session,
 )
-from workers.engine.models.onnx_convert import load_onnx
-from workers.engine.spec import AuditSpec
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
+from saliency_audit.workers.engine.spec import AuditSpec
+from tests.engine import onnx_exports
+from tests.engine.nets import images
 
 
 @pytest.fixture()

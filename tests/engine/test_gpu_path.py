@@ -41,22 +41,22 @@ import pytest
 import torch
 from torch import nn
 
+from saliency_audit.workers.engine import randomization
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.maps import batch_generator, compute_maps
+from saliency_audit.workers.engine.methods import METHODS, _ort, resolve_layer
+from saliency_audit.workers.engine.methods.controls import random_map
+from saliency_audit.workers.engine.methods.noise import draw_noise, noise_sigma
+from saliency_audit.workers.engine.models import fidelity
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.models.fidelity import ort_providers, ort_session
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
+from saliency_audit.workers.engine.randomization import module_seed, randomized, reinitialize
+from saliency_audit.workers.engine.result import AuditResult
+from saliency_audit.workers.engine.runner import environment, resolve_device, run_audit
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from tests.engine import onnx_exports
 from tests.engine.nets import images, small_cnn
-from workers.engine import randomization
-from workers.engine.errors import SpecError
-from workers.engine.maps import batch_generator, compute_maps
-from workers.engine.methods import METHODS, _ort, resolve_layer
-from workers.engine.methods.controls import random_map
-from workers.engine.methods.noise import draw_noise, noise_sigma
-from workers.engine.models import fidelity
-from workers.engine.models.base import LoadedModel
-from workers.engine.models.fidelity import ort_providers, ort_session
-from workers.engine.models.onnx_convert import load_onnx
-from workers.engine.randomization import module_seed, randomized, reinitialize
-from workers.engine.result import AuditResult
-from workers.engine.runner import environment, resolve_device, run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from captum.attr import GuidedBackprop, GuidedGradCam
 from torch import nn
 
+from saliency_audit.workers.engine.errors import NotApplicableError
+from saliency_audit.workers.engine.methods import MethodContext, compute_methods
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
 from tests.engine.nets import images
 from tests.engine.onnx_exports import export_module
-from workers.engine.errors import NotApplicableError
-from workers.engine.methods import MethodContext, compute_methods
-from workers.engine.models.onnx_convert import load_onnx
 
 RTOL = 1e-4
 

@@ -11,9 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.engine.errors import ImageDecodeError, SpecError
-from workers.engine.images import decode_image, list_image_files, preprocess, unnormalize
-from workers.engine.spec import InputSpec
+from saliency_audit.workers.engine.errors import ImageDecodeError, SpecError
+from saliency_audit.workers.engine.images import (
+    decode_image,
+    list_image_files,
+    preprocess,
+    unnormalize,
+)
+from saliency_audit.workers.engine.spec import InputSpec
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.cli import main
-from tests.engine.nets import images, small_cnn, torchvision_model
-from workers.engine.errors import SpecError
-from workers.engine.images import load_image_folder, load_mask_folder, masks_tensor, preprocess
-from workers.engine.layers import (
+from saliency_audit.service.cli import main
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.images import (
+    load_image_folder,
+    load_mask_folder,
+    masks_tensor,
+    preprocess,
+)
+from saliency_audit.workers.engine.layers import (
     FAITHFULNESS,
     LOCALIZATION,
     METHODS,
@@ -22,11 +26,12 @@ from workers.engine.layers import (
     layer_analysis,
     resolve_layers,
 )
-from workers.engine.methods.lrp import lrp_layer_relevance, lrp_relevance
-from workers.engine.models.base import LoadedModel
-from workers.engine.models.loader import load_model
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec
+from saliency_audit.workers.engine.methods.lrp import lrp_layer_relevance, lrp_relevance
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.models.loader import load_model
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec
+from tests.engine.nets import images, small_cnn, torchvision_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"
 CPU = torch.device("cpu")

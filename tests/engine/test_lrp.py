@@ -19,14 +19,18 @@ from zennit.rules import Norm, Pass, ZPlus
 from zennit.torchvision import ResNetCanonizer
 from zennit.types import Activation, AvgPool, BatchNorm, Convolution
 
+from saliency_audit.workers.engine.errors import NotApplicableError, SpecError
+from saliency_audit.workers.engine.methods import lrp
+from saliency_audit.workers.engine.methods.base import MethodContext, compute_methods
+from saliency_audit.workers.engine.models.canonize import (
+    batchnorm_merge_pairs,
+    canonized,
+    lrp_canonizers,
+)
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
+from saliency_audit.workers.engine.spec import LRP_COMPOSITES, MethodParams
 from tests.engine.nets import images, small_cnn, torchvision_model
 from tests.engine.onnx_exports import export_small_cnn, export_torchvision
-from workers.engine.errors import NotApplicableError, SpecError
-from workers.engine.methods import lrp
-from workers.engine.methods.base import MethodContext, compute_methods
-from workers.engine.models.canonize import batchnorm_merge_pairs, canonized, lrp_canonizers
-from workers.engine.models.onnx_convert import load_onnx
-from workers.engine.spec import LRP_COMPOSITES, MethodParams
 
 COMPOSITES = ["epsilon_plus_flat", "epsilon_alpha2_beta1", "z_plus"]
 CONSERVATION_RTOL = 0.05

@@ -20,14 +20,14 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from zennit.rules import ZPlus
 
+from saliency_audit.workers.engine.methods import MethodContext, compute_methods, lrp
+from saliency_audit.workers.engine.methods.lrp_ops import relevance_rules
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
+from saliency_audit.workers.engine.models.torchvision_adapter import load_torchvision
+from saliency_audit.workers.engine.policy import load_policy
+from saliency_audit.workers.engine.spec import MethodParams
 from tests.engine.nets import UnconservingCNN, images, torchvision_model
 from tests.engine.onnx_exports import export_module
-from workers.engine.methods import MethodContext, compute_methods, lrp
-from workers.engine.methods.lrp_ops import relevance_rules
-from workers.engine.models.onnx_convert import load_onnx
-from workers.engine.models.torchvision_adapter import load_torchvision
-from workers.engine.policy import load_policy
-from workers.engine.spec import MethodParams
 
 TOLERANCE = load_policy().checks.conservation_tolerance
 
@@ -270,8 +270,8 @@ def test_a_rule_that_would_change_the_output_fails_the_method_not_the_audit() ->
 
 
 def test_the_layers_analysis_runs_on_a_real_pretrained_model_exported_with_batch_one() -> None:
-    from workers.engine.layers import layer_analysis
-    from workers.engine.spec import AuditSpec
+    from saliency_audit.workers.engine.layers import layer_analysis
+    from saliency_audit.workers.engine.spec import AuditSpec
 
     model, size = efficientnet_lite(1)
     x = photos(size)

@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+from saliency_audit.workers.engine.maps import MapSet, map_problems
+from saliency_audit.workers.engine.methods import FAMILIES, METHODS
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.policy import MapChecks, decide, load_policy
+from saliency_audit.workers.engine.result import MapProblem, Score, StageInfo, TestResult
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
+from saliency_audit.workers.reports.schema import report_schema
+from saliency_audit.workers.reports.text import format_summary
 from tests.engine.nets import UnconservingCNN, images, small_cnn
-from workers.engine.maps import MapSet, map_problems
-from workers.engine.methods import FAMILIES, METHODS
-from workers.engine.models.base import LoadedModel
-from workers.engine.policy import MapChecks, decide, load_policy
-from workers.engine.result import MapProblem, Score, StageInfo, TestResult
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
-from workers.reports.schema import report_schema
-from workers.reports.text import format_summary
 
 FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16)
 CHECKS = MapChecks()

@@ -7,10 +7,10 @@ import dataclasses
 
 import numpy as np
 
+from saliency_audit.workers.engine.merge import merge_results, split_methods, splittable
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec
 from tests.engine.test_layers import shapes_inputs, shapes_resnet
-from workers.engine.merge import merge_results, split_methods, splittable
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec
 
 METHODS = ("gradient", "gradcam", "smoothgrad", "integrated_gradients", "guided_backprop", "lrp")
 

@@ -38,19 +38,19 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from skimage.filters import sobel
 from torch import nn
 
-from tests.engine.nets import images, small_cnn, torchvision_model
-from workers.engine.errors import SpecError
-from workers.engine.methods.base import (
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.methods.base import (
     MethodContext,
     compute_methods,
     get_module,
     resolve_layer,
 )
-from workers.engine.methods.gradients import gradcam_pp_weights
-from workers.engine.methods.integrated import baseline_for_input_spec
-from workers.engine.methods.noise import noisy_gradient_moments
-from workers.engine.methods.scorecam import scorecam_scores
-from workers.engine.spec import InputSpec, MethodParams
+from saliency_audit.workers.engine.methods.gradients import gradcam_pp_weights
+from saliency_audit.workers.engine.methods.integrated import baseline_for_input_spec
+from saliency_audit.workers.engine.methods.noise import noisy_gradient_moments
+from saliency_audit.workers.engine.methods.scorecam import scorecam_scores
+from saliency_audit.workers.engine.spec import InputSpec, MethodParams
+from tests.engine.nets import images, small_cnn, torchvision_model
 
 RTOL = 1e-5
 SCALED_ATOL = 1e-5

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from saliency_audit.workers.engine.errors import NotApplicableError, SpecError
+from saliency_audit.workers.engine.methods import FAMILIES, METHODS, MethodContext, compute_methods
+from saliency_audit.workers.engine.methods.base import resolve_layer
+from saliency_audit.workers.engine.spec import MethodParams
 from tests.engine.nets import images, small_cnn, tiny_mlp, torchvision_model
-from workers.engine.errors import NotApplicableError, SpecError
-from workers.engine.methods import FAMILIES, METHODS, MethodContext, compute_methods
-from workers.engine.methods.base import resolve_layer
-from workers.engine.spec import MethodParams
 
 # The families this suite owns and the methods each provides (lrp/relevance_cam live elsewhere).
 FAMILY_METHODS = {
@@ -318,7 +318,7 @@ def test_cam_on_a_module_called_twice_per_forward_is_not_applicable() -> None:
 def test_onnx_runtime_forward_reproduces_the_module_and_refuses_what_it_cannot_check() -> None:
     """Score-CAM's masked passes may run in ONNX Runtime: only on an export of the module as it
     is now, checked against PyTorch's logits; a stale or wrong graph is never used."""
-    from workers.engine.methods._ort import ort_forward
+    from saliency_audit.workers.engine.methods._ort import ort_forward
 
     model = small_cnn(seed=4)
     x = images(3, 16, seed=9)
@@ -337,8 +337,8 @@ def test_onnx_runtime_forward_reproduces_the_module_and_refuses_what_it_cannot_c
 
 
 def test_onnx_runtime_session_is_reused_only_while_the_weights_are_unchanged() -> None:
-    from workers.engine.methods._ort import ort_forward
-    from workers.engine.randomization import randomized
+    from saliency_audit.workers.engine.methods._ort import ort_forward
+    from saliency_audit.workers.engine.randomization import randomized
 
     model = small_cnn(seed=4)
     x = images(2, 16, seed=9)

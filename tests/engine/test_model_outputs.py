@@ -20,21 +20,25 @@ from onnx import helper
 from safetensors.torch import save as save_safetensors
 
 from examples.sample_photos import write_sample_photos
-from service.cli import main
-from tests.engine import onnx_exports
-from tests.engine.nets import images, torchvision_model
-from workers.engine.errors import (
+from saliency_audit.service.cli import main
+from saliency_audit.workers.engine.errors import (
     FidelityError,
     NotAClassifierError,
     OutputRequiredError,
     UnknownOutputError,
 )
-from workers.engine.images import decode_image, preprocess
-from workers.engine.models.base import LoadedModel
-from workers.engine.models.fidelity import check_fidelity, ensure_fidelity, ort_session
-from workers.engine.models.loader import load_model
-from workers.engine.runner import run_audit
-from workers.engine.spec import IMAGENET_MEAN, IMAGENET_STD, AuditSpec, InputSpec
+from saliency_audit.workers.engine.images import decode_image, preprocess
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.models.fidelity import (
+    check_fidelity,
+    ensure_fidelity,
+    ort_session,
+)
+from saliency_audit.workers.engine.models.loader import load_model
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import IMAGENET_MEAN, IMAGENET_STD, AuditSpec, InputSpec
+from tests.engine import onnx_exports
+from tests.engine.nets import images, torchvision_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"
 FEATURES = "/Flatten_output_0"  # small_cnn's pooled features, [N, 16], input of the Gemm head
@@ -334,7 +338,7 @@ def test_bgr_reverses_the_channels_before_scaling_and_mean_std_are_in_bgr_order(
 
 
 def test_channel_order_is_validated() -> None:
-    from workers.engine.errors import SpecError
+    from saliency_audit.workers.engine.errors import SpecError
 
     with pytest.raises(SpecError, match="channel_order must be RGB or BGR"):
         InputSpec(channel_order="GBR")  # type: ignore[arg-type]

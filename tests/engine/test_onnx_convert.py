@@ -17,14 +17,14 @@ import torch
 from onnx import external_data_helper, helper
 from torch import nn
 
+from saliency_audit.workers.engine.errors import ModelLoadError, SpecError, UnsupportedOperatorError
+from saliency_audit.workers.engine.models import layers
+from saliency_audit.workers.engine.models.fidelity import check_fidelity, ort_session
+from saliency_audit.workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
+from saliency_audit.workers.engine.models.onnx_ops import Reshape, ShapeOf
+from saliency_audit.workers.engine.spec import IMAGENET_MEAN, InputSpec
 from tests.engine import onnx_exports
 from tests.engine.nets import images, small_cnn, torchvision_model
-from workers.engine.errors import ModelLoadError, SpecError, UnsupportedOperatorError
-from workers.engine.models import layers
-from workers.engine.models.fidelity import check_fidelity, ort_session
-from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
-from workers.engine.models.onnx_ops import Reshape, ShapeOf
-from workers.engine.spec import IMAGENET_MEAN, InputSpec
 
 # (arch, exporter, opset, seed, size). Each architecture runs with both weight seeds (seed 1
 # stands in for trained weights) and with both exporters. Opsets 14-16 change no operator these

@@ -1,4 +1,5 @@
-"""The torch-free ONNX rules (``workers.engine.onnx_rules``) are the converter's and ONNX
+"""The torch-free ONNX rules (``saliency_audit.workers.engine.onnx_rules``) are the converter's and
+ONNX
 Runtime's own limits: the operator list is the converter's table, and the IR version and opset
 ceilings are what the installed ONNX Runtime loads."""
 
@@ -9,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import helper
 
-from workers.engine import onnx_rules
-from workers.engine.errors import ModelLoadError
-from workers.engine.models.onnx_ops import CONVERTERS
+from saliency_audit.workers.engine import onnx_rules
+from saliency_audit.workers.engine.errors import ModelLoadError
+from saliency_audit.workers.engine.models.onnx_ops import CONVERTERS
 
 
 def test_the_supported_operators_are_the_converters_table() -> None:

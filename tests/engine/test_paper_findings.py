@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from examples.reference.export_training_set import export_training_set
-from workers.engine.data_randomization import LabeledImages
-from workers.engine.images import load_image_folder, load_labeled_folder, preprocess
-from workers.engine.models.loader import load_model
-from workers.engine.result import AuditResult
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec
+from saliency_audit.workers.engine.data_randomization import LabeledImages
+from saliency_audit.workers.engine.images import load_image_folder, load_labeled_folder, preprocess
+from saliency_audit.workers.engine.models.loader import load_model
+from saliency_audit.workers.engine.result import AuditResult
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"
 FOCUS = ("gradient", "gradcam", "guided_backprop", "guided_gradcam")

@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers.engine.errors import SpecError
-from workers.engine.policy import decide, default_document, load_policy
-from workers.engine.result import Score, StageInfo, TestResult
-from workers.engine.spec import ANALYSES, TESTS
-from workers.engine.stats import bootstrap_mean, key_seed
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.policy import decide, default_document, load_policy
+from saliency_audit.workers.engine.result import Score, StageInfo, TestResult
+from saliency_audit.workers.engine.spec import ANALYSES, TESTS
+from saliency_audit.workers.engine.stats import bootstrap_mean, key_seed
 
 
 def _score(

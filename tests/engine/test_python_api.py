@@ -1,4 +1,5 @@
-"""The Python API (``workers.engine.audit``) and bring-your-own explainers: an in-memory module
+"""The Python API (``saliency_audit.workers.engine.audit``) and bring-your-own explainers: an
+in-memory module
 or an ONNX file on a tensor or on files, a Captum Occlusion audited like a built-in method
 through the API and through ``saliency-audit run --method-plugin``."""
 
@@ -15,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.cli import main
+from saliency_audit.service.cli import main
+from saliency_audit.workers.engine import AuditResult, audit, register_explainer
+from saliency_audit.workers.engine.catalogue import build_from_registry, plugin_methods
+from saliency_audit.workers.engine.errors import ImageDecodeError, SpecError
+from saliency_audit.workers.engine.image_files import list_images
+from saliency_audit.workers.engine.methods import METHODS
+from saliency_audit.workers.engine.methods.plugins import is_plugin, unregister_explainer
 from tests.engine.explainers import occlusion, wrong_shape
 from tests.engine.nets import images, small_cnn
-from workers.engine import AuditResult, audit, register_explainer
-from workers.engine.catalogue import build_from_registry, plugin_methods
-from workers.engine.errors import ImageDecodeError, SpecError
-from workers.engine.image_files import list_images
-from workers.engine.methods import METHODS
-from workers.engine.methods.plugins import is_plugin, unregister_explainer
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_MODEL = REPO / "examples/reference/digits_small_cnn.onnx"

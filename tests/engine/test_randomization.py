@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from tests.engine.nets import small_cnn, torchvision_model
-from workers.engine.randomization import (
+from saliency_audit.workers.engine.randomization import (
     parameterized_modules,
     randomized,
     reinitialize,
     stages,
     units,
 )
+from tests.engine.nets import small_cnn, torchvision_model
 
 
 def test_resnet18_blocks_are_the_root_children_with_parameters() -> None:

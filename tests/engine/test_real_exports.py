@@ -19,23 +19,27 @@ from jsonschema import Draft202012Validator
 from onnx import helper
 from torch import nn
 
-from service.openapi import openapi_document
+from saliency_audit.service.openapi import openapi_document
+from saliency_audit.workers.engine import randomization
+from saliency_audit.workers.engine.errors import FidelityError, ModelLoadError, SpecError
+from saliency_audit.workers.engine.layers import layer_analysis
+from saliency_audit.workers.engine.maps import compute_maps
+from saliency_audit.workers.engine.methods import _ort, scorecam
+from saliency_audit.workers.engine.models.canonize import canonized, lrp_canonizers
+from saliency_audit.workers.engine.models.fidelity import (
+    DEFAULT_RTOL,
+    check_fidelity,
+    ensure_fidelity,
+)
+from saliency_audit.workers.engine.models.layers import ChannelAffine, PaddedConv2d
+from saliency_audit.workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
+from saliency_audit.workers.engine.models.onnx_ops import Pad, Reshape, ShapeOf
+from saliency_audit.workers.engine.randomization import Randomizer, units
+from saliency_audit.workers.engine.spec import AuditSpec, MethodParams
+from saliency_audit.workers.reports.schema import report_schema
+from saliency_audit.workers.reports.text import format_summary
 from tests.engine import onnx_exports
 from tests.engine.nets import images
-from workers.engine import randomization
-from workers.engine.errors import FidelityError, ModelLoadError, SpecError
-from workers.engine.layers import layer_analysis
-from workers.engine.maps import compute_maps
-from workers.engine.methods import _ort, scorecam
-from workers.engine.models.canonize import canonized, lrp_canonizers
-from workers.engine.models.fidelity import DEFAULT_RTOL, check_fidelity, ensure_fidelity
-from workers.engine.models.layers import ChannelAffine, PaddedConv2d
-from workers.engine.models.onnx_convert import OnnxGraphModule, load_onnx
-from workers.engine.models.onnx_ops import Pad, Reshape, ShapeOf
-from workers.engine.randomization import Randomizer, units
-from workers.engine.spec import AuditSpec, MethodParams
-from workers.reports.schema import report_schema
-from workers.reports.text import format_summary
 
 CPU = torch.device("cpu")
 

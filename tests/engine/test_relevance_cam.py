@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from saliency_audit.workers.engine.errors import NotApplicableError, SpecError
+from saliency_audit.workers.engine.methods import lrp
+from saliency_audit.workers.engine.methods.base import MethodContext, compute_methods, resolve_layer
+from saliency_audit.workers.engine.models.onnx_convert import load_onnx
 from tests.engine.nets import images, small_cnn, tiny_mlp, torchvision_model
 from tests.engine.onnx_exports import export_class_token_net
 from tests.engine.test_lrp import (  # one_intra_op_thread: autouse fixture, applies here too
     one_intra_op_thread,  # noqa: F401
     small_cnn_onnx_with_batchnorm,
 )
-from workers.engine.errors import NotApplicableError, SpecError
-from workers.engine.methods import lrp
-from workers.engine.methods.base import MethodContext, compute_methods, resolve_layer
-from workers.engine.models.onnx_convert import load_onnx
 
 
 class TinyConvNet(nn.Module):

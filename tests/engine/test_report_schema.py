@@ -9,10 +9,10 @@ from typing import Any
 import jsonschema
 import pytest
 
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec
+from saliency_audit.workers.reports.schema import report_schema
 from tests.engine.test_layers import shapes_inputs, shapes_resnet
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec
-from workers.reports.schema import report_schema
 
 
 @pytest.fixture(scope="module")

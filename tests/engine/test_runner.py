@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from saliency_audit.workers.engine.data_randomization import LabeledImages
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.methods import METHODS
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.result import AuditResult
+from saliency_audit.workers.engine.runner import map_statistics, run_audit
+from saliency_audit.workers.engine.spec import (
+    ANALYSES,
+    TESTS,
+    AuditSpec,
+    InputSpec,
+    MethodParams,
+    TrainRecipe,
+)
 from tests.engine.nets import images, small_cnn, tiny_mlp
-from workers.engine.data_randomization import LabeledImages
-from workers.engine.errors import SpecError
-from workers.engine.methods import METHODS
-from workers.engine.models.base import LoadedModel
-from workers.engine.result import AuditResult
-from workers.engine.runner import map_statistics, run_audit
-from workers.engine.spec import ANALYSES, TESTS, AuditSpec, InputSpec, MethodParams, TrainRecipe
 
 FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16, smprt_samples=2)
 QUICK_TRAINING = TrainRecipe(max_epochs=3, batch_size=4)
@@ -158,9 +165,9 @@ def test_map_statistics_by_hand() -> None:
 def test_fixed_batch_graphs_give_the_same_cam_as_one_image_at_a_time(artifact_cache) -> None:  # type: ignore[no-untyped-def]
     """A graph with batch 1 baked in runs a batch image by image inside its forward; layer
     hooks would then see only the last image. compute_methods splits such batches."""
+    from saliency_audit.workers.engine.methods import MethodContext, compute_methods
+    from saliency_audit.workers.engine.models.onnx_convert import load_onnx
     from tests.engine.onnx_exports import export_class_token_net
-    from workers.engine.methods import MethodContext, compute_methods
-    from workers.engine.models.onnx_convert import load_onnx
 
     net = load_onnx(export_class_token_net(cache_dir=artifact_cache)).module
     assert getattr(net, "fixed_batch", None) == 1
@@ -196,8 +203,8 @@ def test_default_cam_layer_is_the_deepest_conv_not_a_residual_shortcut() -> None
     the default CAM layer must still be the main path's last conv."""
     from pathlib import Path
 
-    from workers.engine.methods import resolve_layer
-    from workers.engine.models.loader import load_model
+    from saliency_audit.workers.engine.methods import resolve_layer
+    from saliency_audit.workers.engine.models.loader import load_model
 
     onnx_file = Path(__file__).parents[2] / "examples/reference/shapes_small_resnet.onnx"
     module = load_model(onnx_file.read_bytes()).module

@@ -8,11 +8,11 @@ import pytest
 import scipy.stats
 import torch
 
+from saliency_audit.workers.engine import maps, sanity
+from saliency_audit.workers.engine.maps import MapInputs, compute_maps, methods_to_run
+from saliency_audit.workers.engine.methods import resolve_layer
+from saliency_audit.workers.engine.spec import AuditSpec, MethodParams
 from tests.engine.nets import images, small_cnn
-from workers.engine import maps, sanity
-from workers.engine.maps import MapInputs, compute_maps, methods_to_run
-from workers.engine.methods import resolve_layer
-from workers.engine.spec import AuditSpec, MethodParams
 
 STAGES = ["classifier", "features.4", "features.3", "features.0"]
 

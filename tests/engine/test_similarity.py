@@ -21,8 +21,8 @@ from scipy.stats import pearsonr, rankdata, spearmanr
 from skimage.feature import hog
 from skimage.metrics import structural_similarity
 
-from workers.engine.errors import SpecError
-from workers.engine.similarity import (
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.similarity import (
     HOG_PIXELS_PER_CELL,
     MEASURES,
     MIN_MAP_SIDE_PX,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from workers.engine.stats import bootstrap_mean, key_seed
+from saliency_audit.workers.engine.stats import bootstrap_mean, key_seed
 
 
 def test_interval_is_reproducible_and_matches_scipy_percentile_bootstrap() -> None:

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 import torch
 
+from saliency_audit.workers.engine import audit
+from saliency_audit.workers.engine.errors import _STOP_AUDIT, stop_audit_on
+from saliency_audit.workers.engine.methods import METHODS
+from saliency_audit.workers.engine.methods.plugins import unregister_explainer
 from tests.engine.nets import images, small_cnn
-from workers.engine import audit
-from workers.engine.errors import _STOP_AUDIT, stop_audit_on
-from workers.engine.methods import METHODS
-from workers.engine.methods.plugins import unregister_explainer
 
 
 class TimeIsUp(Exception):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from saliency_audit.workers.engine.errors import ModelLoadError, WeightsMismatchError
+from saliency_audit.workers.engine.models.loader import load_model
+from saliency_audit.workers.engine.models.torchvision_adapter import load_torchvision
 from tests.engine.nets import torchvision_model
-from workers.engine.errors import ModelLoadError, WeightsMismatchError
-from workers.engine.models.loader import load_model
-from workers.engine.models.torchvision_adapter import load_torchvision
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torchvision.models.vision_transformer import VisionTransformer
 
-from service.cli import main
+from saliency_audit.service.cli import main
+from saliency_audit.workers.engine.methods import FAMILIES, METHODS
+from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
 from tests.engine.nets import images
 from tests.engine.onnx_exports import cache_key, cached, export_module
-from workers.engine.methods import FAMILIES, METHODS
-from workers.engine.models.base import LoadedModel
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec, InputSpec, MethodParams
 
 FAST = MethodParams(ig_steps=4, noise_samples=3, scorecam_batch=16)
 

@@ -9,9 +9,9 @@ import uuid
 
 import requests
 
-from service.config import Config
-from service.db import Database
-from service.embedded import start_worker, stop_worker
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.embedded import start_worker, stop_worker
 from tests.servers import Api, Server, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

@@ -12,9 +12,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.config import Config
-from service.db import Database
-from service.models import utcnow
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import utcnow
 from tests.reliability.test_worker_loss import audit_row, count_rows, submit, wait_for
 from tests.servers import Api, Server, Worker, fast_lifecycle, new_key, start_server
 

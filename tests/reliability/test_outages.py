@@ -11,9 +11,9 @@ from pathlib import Path
 import redis
 import requests
 
-from service.config import Config
-from service.db import Database
-from service.jobs import Enqueuer, broker_probe, reconcile
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.jobs import Enqueuer, broker_probe, reconcile
 from tests.reliability.test_worker_loss import (
     SLOW_METHODS,
     audit_row,

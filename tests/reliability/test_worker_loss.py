@@ -11,10 +11,10 @@ from typing import Any
 
 import redis
 
-from service.config import Config
-from service.db import Database
-from service.jobs import Enqueuer, broker_probe, reconcile
-from service.models import Audit, ResultRow, VerdictRow
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.jobs import Enqueuer, broker_probe, reconcile
+from saliency_audit.service.models import Audit, ResultRow, VerdictRow
 from tests.servers import Api, Server, Worker, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

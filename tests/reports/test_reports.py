@@ -16,22 +16,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.engine import similarity
-from workers.engine.images import (
+from saliency_audit.workers.engine import similarity
+from saliency_audit.workers.engine.images import (
     DecodedImage,
     load_image_folder,
     load_mask_folder,
     masks_tensor,
     preprocess,
 )
-from workers.engine.models.loader import load_model
-from workers.engine.runner import run_audit
-from workers.engine.spec import AuditSpec
-from workers.reports import content
-from workers.reports.content import build_content
-from workers.reports.heatmaps import heatmap_png, overlay_png
-from workers.reports.html import render_html
-from workers.reports.pdf import render_pdf
+from saliency_audit.workers.engine.models.loader import load_model
+from saliency_audit.workers.engine.runner import run_audit
+from saliency_audit.workers.engine.spec import AuditSpec
+from saliency_audit.workers.reports import content
+from saliency_audit.workers.reports.content import build_content
+from saliency_audit.workers.reports.heatmaps import heatmap_png, overlay_png
+from saliency_audit.workers.reports.html import render_html
+from saliency_audit.workers.reports.pdf import render_pdf
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"
 CACHE = Path(__file__).resolve().parents[1] / ".cache"

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from service.config import Config
-from service.db import Database
-from service.models import DatasetRecord, ModelRecord
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import DatasetRecord, ModelRecord
 from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.hostile import (
     HostileCase,

@@ -16,8 +16,8 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from service.config import Config
-from service.db import Database
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
 from tests.security.test_hostile_uploads import row_counts, stored_files
 from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip

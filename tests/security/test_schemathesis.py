@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from service.db import Database
+from saliency_audit.service.db import Database
 from tests.servers import Server, new_key
 
 CHECKS = ",".join(

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from service.app import create_app
-from service.config import Config
-from service.db import Database
+from saliency_audit.service.app import create_app
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
 from tests.servers import Api, Server, assert_problem, launch_worker, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

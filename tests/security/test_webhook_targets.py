@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from service import webhooks
-from service.webhooks import WebhookUrlError, check_url, parse_url, post, refusal
+from saliency_audit.service import webhooks
+from saliency_audit.service.webhooks import WebhookUrlError, check_url, parse_url, post, refusal
 
 # (address, what the refusal names): every form of issue 18, item 6, and their neighbours
 REFUSED = [

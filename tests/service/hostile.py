@@ -3,7 +3,8 @@
 :func:`hostile_models` and :func:`hostile_datasets` return :class:`HostileCase` s: the bytes of
 an upload, its file name, the form fields that go with it (``metadata``) and the status and
 problem code the service must answer with. The unit tests in ``test_uploads.py`` feed them to
-:mod:`service.uploads` directly; HTTP tests can post the same bytes. The pickles here are
+:mod:`saliency_audit.service.uploads` directly; HTTP tests can post the same bytes. The pickles here
+are
 written opcode by opcode and never loaded. :func:`valid_dataset_zip` and
 :func:`valid_labeled_zip` build acceptable image sets from the bundled shapes images.
 

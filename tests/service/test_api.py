@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import requests
 
-from service.db import Database
+from saliency_audit.service.db import Database
 from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

@@ -27,10 +27,10 @@ SCRIPT = textwrap.dedent(
 
     sys.meta_path.insert(0, Forbid())
 
-    from service import db
-    from service.app import create_app
-    from service.auth import create_key
-    from service.config import Config
+    from saliency_audit.service import db
+    from saliency_audit.service.app import create_app
+    from saliency_audit.service.auth import create_key
+    from saliency_audit.service.config import Config
 
     data = Path(sys.argv[1])
     repo = Path(sys.argv[2])

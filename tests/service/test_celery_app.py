@@ -1,5 +1,6 @@
 """The Celery app is built by a factory from a configuration: importing the workers builds
-nothing, ``celery -A workers`` gets an app built from the environment when it asks, and every
+nothing, ``celery -A saliency_audit.workers`` gets an app built from the environment when it asks,
+and every
 app the factory builds carries the workers' tasks and routes them by its own configuration."""
 
 from __future__ import annotations
@@ -10,10 +11,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-from service.config import Config
-from service.jobs import INSPECT_TASK, PART_TASK, RENDER_TASK, TASK_NAME, WEBHOOK_TASK
+from saliency_audit.service.config import Config
+from saliency_audit.service.jobs import (
+    INSPECT_TASK,
+    PART_TASK,
+    RENDER_TASK,
+    TASK_NAME,
+    WEBHOOK_TASK,
+)
+from saliency_audit.workers.celery import create_celery
 from tests.servers import REPO
-from workers.celery import create_celery
 
 TASKS = {TASK_NAME, PART_TASK, RENDER_TASK, WEBHOOK_TASK, INSPECT_TASK}
 
@@ -34,13 +41,13 @@ CELERY_A = textwrap.dedent(
     """
     import sys
 
-    import workers.celery
+    import saliency_audit.workers.celery
     from celery.app.utils import find_app
 
-    assert "app" not in vars(workers.celery), "an app was built at import time"
-    assert workers.celery.worker_app.cache_info().currsize == 0
-    app = find_app("workers")  # what `celery -A workers worker` does
-    assert app is workers.celery.worker_app()
+    assert "app" not in vars(saliency_audit.workers.celery), "an app was built at import time"
+    assert saliency_audit.workers.celery.worker_app.cache_info().currsize == 0
+    app = find_app("saliency_audit.workers")  # what `celery -A saliency_audit.workers worker` does
+    assert app is saliency_audit.workers.celery.worker_app()
     config = app.conf.saliency_audit_config
     assert str(config.data_dir) == sys.argv[1], config.data_dir
     print(sorted(name for name in app.tasks if name.startswith("workers.")))

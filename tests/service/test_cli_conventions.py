@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
-from service.artifacts import ArtifactStore
-from service.cli import build_parser, main
-from service.config import Config
-from service.db import Database
-from service.models import ModelRecord, Tenant
+from saliency_audit.service.artifacts import ArtifactStore
+from saliency_audit.service.cli import build_parser, main
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import ModelRecord, Tenant
 from tests.servers import REPO
 
 
@@ -86,9 +86,9 @@ def test_json_is_offered_where_there_is_a_result_to_print() -> None:
 
 
 def test_methods_and_policy_as_json(capsys: pytest.CaptureFixture[str]) -> None:
-    from workers.engine.methods import METHODS
-    from workers.engine.policy import default_document
-    from workers.engine.spec import MEASURES
+    from saliency_audit.workers.engine.methods import METHODS
+    from saliency_audit.workers.engine.policy import default_document
+    from saliency_audit.workers.engine.spec import MEASURES
 
     code, out, _ = cli(capsys, "methods", "--json")
     assert code == 0
@@ -235,7 +235,7 @@ def test_store_sweep_removes_old_files_no_row_needs(
 
 
 def test_the_explained_class_shows_its_index_and_its_name_when_known() -> None:
-    from workers.reports.text import format_explained
+    from saliency_audit.workers.reports.text import format_explained
 
     named = [
         {"name": f"img_{i:02d}.png", "target": i % 3, "target_name": ["cat", "dog", "owl"][i % 3],
@@ -255,7 +255,7 @@ def test_the_explained_class_shows_its_index_and_its_name_when_known() -> None:
 
 
 def test_the_eta_extrapolates_from_the_first_reading() -> None:
-    from workers.reports.text import ProgressClock, format_duration
+    from saliency_audit.workers.reports.text import ProgressClock, format_duration
 
     assert [format_duration(s) for s in (0, 59.6, 75.2, 3725)] == [
         "0:00",

@@ -1,5 +1,6 @@
 """What each command of ``saliency-audit`` loads: ``serve`` runs the API, so it must load
-neither the HTTP client (``requests``, :mod:`service.client`, :mod:`service.gate`) nor torch;
+neither the HTTP client (``requests``, :mod:`saliency_audit.service.client`,
+:mod:`saliency_audit.service.gate`) nor torch;
 the command line's modules import no command's dependencies at module level.
 
 Each check runs in a fresh interpreter, so modules an earlier test imported cannot hide one.
@@ -31,16 +32,19 @@ SERVE = textwrap.dedent(
 
     waitress.create_server = lambda app, **options: Server()
 
-    from service.cli import main
-    from service.config import Config
-    from service.jobs import Enqueuer
+    from saliency_audit.service.cli import main
+    from saliency_audit.service.config import Config
+    from saliency_audit.service.jobs import Enqueuer
 
     assert main(["serve", "--port", "0", "--no-worker"]) == 0
     # the Celery app the API sends tasks with (built by the same factory as the workers')
     Enqueuer(Config.from_env()).app
     loaded = [
         m
-        for m in ("requests", "service.client", "service.gate", "torch", "torchvision")
+        for m in (
+            "requests", "saliency_audit.service.client", "saliency_audit.service.gate", "torch",
+            "torchvision",
+        )
         if m in sys.modules
     ]
     assert not loaded, f"serve imported {loaded}"
@@ -52,7 +56,7 @@ PARSER = textwrap.dedent(
     """
     import sys
 
-    from service.cli import build_parser
+    from saliency_audit.service.cli import build_parser
 
     parser = build_parser()
     parser.parse_args(["gate", "--model", "m.onnx", "--images", "i", "--methods", "gradient",
@@ -60,7 +64,10 @@ PARSER = textwrap.dedent(
     parser.parse_args(["run", "--model", "m.onnx", "--images", "i"])
     loaded = [
         m
-        for m in ("requests", "service.gate", "workers.local", "workers.engine", "numpy")
+        for m in (
+            "requests", "saliency_audit.service.gate", "saliency_audit.workers.local",
+            "saliency_audit.workers.engine", "numpy",
+        )
         if m in sys.modules
     ]
     assert not loaded, f"building the parser imported {loaded}"

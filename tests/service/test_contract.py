@@ -20,22 +20,38 @@ from flask import Flask, g
 from flask.testing import FlaskClient
 from jsonschema import ValidationError
 
-import service.auth
-from service.api import audits as audits_api
-from service.app import State, create_app
-from service.config import Config
-from service.models import VerdictRow
+import saliency_audit.service.auth
+from saliency_audit.service.api import audits as audits_api
+from saliency_audit.service.app import State, create_app
+from saliency_audit.service.config import Config
+from saliency_audit.service.models import VerdictRow
+from saliency_audit.workers.engine import result, spec
+from saliency_audit.workers.engine.contract import verdicts
+from saliency_audit.workers.engine.contract.catalogue import Catalogue
+from saliency_audit.workers.engine.contract.problem import Problem
+from saliency_audit.workers.engine.contract.report import Heatmap, ReportDocument
+from saliency_audit.workers.engine.contract.schema import (
+    components,
+    name_enums,
+    rendered,
+    schema_of,
+)
+from saliency_audit.workers.engine.contract.spec import (
+    LRP_COMPOSITES,
+    AuditSpec,
+    InputSpec,
+    MethodParams,
+)
+from saliency_audit.workers.engine.contract.verdicts import (
+    CONTROLS,
+    VERDICTS,
+    PassWhen,
+    Verdict,
+    VerdictValue,
+)
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.reports.schema import inline_single_use
 from tests.service.test_openapi import TENANT, FakeSession, add_audit, check, validate
-from workers.engine import result, spec
-from workers.engine.contract import verdicts
-from workers.engine.contract.catalogue import Catalogue
-from workers.engine.contract.problem import Problem
-from workers.engine.contract.report import Heatmap, ReportDocument
-from workers.engine.contract.schema import components, name_enums, rendered, schema_of
-from workers.engine.contract.spec import LRP_COMPOSITES, AuditSpec, InputSpec, MethodParams
-from workers.engine.contract.verdicts import CONTROLS, VERDICTS, PassWhen, Verdict, VerdictValue
-from workers.engine.errors import SpecError
-from workers.reports.schema import inline_single_use
 
 # the components the OpenAPI document takes from the contract as they are generated
 GENERATED = (
@@ -79,7 +95,7 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
         return TENANT
 
     monkeypatch.setattr(st.db, "session", open_session)
-    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    monkeypatch.setattr(saliency_audit.service.auth, "require_tenant", require_tenant)
     return session
 
 

@@ -20,12 +20,12 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from sqlalchemy import func, select
 
-from service import db as service_db
-from service import purge
-from service.artifacts import ArtifactStore
-from service.config import Config
-from service.db import Database
-from service.models import (
+from saliency_audit.service import db as service_db
+from saliency_audit.service import purge
+from saliency_audit.service.artifacts import ArtifactStore
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import (
     Audit,
     AuditArtifact,
     DatasetFile,
@@ -324,8 +324,8 @@ def test_the_orphan_sweep_removes_old_unreferenced_files_only(
 def test_deletion_on_sqlite_counts_references_across_tenants(tmp_path: Any) -> None:
     """The embedded shape: the partial unique index, dataset_files and the reference query on
     SQLite; two tenants' datasets share an image, a tombstone and a live row share bytes."""
-    from service import db as service_db
-    from service.models import Tenant
+    from saliency_audit.service import db as service_db
+    from saliency_audit.service.models import Tenant
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     service_db.upgrade(url)
@@ -369,7 +369,7 @@ def test_revision_0005_indexes_the_files_of_live_datasets_only(tmp_path: Any) ->
     out of dataset_files, so the orphan sweep may remove them."""
     from sqlalchemy import create_engine, text
 
-    from service import db as service_db
+    from saliency_audit.service import db as service_db
 
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     service_db.upgrade(url, "0004")

@@ -1,7 +1,8 @@
 """The whole flow over HTTP, as a client sees it: upload, audit, report.
 
 Once against the production shape (a ``serve --no-worker`` API process, PostgreSQL, Redis and
-a separate ``celery -A workers worker`` process), once against the embedded mode (``serve``
+a separate ``celery -A saliency_audit.workers worker`` process), once against the embedded mode
+(``serve``
 with no configuration: SQLite, an artifact folder and its own worker on the SQLAlchemy
 transport).
 """
@@ -21,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.config import Config
-from service.embedded import config_environment
-from service.models import ResultRow
+from saliency_audit.service.config import Config
+from saliency_audit.service.embedded import config_environment
+from saliency_audit.service.models import ResultRow
 from tests.servers import (
     REFERENCE,
     Api,
@@ -152,7 +153,15 @@ def test_the_same_flow_in_embedded_mode(tmp_path: Path) -> None:
     try:
         # a key made with the CLI, as a user does it
         key = subprocess.run(
-            [sys.executable, "-m", "service.cli", "keys", "create", "--tenant", "local"],
+            [
+                sys.executable,
+                "-m",
+                "saliency_audit.service.cli",
+                "keys",
+                "create",
+                "--tenant",
+                "local",
+            ],
             env=config_environment(config),
             capture_output=True,
             text=True,
@@ -177,7 +186,7 @@ def test_report_maps_match_the_engine_run_locally(
     tmp_path: Path,
 ) -> None:
     """The service computes what ``saliency-audit run`` computes on the same files and seed."""
-    from service.cli import main
+    from saliency_audit.service.cli import main
 
     worker_factory(pg_config)
     api = Api(pg_server.url, new_key(pg_database))

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import Config
-from service.db import Database
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
 from tests.servers import REFERENCE, REPO, Api, Worker, new_key, start_server
 
 DIGITS_MODEL = REFERENCE / "digits_small_cnn.onnx"
@@ -62,7 +62,7 @@ def test_an_entry_point_explainer_is_listed_and_audited_by_the_service(
     worker_factory: Callable[[Config], Worker],
 ) -> None:
     listed = subprocess.run(
-        [sys.executable, "-m", "service.cli", "methods"],
+        [sys.executable, "-m", "saliency_audit.service.cli", "methods"],
         capture_output=True,
         text=True,
         timeout=120,

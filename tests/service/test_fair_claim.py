@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, select
 
-from service.artifacts import ArtifactStore
-from service.config import Config
-from service.db import Database
-from service.jobs import Claim, Enqueuer, Runtime, claim_next, pick_fair
-from service.models import Audit, DatasetRecord, ModelRecord, Tenant, utcnow
+from saliency_audit.service.artifacts import ArtifactStore
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.jobs import Claim, Enqueuer, Runtime, claim_next, pick_fair
+from saliency_audit.service.models import Audit, DatasetRecord, ModelRecord, Tenant, utcnow
 from tests.servers import Api, Worker, new_key, start_server
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

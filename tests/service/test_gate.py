@@ -33,12 +33,12 @@ import pytest
 import requests
 import yaml
 
-import service.gate as gate_module
-from service.cli import build_parser
-from service.client import retry_after_seconds, zip_folder_deterministic
-from service.config import Config
-from service.db import Database
-from service.gate import (
+import saliency_audit.service.gate as gate_module
+from saliency_audit.service.cli import build_parser
+from saliency_audit.service.client import retry_after_seconds, zip_folder_deterministic
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.gate import (
     Progress,
     _zip_image_set,
     decide,
@@ -46,8 +46,8 @@ from service.gate import (
     junit_document,
     write_junit,
 )
+from saliency_audit.workers.engine.policy import load_policy
 from tests.servers import REFERENCE, REPO, Api, Server, Worker, new_key
-from workers.engine.policy import load_policy
 
 MODEL = REFERENCE / "shapes_small_cnn.onnx"
 METHODS = "gradient,guided_backprop"
@@ -73,10 +73,11 @@ def images(tmp_path: Path) -> Path:
 def gate(
     server: str, key: str, *options: str, timeout_s: float = 120.0
 ) -> subprocess.CompletedProcess[str]:
-    """``python -m service.cli gate`` as a CI job runs it (stdout and stderr captured)."""
+    """``python -m saliency_audit.service.cli gate`` as a CI job runs it (stdout and stderr
+    captured)."""
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "gate", "--server", server, "--api-key", key,
-         *options],
+        [sys.executable, "-m", "saliency_audit.service.cli", "gate", "--server", server,
+         "--api-key", key, *options],
         cwd=REPO,
         env={k: v for k, v in os.environ.items() if not k.startswith("SALIENCY_AUDIT_")},
         capture_output=True,

@@ -27,9 +27,9 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from service.config import Config
-from service.db import Database
-from service.openapi import openapi_document
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.openapi import openapi_document
 from tests.servers import REFERENCE, Server, Worker, new_key
 
 GENERATOR = Path(sys.executable).with_name("openapi-python-client")

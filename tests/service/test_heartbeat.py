@@ -1,6 +1,8 @@
-"""One heartbeat thread keeps an audit's or a part's claim alive (service.jobs.Heartbeat):
+"""One heartbeat thread keeps an audit's or a part's claim alive
+(saliency_audit.service.jobs.Heartbeat):
 it renews the lease with the latest progress, survives a database blip, and a lost lease stops
-the computation at its next progress call. When the worker shuts down (service.jobs.Drain) and
+the computation at its next progress call. When the worker shuts down
+(saliency_audit.service.jobs.Drain) and
 its grace runs out, the lease is handed back and the computation stops with Drained."""
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import time
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from service.jobs import Drain, Drained, Heartbeat, Lost
+from saliency_audit.service.jobs import Drain, Drained, Heartbeat, Lost
 
 
 class FakeLease:

@@ -16,14 +16,14 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from service import db as service_db
-from service.api import datasets as datasets_api
-from service.api import models as models_api
-from service.app import HTML_CSP, create_app
-from service.auth import create_key
-from service.config import Config
-from service.embedded import make_server
-from service.models import AuditArtifact
+from saliency_audit.service import db as service_db
+from saliency_audit.service.api import datasets as datasets_api
+from saliency_audit.service.api import models as models_api
+from saliency_audit.service.app import HTML_CSP, create_app
+from saliency_audit.service.auth import create_key
+from saliency_audit.service.config import Config
+from saliency_audit.service.embedded import make_server
+from saliency_audit.service.models import AuditArtifact
 from tests.security.test_hostile_uploads import stored_files
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 
@@ -133,7 +133,7 @@ def test_html_has_a_csp_and_one_charset(app: Flask, client: FlaskClient) -> None
     assert docs.headers["Content-Type"] == "text/html; charset=utf-8"
 
     # the stored HTML report, served as stored
-    from service.api.audits import send_stored
+    from saliency_audit.service.api.audits import send_stored
 
     st = app.extensions["saliency_audit"]
     sha = st.store.put_bytes(b"<!DOCTYPE html><title>r</title>")

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import torch
 
-from service.config import Config
-from service.db import Database
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.workers.engine.errors import SpecError
+from saliency_audit.workers.engine.layers import resolve_layers
+from saliency_audit.workers.engine.methods.base import cam_layer_choice
+from saliency_audit.workers.engine.models.loader import load_model
 from tests.servers import REFERENCE, Api, Server, Worker, assert_problem, new_key
-from workers.engine.errors import SpecError
-from workers.engine.layers import resolve_layers
-from workers.engine.methods.base import cam_layer_choice
-from workers.engine.models.loader import load_model
 
 MODEL = REFERENCE / "shapes_small_cnn.onnx"
 

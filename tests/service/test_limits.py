@@ -18,11 +18,11 @@ import pytest
 from flask import Flask, g
 from flask.testing import FlaskClient
 
-import service.auth
-from service.app import State, create_app
-from service.config import Config
+import saliency_audit.service.auth
+from saliency_audit.service.app import State, create_app
+from saliency_audit.service.config import Config
+from saliency_audit.workers.engine.contract import spec as contract
 from tests.service.test_openapi import TENANT, FakeSession, add_dataset, add_model
-from workers.engine.contract import spec as contract
 
 SUBMIT = {"model_id": "m", "dataset_id": "d", "methods": ["gradient"]}
 
@@ -46,7 +46,7 @@ def client(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FlaskClient:
         return TENANT
 
     monkeypatch.setattr(st.db, "session", open_session)
-    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    monkeypatch.setattr(saliency_audit.service.auth, "require_tenant", require_tenant)
     return app.test_client()
 
 
@@ -219,7 +219,7 @@ def costly_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Flas
         return TENANT
 
     monkeypatch.setattr(st.db, "session", open_session)
-    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    monkeypatch.setattr(saliency_audit.service.auth, "require_tenant", require_tenant)
     model, dataset = add_model(session), add_dataset(session)
     model.input_spec = {"height": 224, "width": 224}
     model.details = {"format": "onnx", "tensors": 62}  # a resnet18's weights and biases
@@ -255,8 +255,8 @@ def test_an_audit_above_the_budget_is_refused_with_the_estimate_and_the_limit(
 
 
 def test_the_cost_estimate_prices_rows_by_input_size() -> None:
-    from workers.engine.catalogue import catalogue
-    from workers.engine.contract.cost import estimate, families_of
+    from saliency_audit.workers.engine.catalogue import catalogue
+    from saliency_audit.workers.engine.contract.cost import estimate, families_of
 
     spec = contract.AuditSpec(methods=("gradient",), tests=("cascading",))
     families = families_of(catalogue()["methods"])

@@ -12,8 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from service import db
-from service.models import Base
+from saliency_audit.service import db
+from saliency_audit.service.models import Base
 from tests.servers import PG_ADMIN_URL, _admin_connect
 
 TABLES = {

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service import uploads
-from service.uploads import onnx_model
+from saliency_audit.service import uploads
+from saliency_audit.service.uploads import onnx_model
 from tests.service.hostile import hostile_models
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"

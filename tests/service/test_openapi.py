@@ -34,15 +34,15 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BooleanClauseList, Null
 from werkzeug.test import TestResponse
 
-import service.auth
-import service.purge
-from service.api import audits as audits_api
-from service.api import datasets as datasets_api
-from service.api import meta as meta_api
-from service.api import models as models_api
-from service.app import State, create_app
-from service.config import Config
-from service.models import (
+import saliency_audit.service.auth
+import saliency_audit.service.purge
+from saliency_audit.service.api import audits as audits_api
+from saliency_audit.service.api import datasets as datasets_api
+from saliency_audit.service.api import meta as meta_api
+from saliency_audit.service.api import models as models_api
+from saliency_audit.service.app import State, create_app
+from saliency_audit.service.config import Config
+from saliency_audit.service.models import (
     AUDIT_STATES,
     Audit,
     AuditArtifact,
@@ -52,7 +52,7 @@ from service.models import (
     VerdictRow,
     new_id,
 )
-from service.openapi import (
+from saliency_audit.service.openapi import (
     DATASET_REJECTIONS,
     MODEL_REJECTIONS,
     REPORT_SCHEMA_PATH,
@@ -61,12 +61,12 @@ from service.openapi import (
     openapi_document,
     operation_anchor,
 )
-from service.problems import ApiError
-from service.webhooks import SIGNATURE_HEADER, payload, sign, verify
-from workers.engine.errors import EngineError
-from workers.engine.result import SCHEMA_VERSION
-from workers.engine.spec import AuditSpec
-from workers.reports.schema import report_schema
+from saliency_audit.service.problems import ApiError
+from saliency_audit.service.webhooks import SIGNATURE_HEADER, payload, sign, verify
+from saliency_audit.workers.engine.errors import EngineError
+from saliency_audit.workers.engine.result import SCHEMA_VERSION
+from saliency_audit.workers.engine.spec import AuditSpec
+from saliency_audit.workers.reports.schema import report_schema
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE = REPO / "examples" / "reference"
@@ -192,7 +192,7 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
         return TENANT
 
     monkeypatch.setattr(st.db, "session", open_session)
-    monkeypatch.setattr(service.auth, "require_tenant", require_tenant)
+    monkeypatch.setattr(saliency_audit.service.auth, "require_tenant", require_tenant)
 
     class Enqueue:  # nothing is sent: the audit task and the model inspection
         def __call__(self, db: Any, audit_id: str) -> bool:
@@ -204,12 +204,12 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
     monkeypatch.setattr(st, "enqueue", Enqueue())
     # what a deletion removes is tested on PostgreSQL (test_deletion.py); here only the rows go
     monkeypatch.setattr(
-        service.purge,
+        saliency_audit.service.purge,
         "delete_upload",
         lambda _s, row, cascade, deleted: session.rows[type(row)].remove(row) or set(),
     )
     monkeypatch.setattr(
-        service.purge,
+        saliency_audit.service.purge,
         "delete_audits",
         lambda _s, ids, deleted: (
             session.rows.update({Audit: [a for a in session.rows[Audit] if a.id not in ids]})
@@ -217,7 +217,9 @@ def fake(app: Flask, monkeypatch: pytest.MonkeyPatch) -> FakeSession:
         ),
     )
     monkeypatch.setattr(
-        service.purge, "remove_unreferenced", lambda *args, **kwargs: service.purge.Deleted()
+        saliency_audit.service.purge,
+        "remove_unreferenced",
+        lambda *args, **kwargs: saliency_audit.service.purge.Deleted(),
     )
     return session
 
@@ -569,7 +571,7 @@ def test_upload_metadata_schemas(doc: dict[str, Any]) -> None:
 
 def test_building_the_document_does_not_import_torch() -> None:
     code = (
-        "import sys; from service.openapi import openapi_document, docs_html; "
+        "import sys; from saliency_audit.service.openapi import openapi_document, docs_html; "
         "openapi_document(); docs_html(); "
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
     )
@@ -609,7 +611,8 @@ def test_audit_request_schema_accepts_and_refuses_like_the_route(doc: dict[str, 
 
 
 def test_upload_rejection_codes_match_service_uploads() -> None:
-    """Every (status, code) that service.uploads can raise is documented on an upload."""
+    """Every (status, code) that saliency_audit.service.uploads can raise is documented on an
+    upload."""
     modules = sorted((REPO / "service" / "uploads").glob("*.py"))
     tree = ast.Module([n for m in modules for n in ast.parse(m.read_text()).body], [])
     raised: set[tuple[int, str]] = set()
@@ -665,7 +668,7 @@ def test_openapi_json_and_docs_answer(client: FlaskClient, doc: dict[str, Any]) 
 
 
 def test_docs_escape_what_they_show(monkeypatch: pytest.MonkeyPatch) -> None:
-    from service import openapi
+    from saliency_audit.service import openapi
 
     document = openapi_document()
     document["paths"]["/healthz"]["get"]["summary"] = "<b>&up</b>"

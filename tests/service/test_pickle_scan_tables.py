@@ -1,6 +1,7 @@
 """The pickle scanner allows what its tables list and nothing else.
 
-:mod:`service.uploads.pickle_scan` follows only the opcodes of ``OPCODES``, names only the
+:mod:`saliency_audit.service.uploads.pickle_scan` follows only the opcodes of ``OPCODES``, names
+only the
 globals of ``ALLOWED_GLOBALS`` and calls or instantiates only those the table lets it. These
 tests spell the tables out, so widening one is a visible change to review, and show that a
 refusal comes from the table: take an entry out and a pickle that passed is refused. The
@@ -13,8 +14,8 @@ import pickletools
 
 import pytest
 
-from service.uploads import UploadRejected, scan_state_dict_pickle
-from service.uploads.pickle_scan import (
+from saliency_audit.service.uploads import UploadRejected, scan_state_dict_pickle
+from saliency_audit.service.uploads.pickle_scan import (
     ALLOWED_GLOBALS,
     ALLOWED_PICKLE_GLOBALS,
     OPCODES,

@@ -13,11 +13,11 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from service.config import Config, ConfigError
-from service.db import Database
-from service.models import Tenant
-from service.openapi import openapi_document
-from service.quotas import LocalBuckets
+from saliency_audit.service.config import Config, ConfigError
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import Tenant
+from saliency_audit.service.openapi import openapi_document
+from saliency_audit.service.quotas import LocalBuckets
 from tests.servers import Api, Server, assert_problem, new_key, start_server
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 
@@ -126,7 +126,7 @@ def test_a_tenant_past_its_request_rate_is_429_rate_limited_kept_in_redis(
 
 def test_the_in_process_bucket_refills_at_its_rate(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr("service.quotas.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("saliency_audit.service.quotas.time.monotonic", lambda: clock[0])
     buckets = LocalBuckets(rate_per_s=2.0, burst=3)
     assert [buckets.take("t").allowed for _ in range(4)] == [True, True, True, False]
     assert buckets.take("t").retry_after_s == pytest.approx(0.5)

@@ -16,11 +16,11 @@ import jsonschema
 import pytest
 from sqlalchemy import select
 
-from service.config import Config
-from service.db import Database
-from service.embedded import config_environment
-from service.models import Tenant
-from service.webhooks import SIGNATURE_HEADER, verify
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.embedded import config_environment
+from saliency_audit.service.models import Tenant
+from saliency_audit.service.webhooks import SIGNATURE_HEADER, verify
 from tests.servers import Api, Server, Worker, assert_problem, new_key
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 
@@ -190,7 +190,15 @@ def test_a_signed_webhook_is_delivered_with_retries(
     # the tenant reads its secret with the CLI, as a receiver's operator would
     secrets = [
         subprocess.run(
-            [sys.executable, "-m", "service.cli", "keys", "webhook-secret", "--tenant", name],
+            [
+                sys.executable,
+                "-m",
+                "saliency_audit.service.cli",
+                "keys",
+                "webhook-secret",
+                "--tenant",
+                name,
+            ],
             env=config_environment(pg_config),
             capture_output=True,
             text=True,

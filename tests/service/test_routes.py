@@ -1,5 +1,6 @@
 """The links a worker writes into ``report.json`` (without a request context) are the paths the
-API serves: :mod:`service.routes` fills the same rules the audits blueprint registers."""
+API serves: :mod:`saliency_audit.service.routes` fills the same rules the audits blueprint
+registers."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from pathlib import Path
 import pytest
 from flask import Flask, url_for
 
-from service import routes
-from service.app import create_app
-from service.config import Config
+from saliency_audit.service import routes
+from saliency_audit.service.app import create_app
+from saliency_audit.service.config import Config
 
 ROUTES = {name: value for name, value in vars(routes).items() if isinstance(value, routes.Route)}
 

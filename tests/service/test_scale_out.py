@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from service.config import Config
-from service.db import Database
-from service.models import AuditPart
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.models import AuditPart
 from tests.servers import Api, Worker, new_key, start_server
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip
 

@@ -15,14 +15,19 @@ import onnx
 import pytest
 from onnx import helper
 
-from service import uploads
-from service.db import Database
-from service.uploads import DEFAULT_MAX_MODEL_BYTES, UploadRejected, inspect_model, onnx_model
+from saliency_audit.service import uploads
+from saliency_audit.service.db import Database
+from saliency_audit.service.uploads import (
+    DEFAULT_MAX_MODEL_BYTES,
+    UploadRejected,
+    inspect_model,
+    onnx_model,
+)
+from saliency_audit.workers.engine.errors import EngineError
+from saliency_audit.workers.engine.models.loader import load_model
 from tests.engine import onnx_exports
 from tests.servers import Api, Server, assert_problem, new_key
 from tests.service.hostile import safetensors_file
-from workers.engine.errors import EngineError
-from workers.engine.models.loader import load_model
 
 FEATURES = "/Flatten_output_0"
 

@@ -1,7 +1,8 @@
 """Uploads refuse what the worker would refuse about an ONNX graph, with the worker's message:
 two image inputs, an operator in a custom domain or one the converter lacks, an input whose
 layout and size only an input spec can tell, an IR version ONNX Runtime cannot read, a head that
-is not a classifier's. Both sides call :mod:`workers.engine.onnx_rules`; each test runs the
+is not a classifier's. Both sides call :mod:`saliency_audit.workers.engine.onnx_rules`; each test
+runs the
 worker's loader on the same bytes and compares the messages.
 """
 
@@ -17,12 +18,12 @@ import onnx
 import pytest
 from onnx import helper
 
-from service.db import Database
-from service.uploads import DEFAULT_MAX_MODEL_BYTES, UploadRejected, inspect_model
+from saliency_audit.service.db import Database
+from saliency_audit.service.uploads import DEFAULT_MAX_MODEL_BYTES, UploadRejected, inspect_model
+from saliency_audit.workers.engine.errors import EngineError
+from saliency_audit.workers.engine.models.loader import load_model
 from tests.engine import onnx_exports
 from tests.servers import Api, Server, assert_problem, new_key
-from workers.engine.errors import EngineError
-from workers.engine.models.loader import load_model
 
 SYMBOLIC_SPEC = {"layout": "NCHW", "channels": 3, "height": 8, "width": 8}
 
@@ -152,7 +153,7 @@ def test_an_unsupported_op_on_constants_only_is_left_to_the_worker(tmp_path: Pat
 def test_the_large_file_child_check_gets_the_input_spec(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from service.uploads import onnx_model
+    from saliency_audit.service.uploads import onnx_model
 
     monkeypatch.setattr(onnx_model, "ONNX_IN_PROCESS_MAX_BYTES", 0)
     data = all_symbolic_input()

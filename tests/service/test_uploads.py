@@ -1,6 +1,7 @@
 """Upload validation: hostile files are refused with the right answer, valid ones described.
 
-No HTTP and no database: :mod:`service.uploads` is called on files in ``tmp_path``. torch is
+No HTTP and no database: :mod:`saliency_audit.service.uploads` is called on files in ``tmp_path``.
+torch is
 imported here only to produce real ``torch.save`` / safetensors files and to compare with
 torch's own weights-only loader; the module under test never imports it (checked below).
 """
@@ -26,9 +27,9 @@ import torchvision
 from onnx import numpy_helper
 from PIL import Image
 
-from service import uploads
-from service.architectures import TORCHVISION_CLASSIFIERS, TORCHVISION_VERSION
-from service.uploads import (
+from saliency_audit.service import uploads
+from saliency_audit.service.architectures import TORCHVISION_CLASSIFIERS, TORCHVISION_VERSION
+from saliency_audit.service.uploads import (
     DEFAULT_MAX_MODEL_BYTES,
     ArchiveLimits,
     DatasetManifest,
@@ -39,6 +40,8 @@ from service.uploads import (
     read_dataset_archive,
     scan_state_dict_pickle,
 )
+from saliency_audit.workers.engine.errors import ImageDecodeError
+from saliency_audit.workers.engine.image_files import MAX_IMAGES, class_indices
 from tests.service.hostile import (
     REFERENCE,
     SHAPES_IMAGES,
@@ -57,8 +60,6 @@ from tests.service.hostile import (
     valid_safetensors,
     valid_torch_zip,
 )
-from workers.engine.errors import ImageDecodeError
-from workers.engine.image_files import MAX_IMAGES, class_indices
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CASES = hostile_models()
@@ -414,7 +415,7 @@ def test_num_classes_is_read_from_every_torchvision_classifier_head() -> None:
 
 def test_service_uploads_never_imports_torch() -> None:
     code = (
-        "import sys, service.uploads, service.architectures\n"
+        "import sys, saliency_audit.service.uploads, saliency_audit.service.architectures\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision'))\n"
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
@@ -644,7 +645,7 @@ def test_class_indices_follows_the_engines_labeling_rule() -> None:
 
 
 def test_engine_images_still_exports_the_limits_now_kept_in_image_files() -> None:
-    from workers.engine import image_files, images
+    from saliency_audit.workers.engine import image_files, images
 
     for name in ("ALLOWED_FORMATS", "ALLOWED_SUFFIXES", "MAX_PIXELS", "MAX_IMAGES"):
         assert getattr(images, name) is getattr(image_files, name)

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from service.config import Config
-from service.db import Database
-from service.embedded import start_worker
+from saliency_audit.service.config import Config
+from saliency_audit.service.db import Database
+from saliency_audit.service.embedded import start_worker
 from tests.security.test_webhook_targets import REFUSED, Receiver, url_of
 from tests.servers import Api, Server, Worker, assert_problem, new_key, start_server
 from tests.service.test_end_to_end import DIGITS_MODEL, digits_zip

@@ -4,7 +4,8 @@ It imports nothing from Flask, Celery, SQLAlchemy or ``service``; its only input
 caller hands it (model bytes, decoded images, a spec) and its only output is an ``AuditResult``.
 
 The public Python API (:mod:`.api`) is importable from here, loaded on first use so that
-importing the package stays torch-free: ``from workers.engine import audit, Explainer``.
+importing the package stays torch-free: ``from saliency_audit.workers.engine import audit,
+Explainer``.
 """
 
 from typing import Any

@@ -1,13 +1,15 @@
 """The Python API: audit a model from a notebook or a script, with built-in methods or your own.
 
-    from workers.engine import audit
+    from saliency_audit.workers.engine import audit
 
     result = audit(model, "photos/", methods=["gradient", "my_occlusion"],
                    explainers={"my_occlusion": my_occlusion}, input_spec={"height": 32, ...})
     result.write("out")  # report.json and maps.npz, as ``saliency-audit run`` writes them
 
-``audit`` is what ``saliency-audit run`` (:mod:`workers.local`) and the service's worker
-(:mod:`workers.tasks`) call too, so a report is the same document whichever way it was made.
+``audit`` is what ``saliency-audit run`` (:mod:`saliency_audit.workers.local`) and the service's
+worker
+(:mod:`saliency_audit.workers.tasks`) call too, so a report is the same document whichever way it
+was made.
 Public, stable names: :func:`audit`, :func:`read_images`, :class:`AuditImages`,
 :func:`load_model_input`, :data:`DEFAULT_TESTS`, and from :mod:`.methods.plugins`
 :class:`Explainer` and :func:`register_explainer`. The result is the engine's

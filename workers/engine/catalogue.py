@@ -3,7 +3,8 @@
 The API process must not import torch, yet clients discover the methods from it
 (``GET /v1/methods``) and submissions are validated against them. The registry itself lives in
 :mod:`.methods` and :mod:`.sanity` (torch); this module reads ``catalogue.json``, which
-``python -m workers.engine.catalogue --write`` regenerates from the registry, and a test checks
+``python -m saliency_audit.workers.engine.catalogue --write`` regenerates from the registry, and a
+test checks
 that the two agree, so the file cannot drift from the code.
 """
 

@@ -1,7 +1,8 @@
 """Torch-free rules about image files: allowed formats, size limits and how folders become labels.
 
 The API process validates uploads with these same rules before a worker ever sees the files, and
-it must not import torch, so they live apart from :mod:`workers.engine.images` (which decodes
+it must not import torch, so they live apart from :mod:`saliency_audit.workers.engine.images` (which
+decodes
 into tensors). This module imports only the standard library and the engine's errors.
 """
 

@@ -1,6 +1,7 @@
 """What the worker refuses in an ONNX graph before converting it, decided with ``onnx`` alone.
 
-The converter (``models.onnx_convert``, torch) and the upload check (``service.uploads``, no
+The converter (``models.onnx_convert``, torch) and the upload check
+(``saliency_audit.service.uploads``, no
 torch) both call these functions, so an upload is refused with the very message the worker
 would give: a graph with more than one image input or a non-float32 one, an IR version or
 opset outside what the worker runs, an operator in a custom domain or one the converter has

@@ -120,7 +120,11 @@ class Policy:
 
 
 def default_document() -> dict[str, Any]:
-    text = resources.files("workers.engine").joinpath("policies/default.json").read_text()
+    text = (
+        resources.files("saliency_audit.workers.engine")
+        .joinpath("policies/default.json")
+        .read_text()
+    )
     return dict(json.loads(text))
 
 

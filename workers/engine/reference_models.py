@@ -9,7 +9,7 @@ to ``block2``" is a walk over ``named_children()`` in reverse.
 Every non-linearity is its own ``nn.ReLU`` module (not ``F.relu``, never in place): Guided
 Backprop and LRP hook ReLU modules, and an in-place op would overwrite the activation they need.
 The residual addition is a plain ``+``; it exports as an ONNX ``Add`` node, which the ONNX
-converter turns into the ``Add`` module LRP needs (``workers.engine.models.layers``).
+converter turns into the ``Add`` module LRP needs (``saliency_audit.workers.engine.models.layers``).
 
 The last spatial feature map is 8x8 for a 32x32 input in both networks, so CAM-family maps at
 the last block have the same resolution for both.

@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from workers.engine.contract.report import TRAINED_STAGE
+from saliency_audit.workers.engine.contract.report import TRAINED_STAGE
 
 from .content import MODEL_TEST
 

@@ -1,9 +1,11 @@
 """The JSON Schema (draft 2020-12) of ``report.json``, published at ``/v1/schemas/report.json``.
 
-Generated from the contract's :class:`~workers.engine.contract.report.ReportDocument` (and the
+Generated from the contract's :class:`~saliency_audit.workers.engine.contract.report.ReportDocument`
+(and the
 result shapes it holds), so the schema and the document the engine writes have one
 declaration. Versioned with the document's ``schema_version``
-(:data:`workers.engine.result.SCHEMA_VERSION`): a client checks that number and validates
+(:data:`saliency_audit.workers.engine.result.SCHEMA_VERSION`): a client checks that number and
+validates
 against the schema of that version. Objects are closed (``additionalProperties: false``) where
 the engine owns their keys, so a renamed field fails validation instead of passing silently;
 ``details`` and ``spec`` stay open because tests and methods add their own entries. The
@@ -18,8 +20,8 @@ import json
 from functools import cache
 from typing import Any
 
-from workers.engine.contract.report import SCHEMA_VERSION, ReportDocument
-from workers.engine.contract.schema import schema_of
+from saliency_audit.workers.engine.contract.report import SCHEMA_VERSION, ReportDocument
+from saliency_audit.workers.engine.contract.schema import schema_of
 
 Schema = dict[str, Any]
 DEFS = "#/$defs/"

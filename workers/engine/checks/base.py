@@ -32,7 +32,8 @@ CheckKind = Literal["test", "analysis"]
 
 @dataclass(frozen=True, eq=False)
 class AuditContext:
-    """Everything a check runs on, built once per audit by :func:`~workers.engine.runner.run_audit`.
+    """Everything a check runs on, built once per audit by
+    :func:`~saliency_audit.workers.engine.runner.run_audit`.
 
     ``inputs`` are the trained model, the images and targets explained, the methods, the
     spec, the CAM layer, the device and the IG baseline (a check derives changed inputs with

@@ -1,6 +1,7 @@
 """The verdict policy document: its keys, rules, stage selectors and map checks.
 
-The shape only; :func:`workers.engine.policy.load_policy` checks a document against the rules
+The shape only; :func:`saliency_audit.workers.engine.policy.load_policy` checks a document against
+the rules
 that span fields (an area only for a cascade, a fail threshold on the fail side, ...) with its
 own messages, and takes its key sets from these declarations.
 """

@@ -5,7 +5,8 @@ The four shapes are pydantic dataclasses: they stay plain frozen dataclasses for
 their bounds are ``Field`` metadata, so the engine, the API and the JSON Schema of the OpenAPI
 document read the same declaration. Numbers are strict (``"3"`` and ``True`` are not
 integers), as the engine always was. A :class:`pydantic.ValidationError` never leaves this
-module: :func:`spec_error` turns it into the engine's :class:`~workers.engine.errors.SpecError`
+module: :func:`spec_error` turns it into the engine's
+:class:`~saliency_audit.workers.engine.errors.SpecError`
 in one place.
 """
 

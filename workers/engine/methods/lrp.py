@@ -16,7 +16,8 @@ bias's share ``b_k / z_k * R_k`` to nobody, so relevance leaks at every layer (B
 note that the bias and the stabilizer absorb relevance). Every composite here is built with
 ``zero_params=["bias"]``: the rules see the bias-free pre-activations, and each layer conserves
 up to its stabilizer. Canonization merges BatchNorm into the preceding layer's weights and bias
-(:mod:`workers.engine.models.canonize`), so its shift is excluded too; the BatchNorms that cannot
+(:mod:`saliency_audit.workers.engine.models.canonize`), so its shift is excluded too; the BatchNorms
+that cannot
 merge (pre-activation BN in DenseNet) get ``Pass``, which is the bias-free LRP-0 rule of an
 element-wise affine map. The price: where the bias dominates ``z_k``, the LRP-epsilon rule
 divides by a small bias-free ``z_k`` and relevance is large with both signs (it still sums to

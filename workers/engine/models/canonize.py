@@ -12,7 +12,7 @@ ways, and each has a fix that does not change what the model computes:
   under plain autograd (relevance doubles). They are rewritten as a ``zennit.layer.Sum`` over a
   stack, which the composites map to the ``Norm`` rule: relevance is split in proportion to each
   branch's contribution. torchvision ResNet blocks get Zennit's block canonizers; ONNX-converted
-  graphs already use :class:`~workers.engine.models.layers.Add` (a ``Sum``).
+  graphs already use :class:`~saliency_audit.workers.engine.models.layers.Add` (a ``Sum``).
 * **Functional operations in ``forward``** escape module hooks. torchvision DenseNet ends with
   ``F.relu`` and ``F.adaptive_avg_pool2d``: the gradient of the pool spreads relevance uniformly
   and the ReLU's gradient then drops the share of the inactive positions, so relevance is lost.
@@ -26,7 +26,7 @@ a ReLU separates it from the next conv, so it cannot be merged without changing 
 It stays, and the composites give it the ``Pass`` rule. For an element-wise affine map
 ``y = s x + t`` the LRP-0 rule with the bias excluded gives ``R_x = (s x / s x) R_y = R_y``:
 ``Pass`` *is* that rule, and it conserves relevance exactly. This matches the engine's choice to
-exclude biases from every LRP rule (see :mod:`workers.engine.methods.lrp`).
+exclude biases from every LRP rule (see :mod:`saliency_audit.workers.engine.methods.lrp`).
 
 MobileNetV3's hard-swish activations get ``Pass`` and its squeeze-excitation products and
 in-place residual additions go through plain autograd: LRP runs, but relevance is not conserved

@@ -8,7 +8,7 @@ caller's overrides (``given``: CLI ``--input-spec``, API ``metadata.input_spec``
 every field used is kept in ``LoadedModel.input_spec_sources``.
 
 Only classifiers are admitted: the output explained must be one row of C >= 2 class scores
-per image (:class:`~workers.engine.errors.NotAClassifierError` otherwise).
+per image (:class:`~saliency_audit.workers.engine.errors.NotAClassifierError` otherwise).
 """
 
 from __future__ import annotations

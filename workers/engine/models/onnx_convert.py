@@ -567,7 +567,8 @@ def _logits_output(
     """The output to explain and the softmax head to drop from it, if any.
 
     ``choice`` (the input spec's ``output``) names it; without one the graph must have one
-    float output (:func:`~workers.engine.spec.resolve_output`). ``num_classes`` is left None
+    float output (:func:`~saliency_audit.workers.engine.spec.resolve_output`). ``num_classes`` is
+    left None
     here when the shape does not tell it (the caller probes the module).
     """
     if not graph.output:
@@ -1078,7 +1079,8 @@ def load_onnx(
     With one, it must agree with the graph's static input dims; ``sources`` says where each of
     its fields came from (default: all given). ``input_spec.output`` picks the graph output;
     a softmax head on it is left out of the module (``LoadedModel.output`` says so). Any output
-    shape converts; :func:`~workers.engine.models.loader.load_model` admits classifiers only.
+    shape converts; :func:`~saliency_audit.workers.engine.models.loader.load_model` admits
+    classifiers only.
     """
     model = _parse(data)
     image = image_input(model)
