@@ -64,12 +64,11 @@ def _run(args: argparse.Namespace) -> int:
     from saliency_audit.workers.engine.methods.plugins import is_plugin
     from saliency_audit.workers.engine.models.loader import load_model
     from saliency_audit.workers.engine.spec import (
-        ANALYSES,
         MEASURES,
-        TESTS,
         AuditSpec,
         MethodParams,
         TrainRecipe,
+        expand_tests,
     )
 
     try:
@@ -93,13 +92,9 @@ def _run(args: argparse.Namespace) -> int:
         or [n for n, info in METHODS.items() if not info.is_control and not is_plugin(info)]
         + plugins
     )
-    tests = args.tests
-    if tests == ["none"]:
-        tests = []
-    elif tests == ["all"]:
-        tests = [t for t in TESTS if t not in ANALYSES]
-        if args.train is None and args.random_label_model is None:
-            tests.remove("data_randomization")
+    tests = expand_tests(
+        args.tests, training=args.train is not None or args.random_label_model is not None
+    )
     spec = AuditSpec(
         methods=tuple(methods),
         layer=args.layer,

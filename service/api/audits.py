@@ -28,7 +28,7 @@ from saliency_audit.workers.engine.errors import (
     unknown_cam_layer,
 )
 from saliency_audit.workers.engine.policy import load_policy
-from saliency_audit.workers.engine.spec import ANALYSES, MEASURES, TESTS, AuditSpec
+from saliency_audit.workers.engine.spec import MEASURES, AuditSpec, expand_tests
 
 from .. import purge, routes
 from ..app import state
@@ -96,12 +96,7 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
         raise ApiError(422, "invalid_field", "methods must name at least one saliency method")
     check_methods(methods)
     tests = _str_list(body, "tests", ["cascading"])
-    if tests == ["all"]:
-        tests = [
-            t
-            for t in TESTS
-            if t not in ANALYSES and (t != "data_randomization" or body.get("train_dataset_id"))
-        ]
+    tests = expand_tests(tests, training=bool(body.get("train_dataset_id")))
     layers = _str_list(body, "layers", None)
     layer = body.get("layer")
     if layer is not None and not isinstance(layer, str):

@@ -1,5 +1,4 @@
-"""The Python API (``saliency_audit.workers.engine.audit``) and bring-your-own explainers: an
-in-memory module
+"""The Python API (``saliency_audit.audit``) and bring-your-own explainers: an in-memory module
 or an ONNX file on a tensor or on files, a Captum Occlusion audited like a built-in method
 through the API and through ``saliency-audit run --method-plugin``."""
 
@@ -16,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import saliency_audit
+from saliency_audit import AuditResult, audit, register_explainer
 from saliency_audit.service.cli import main
-from saliency_audit.workers.engine import AuditResult, audit, register_explainer
+from saliency_audit.workers.engine import api as engine_api
 from saliency_audit.workers.engine.catalogue import build_from_registry, plugin_methods
 from saliency_audit.workers.engine.errors import ImageDecodeError, SpecError
 from saliency_audit.workers.engine.image_files import list_images
 from saliency_audit.workers.engine.methods import METHODS
 from saliency_audit.workers.engine.methods.plugins import is_plugin, unregister_explainer
+from saliency_audit.workers.engine.spec import expand_tests
 from tests.engine.explainers import occlusion, wrong_shape
 from tests.engine.nets import images, small_cnn
 
@@ -251,3 +253,34 @@ def test_run_takes_a_zip_and_a_single_image_file(
         report = json.loads((out / "report.json").read_text())
         assert len(report["images"]) == n
     assert "__MACOSX/._0_0.png (macOS metadata)" in capsys.readouterr().out
+
+
+def test_the_public_names_are_the_engines_functions() -> None:
+    assert audit is engine_api.audit and AuditResult is engine_api.AuditResult
+    assert set(saliency_audit.__all__) >= {"audit", "AuditResult", "Explainer", "read_images"}
+    with pytest.raises(AttributeError):
+        _ = saliency_audit.run_audit  # internals stay internal
+
+
+def test_all_and_none_are_read_as_the_cli_and_the_api_read_them(tmp_path: Path) -> None:
+    verdict_tests = [
+        "cascading",
+        "cascading_bottom_up",
+        "independent",
+        "smprt",
+        "emprt",
+        "random_logit",
+    ]
+    assert expand_tests(["all"], training=False) == verdict_tests
+    assert expand_tests(["all"], training=True) == [
+        *verdict_tests[:3],
+        "data_randomization",
+        *verdict_tests[3:],
+    ]
+    assert expand_tests(["none"], training=True) == []
+    assert expand_tests(["cascading"], training=False) == ["cascading"]
+    files = sorted(DIGITS.rglob("*.png"))[:2]
+    result = audit(DIGITS_MODEL, files, methods=["gradient"], tests=["none"], device="cpu")
+    assert not result.to_dict()["tests"]
+    with pytest.raises(SpecError):
+        audit(DIGITS_MODEL, files, methods=["gradient"], tests=["every"], device="cpu")

@@ -38,7 +38,7 @@ from .models.loader import load_model, resolve_input_spec
 from .progress import ProgressCallback, no_progress
 from .result import AuditResult
 from .runner import run_audit
-from .spec import AuditSpec, InputSpec, MethodParams
+from .spec import AuditSpec, InputSpec, MethodParams, expand_tests
 
 __all__ = [
     "DEFAULT_TESTS",
@@ -193,7 +193,10 @@ def audit(
             ] + [n for n in (explainers or {}) if n not in METHODS or is_plugin(METHODS[n])]
         spec = AuditSpec(
             methods=tuple(methods),
-            tests=tuple(tests),  # validated by AuditSpec
+            # "all" / "none" as the CLI and the API read them; the rest validated by AuditSpec
+            tests=tuple(
+                expand_tests(tests, training=train is not None or random_label_model is not None)
+            ),
             seed=seed,
             batch_size=batch_size,
             device=device,

@@ -25,6 +25,7 @@ from .contract.spec import (
     MethodParams,
     SpecSource,
     TrainRecipe,
+    expand_tests,
 )
 from .errors import ModelLoadError, OutputRequiredError, Shape, UnknownOutputError
 
@@ -48,6 +49,7 @@ __all__ = [
     "SpecSource",
     "TrainRecipe",
     "default_normalization",
+    "expand_tests",
     "resolve_output",
 ]
 

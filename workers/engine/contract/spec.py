@@ -13,7 +13,7 @@ in one place.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
@@ -58,6 +58,19 @@ TESTS: tuple[str, ...] = (
     "random_logit",
     *ANALYSES,
 )
+
+
+def expand_tests(tests: Sequence[str], *, training: bool) -> list[str]:
+    """``["all"]``: every test that decides a verdict (not the analyses), the data randomization
+    test only when there is something to train on (``training``); ``["none"]``: maps only. The
+    CLI, the API and the Python API read the shorthand with this one rule."""
+    if list(tests) == ["none"]:
+        return []
+    if list(tests) == ["all"]:
+        return [t for t in TESTS if t not in ANALYSES and (t != "data_randomization" or training)]
+    return list(tests)
+
+
 Measure = Literal["spearman_abs", "spearman", "ssim", "hog_pearson", "hog_spearman"]
 MEASURES: tuple[str, ...] = get_args(Measure)
 Granularity = Literal["module", "block"]
