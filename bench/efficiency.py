@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         methods=tuple(n for n, i in METHODS.items() if not i.is_control),
         tests=("cascading",),
         granularity="module",
+        stages="all",  # a full per-module cascade (audits default to the rule's stages)
         batch_size=16,
     )
     print(

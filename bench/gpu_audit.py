@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         methods=methods,
         tests=("cascading",),
         granularity="block",
+        stages="all",  # every stage, as the recorded figures (audits default to the rule's)
         device=str(device),
         batch_size=batch,
     )

@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         methods=methods,
         tests=("cascading",),
         granularity="module",
+        stages="all",  # the paper's protocol, as Quantus runs it: maps at every stage
         measures=measures,
         batch_size=args.batch,
         device="cpu",

@@ -15,6 +15,9 @@ from typing import Literal
 
 InconclusiveMode = Literal["error", "fail", "pass"]
 INCONCLUSIVE_MODES: tuple[InconclusiveMode, ...] = ("error", "fail", "pass")
+# the spec's stage modes (contract/stage_plan.py STAGE_MODES; written here to keep this module
+# standard library only, tests/engine/test_stage_plan.py compares the two)
+STAGE_CHOICES = ("rule", "all")
 
 
 def csv_list(value: str) -> list[str]:
@@ -144,6 +147,7 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="default: derived from the model's and the images' sha256 and the request, so "
         "the same job attaches to the same audit; pass a new one to force a new audit",
     )
+    add_stages_argument(parser, None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")
     add_json_argument(
         parser,
@@ -151,6 +155,19 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "verdict as one JSON object on stdout, instead of the table",
     )
     return parser
+
+
+def add_stages_argument(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """The ``--stages`` option of ``run`` and ``gate``: which stages of the model randomization
+    tests get maps (the spec's ``stages``)."""
+    parser.add_argument(
+        "--stages",
+        choices=STAGE_CHOICES,
+        default=default,
+        help="which stages of the model randomization tests get maps: 'rule' (default: the "
+        "stages the policy's rule reads, at most 8 over an area's span, and the last) or 'all' "
+        "(every stage: the full per-unit curve)",
+    )
 
 
 def add_json_argument(parser: argparse.ArgumentParser, what: str) -> None:

@@ -15,7 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .arguments import add_gate_arguments, add_json_argument, csv_list, report_formats
+from .arguments import (
+    add_gate_arguments,
+    add_json_argument,
+    add_stages_argument,
+    csv_list,
+    report_formats,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stages of the model randomization tests: one per child block of the model "
         "(default) or one per parameterized module",
     )
+    add_stages_argument(run, "rule")
     run.add_argument(
         "--measures",
         type=csv_list,

@@ -637,6 +637,8 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
         body["train_dataset_id"] = train["id"]
     if policy is not None:
         body["policy"] = policy
+    if getattr(args, "stages", None) is not None:  # left out: the service's default ("rule")
+        body["stages"] = args.stages
     key_used = args.idempotency_key or idempotency_key(
         model_sha, dataset["sha256"], body, train["sha256"] if train is not None else None
     )

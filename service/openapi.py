@@ -236,6 +236,7 @@ def _schemas() -> dict[str, Schema]:
             "description": "Stages of the model randomization tests: one per parameterized "
             "module, or one per child of the model's root.",
         },
+        "stages": spec_props["stages"],
         "measures": {
             **_string_list(spec_props["measures"]["items"], "measure names"),
             "default": list(MEASURES),

@@ -104,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         params=params,
         tests=tuple(tests),
         granularity=args.granularity,
+        stages=getattr(args, "stages", "rule"),
         measures=tuple(args.measures or MEASURES),
         policy=_read_json(args.policy, "policy") if args.policy else None,
         training=recipe,

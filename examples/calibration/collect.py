@@ -155,6 +155,7 @@ def collect(
         methods=METHODS,
         tests=("cascading",),
         granularity=granularity,  # type: ignore[arg-type]
+        stages="all",  # the whole curve: fit.py compares rules over any span of it
         measures=tuple(m for m in MEASURES if m != "hog_pearson" or images.shape[-1] >= 48),
         batch_size=32,
         seed=0,

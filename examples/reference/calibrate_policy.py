@@ -65,6 +65,7 @@ def audit(name: str, out: Path, seed: int) -> dict[str, Any]:
     spec = AuditSpec(
         methods=tuple(n for n, i in METHODS.items() if not i.is_control),
         tests=tuple(tests),
+        stages="all",  # the tables show every stage
         seed=seed,
         batch_size=64,
     )

@@ -56,6 +56,7 @@ bp = Blueprint("audits", __name__, url_prefix=routes.AUDITS_PREFIX)
 
 BODY_KEYS = {
     "model_id",
+    "stages",
     "dataset_id",
     "train_dataset_id",
     "methods",
@@ -127,6 +128,7 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
             "batch_size": batch_size,
             "device": "auto",
             "granularity": body.get("granularity", "block"),
+            "stages": body.get("stages", "rule"),
             "measures": _str_list(body, "measures", list(MEASURES)),
             "policy": policy,
             "params": body.get("params") or {},
@@ -347,6 +349,7 @@ def check_cost(
         fb_s_per_row_megapixel=config.cost_fb_s_per_row_megapixel,
         onnx=model.format == "onnx",
         train_images=train.n_images if train is not None else 0,
+        rule_stages={t: r.stage for t, r in load_policy(audit_spec.policy).rules.items()},
     )
     if found.seconds > config.max_audit_cost_s:
         numbers: dict[str, Any] = {"limit_s": config.max_audit_cost_s, **found.to_dict()}

@@ -129,3 +129,33 @@ class UnconservingCNN(nn.Module):
         out = Doubling.apply(features)
         assert isinstance(out, torch.Tensor)
         return self.fc(out.mean(dim=(2, 3)))
+
+
+class DeepChain(nn.Module):
+    """``depth`` 3x3 convolutions of 2 channels with ReLUs, global average pool, linear head:
+    many cheap randomization units (``depth + 1`` at module granularity), for the tests whose
+    stage counts matter."""
+
+    def __init__(self, depth: int = 35, num_classes: int = 4) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 2, 3, padding=1), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def deep_chain(seed: int = 0, depth: int = 35) -> DeepChain:
+    """Seeded, with near-identity convolutions (a Dirac kernel plus noise), so the signal and
+    the maps survive 35 layers as a trained network's do."""
+    torch.manual_seed(seed)
+    model = DeepChain(depth)
+    with torch.no_grad():
+        for conv in model.features:
+            if isinstance(conv, nn.Conv2d) and conv.in_channels == conv.out_channels:
+                nn.init.dirac_(conv.weight)
+                conv.weight.add_(0.2 * torch.randn_like(conv.weight))
+    return model.eval()

@@ -22,9 +22,15 @@ from tests.engine.nets import images, small_cnn
 def test_the_registry_holds_exactly_the_tests_the_spec_accepts_in_its_order() -> None:
     assert tuple(CHECKS) == spec.TESTS
     assert tuple(n for n, c in CHECKS.items() if c.kind == "analysis") == spec.ANALYSES
-    for name in spec.MODEL_RANDOMIZATION_TESTS:  # one map set per stage
+    every = AuditSpec(methods=("gradient",), stages="all")
+    for name in spec.MODEL_RANDOMIZATION_TESTS:  # one map set per stage computed
         assert CHECKS[name].kind == "test"
-        assert CHECKS[name].cost(AuditSpec(methods=("gradient",)), 7) == 7.0
+        assert CHECKS[name].cost(every, 7) == 7.0
+    # the default plans the stages the shipped rules read, of 7: the top quarter (1, 2) and
+    # the last; bottom-up's first and last; independent averages them all
+    planned = AuditSpec(methods=("gradient",))
+    costs = {name: CHECKS[name].cost(planned, 7) for name in spec.MODEL_RANDOMIZATION_TESTS}
+    assert costs == {"cascading": 3.0, "cascading_bottom_up": 2.0, "independent": 7.0}
 
 
 def test_every_check_says_what_it_is_and_cites_its_source() -> None:

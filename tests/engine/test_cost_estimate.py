@@ -2,7 +2,8 @@
 
 The API refuses an audit above the tenant's budget from workers/engine/contract/cost.py's count
 alone; here a small real audit's model rows (every forward call, counted by a hook on the
-model) are compared with that count.
+model) are compared with that count, for the stages the policy's rule plans (the default) and
+for every stage.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from saliency_audit.workers.engine.contract.cost import FB, FW, audit_passes, stages_of
 from saliency_audit.workers.engine.methods import METHODS
 from saliency_audit.workers.engine.models.base import LoadedModel
+from saliency_audit.workers.engine.policy import load_policy
 from saliency_audit.workers.engine.randomization import stages, units
 from saliency_audit.workers.engine.runner import run_audit
 from saliency_audit.workers.engine.spec import AuditSpec, InputSpec, MethodParams
@@ -23,7 +25,7 @@ from tests.engine.nets import images, small_cnn
 FAMILIES = {name: info.family for name, info in METHODS.items()}
 # the stated factor: the count leaves out the few rows the engine adds around the maps (the
 # map checks, target selection); Zennit's LRP hooks (about 2.5 passes each) are not in this spec
-FACTOR = 1.1  # measured: 44 rows estimated for 45 run, 224 for 225
+FACTOR = 1.1  # measured: 44 rows estimated for 45 run, 224 for 225 (every stage)
 
 
 def counted_rows(module: torch.nn.Module, spec: AuditSpec, n: int) -> int:
@@ -47,10 +49,15 @@ def counted_rows(module: torch.nn.Module, spec: AuditSpec, n: int) -> int:
 
 
 @pytest.mark.parametrize(
-    "methods", [("gradient", "guided_backprop"), ("smoothgrad", "integrated_gradients")]
+    ("methods", "planned"),
+    [
+        (("gradient", "guided_backprop"), "rule"),
+        (("smoothgrad", "integrated_gradients"), "rule"),
+        (("gradient", "guided_backprop"), "all"),
+    ],
 )
 def test_the_estimated_rows_match_a_real_audit_within_the_stated_factor(
-    methods: tuple[str, ...],
+    methods: tuple[str, ...], planned: str
 ) -> None:
     module = small_cnn()
     spec = AuditSpec(
@@ -59,10 +66,14 @@ def test_the_estimated_rows_match_a_real_audit_within_the_stated_factor(
         granularity="module",
         batch_size=4,
         params=MethodParams(noise_samples=6, ig_steps=5),
+        stages=planned,  # type: ignore[arg-type]
     )
     n = 4
     real_stages = len(stages(units(module, "module"), "cascading"))
-    count = audit_passes(spec, FAMILIES, images=n, stages=real_stages, onnx=False)
+    rules = {t: r.stage for t, r in load_policy(spec.policy).rules.items()}
+    count = audit_passes(
+        spec, FAMILIES, images=n, stages=real_stages, onnx=False, rule_stages=rules
+    )
     totals = count.total_rows()
     estimated = totals[FB] + totals[FW]
     ran = counted_rows(module, spec, n)

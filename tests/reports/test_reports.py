@@ -211,7 +211,9 @@ def test_the_pdf_shows_each_picture_of_the_content_and_one_figure_per_sanity_tes
     # and the layer grid, the analysis' methods x its layers
     tests = audit.report["tests"]
     rows = len(METHODS) + 2
-    sanity = sum(rows * (1 + len(tests[t]["stages"])) for t in ("cascading", "independent"))
+    sanity = sum(
+        rows * (1 + len(tests[t]["stage_plan"]["computed"])) for t in ("cascading", "independent")
+    )
     layers = len(tests["layers"]["details"]["methods"]) * len(tests["layers"]["stages"])
     assert len(built.pictures()) == content.GRID_IMAGES * (sanity + layers)
 

@@ -247,9 +247,11 @@ def test_an_audit_above_the_budget_is_refused_with_the_estimate_and_the_limit(
     body = response.get_json()
     assert body["code"] == "audit_too_costly"
     assert body["limit_s"] == 60.0
-    # 64 images x (1024 + 32) rows x 32 model states x 2.5 s per row-megapixel x 0.05 MP
-    assert body["estimated_cost_s"] > 100_000
-    assert body["forward_backward_rows"] == 64 * (1024 + 32) * 32
+    # 31 stages (62 tensors), of which the cascading rule's plan computes 9 (its top quarter,
+    # stages 1-8, and the last): 64 images x (1024 + 32) rows x 10 model states x 2.5 s per
+    # row-megapixel x 0.05 MP
+    assert body["estimated_cost_s"] > 80_000
+    assert body["forward_backward_rows"] == 64 * (1024 + 32) * 10
     assert f"{body['estimated_cost_s']:,.0f} s" in body["detail"]
     assert "60 s" in body["detail"]
 

@@ -119,6 +119,7 @@ def merge_results(spec: AuditSpec, parts: Sequence[AuditResult]) -> AuditResult:
             scores=scores,
             details=dict(base.details),
             map_problems=sorted(problems, key=lambda p: names.index(p.method)),
+            stage_plan=base.stage_plan,  # every part planned the same stages from one policy
             example_maps={
                 s: {m: examples[s][m] for m in names if m in examples[s]} for s in examples
             },

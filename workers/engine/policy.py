@@ -340,6 +340,27 @@ def curve_area(stages: list[tuple[float, np.ndarray]], start: float, end: float)
         return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
 
 
+def fill_skipped(
+    measured: list[tuple[float, np.ndarray]], fractions: list[float]
+) -> list[tuple[float, np.ndarray]]:
+    """A curve measured at some stages (a stage plan, :mod:`.contract.stage_plan`), completed at
+    the ``fractions`` of the stages skipped between two measured ones: per image, linear
+    interpolation in the fraction randomized between the measured neighbours (NaN where one of
+    them is). Stages before the first or after the last measured one are left out. With every
+    stage measured the curve is returned as it is, so the area is the full curve's; it is also
+    the full curve's when that curve runs linearly between the measured stages."""
+    ordered = sorted(measured, key=lambda item: item[0])
+    known = [f for f, _ in ordered]
+    filled = list(ordered)
+    for fraction in fractions:
+        if fraction in known or not known[0] < fraction < known[-1]:
+            continue
+        right = next(i for i, f in enumerate(known) if f > fraction)
+        (f0, v0), (f1, v1) = ordered[right - 1], ordered[right]
+        filled.append((fraction, v0 + (v1 - v0) * ((fraction - f0) / (f1 - f0))))
+    return sorted(filled, key=lambda item: item[0])
+
+
 def evidence(
     scores: list[Score],
     rule: Rule,
@@ -347,12 +368,16 @@ def evidence(
     *,
     fractions: dict[int, float] | None = None,
     controls: dict[str, list[Score]] | None = None,
+    stage_count: int | None = None,
 ) -> Evidence | None:
     """The deciding number for one method under ``rule``, from its scores in one test.
 
     ``fractions`` (:func:`stage_fractions`) place the stages on the curve for an ``area``;
     ``controls`` (the two controls' scores in the same test) scale similarities for
-    ``scale: "controls"``."""
+    ``scale: "controls"``. ``stage_count``: the test's stages (measured or not; default: the
+    highest stage scored). Stages are found by their index, so a test that measured only the
+    stages its rule reads (a stage plan) decides exactly as one that measured them all; an
+    area completes the skipped stages inside its span with :func:`fill_skipped`."""
     chosen = sorted((s for s in scores if s.measure == rule.measure), key=lambda s: s.stage_index)
     if not chosen:
         return None
@@ -366,7 +391,7 @@ def evidence(
             return None
         start, end = (float(v) for v in stage["area"])
         pairs = [(fractions[s.stage_index], v) for s, v in zip(chosen, scaled, strict=True)]
-        per_image = curve_area(pairs, start, end)
+        per_image = curve_area(fill_skipped(pairs, list(fractions.values())), start, end)
         label = f"area {start:g}-{end:g}"
         return _estimate(label, per_image, seed, first.method, first.test, label, rule.measure)
     if stage == "mean_over_stages":
@@ -382,21 +407,24 @@ def evidence(
             "mean_over_stages",
             rule.measure,
         )
+    total = stage_count or chosen[-1].stage_index
+    position = {s.stage_index: k for k, s in enumerate(chosen)}
     if stage == "first":
-        k = 0
+        index = 1
     elif stage == "last" or not isinstance(stage, dict):
-        k = len(chosen) - 1
+        index = total
     elif "fraction" in stage:
-        k = max(1, math.ceil(stage["fraction"] * len(chosen))) - 1
+        index = max(1, math.ceil(stage["fraction"] * total))
     elif "index" in stage:
-        if stage["index"] > len(chosen):
-            return None
-        k = stage["index"] - 1
+        index = stage["index"]
     else:
-        named = [i for i, s in enumerate(chosen) if s.stage == stage["name"]]
+        named = [s.stage_index for s in chosen if s.stage == stage["name"]]
         if not named:
             return None
-        k = named[0]
+        index = named[0]
+    if index not in position:
+        return None
+    k = position[index]
     score = chosen[k]
     if rule.scale == "none":
         finite = _values(score)
@@ -570,6 +598,7 @@ def decide(
                 seed,
                 fractions=fractions,
                 controls=controls,
+                stage_count=len(test.stages) or None,
             )
             detail: dict[str, Any] = dict(
                 measure=rule.measure,

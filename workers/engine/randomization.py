@@ -9,7 +9,8 @@ architecture works:
   child holding more than half of the model's modules being split into its own children
   (MobileNet's ``features`` becomes ``features.0`` .. ``features.18``);
 * ``cascading`` randomizes units from the top (logits) down, keeping earlier randomizations
-  (one map set per stage, as in the paper's Figure 2); ``cascading_bottom_up`` goes the other
+  (one stage per unit, as in the paper's Figure 2; which stages get maps is the stage plan's
+  choice, :mod:`.contract.stage_plan`); ``cascading_bottom_up`` goes the other
   way; ``independent`` randomizes one unit at a time with all others trained.
 
 Re-initialization draws from each module's own default initializer (what ``reset_parameters``

@@ -206,6 +206,7 @@ def run_audit(
         inputs=inputs,
         states=sanity.RandomizedStates(inputs, mapset, checks=policy.checks),
         num_classes=int(probs.shape[1]),
+        policy=policy,
         train=train,
         random_label_model=random_label_model.module if random_label_model is not None else None,
         masks=masks,

@@ -18,12 +18,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from . import similarity
+from .contract.stage_plan import StageMode, plan_stages
 from .maps import MapInputs, MapSet, degenerate_maps, map_problems
 from .policy import MapChecks
 from .progress import ProgressCallback, no_progress
@@ -303,9 +304,25 @@ def model_randomization(
     test: ModelTest,
     granularity: Granularity,
     progress: ProgressCallback = no_progress,
+    mode: StageMode = "all",
+    rule_stage: Any = None,
 ) -> TestResult:
-    """One model parameter randomization test: a score per stage, method and measure."""
+    """One model parameter randomization test: a score per stage, method and measure.
+
+    ``mode`` and ``rule_stage`` (the stage selector of the policy's rule for this test) plan
+    which stages get maps (:func:`~.contract.stage_plan.plan_stages`); the others are only
+    randomized on the way (a stage's state is reached from the last one computed by re-drawing
+    the units between them, the same weights a full run draws there)."""
     stage_list = stages(units(states.module, granularity), test)
+    total = max((len(s.randomized) for s in stage_list), default=1)
+    plan = plan_stages(
+        [len(s.randomized) / total for s in stage_list],
+        rule_stage,
+        mode=mode,
+        names=[s.name for s in stage_list],
+    )
+    computed = set(plan.computed)
+    planned = [s for s in stage_list if s.index in computed]
     info = registered_check(test)
     result = TestResult(
         test=test,
@@ -318,13 +335,16 @@ def model_randomization(
             "stage_zero": "the trained model (every score compares a stage with it)",
         },
         map_problems=list(states.reference_problems),
+        stage_plan=plan,
     )
     try:
-        for i, stage in enumerate(stage_list):
+        for i, stage in enumerate(planned):
             label = f"{test} stage {stage.index}/{len(stage_list)} ({stage.name})"
 
-            def stage_progress(f: float, step: str, i: int = i, label: str = label) -> None:
-                progress((i + f) / len(stage_list), f"{label}: {step}")
+            def stage_progress(
+                f: float, step: str, i: int = i, label: str = label, count: int = len(planned)
+            ) -> None:
+                progress((i + f) / count, f"{label}: {step}")
 
             evaluation = states.evaluate(stage.randomized, stage_progress)
             result.example_maps[stage.name] = evaluation.examples

@@ -292,6 +292,17 @@ def _stage_text(stage: Any) -> str:
     return str(stage).replace("_", " ")
 
 
+def stage_plan_sentence(plan: Mapping[str, Any]) -> str:
+    """Which stages of a test got maps, and why (the report's ``stage_plan``), in words."""
+    computed = list(plan.get("computed") or [])
+    total = plan.get("total")
+    if len(computed) == total:
+        which = f"Maps at every stage ({total})"
+    else:
+        which = f"Maps at {len(computed)} of {total} stages ({', '.join(map(str, computed))})"
+    return f"{which}: {plan.get('why')}."
+
+
 def rule_sentence(test: str, rule: Mapping[str, Any]) -> str:
     """The policy's rule for one test in words (the CLI's rule line, spelled out)."""
     interval_word = (
@@ -544,22 +555,31 @@ def _test_section(r: _Report, name: str, test: Mapping[str, Any], number_: int) 
         return Section(anchor(title), title, tuple(blocks))
 
     stages = sorted(test.get("stages") or [], key=lambda s: s["index"])
-    stage_names = [str(s["name"]) for s in stages]
+    plan = test.get("stage_plan")
+    computed = set(plan["computed"]) if plan else {s["index"] for s in stages}
+    # the curves and the grids show the stages that got maps, never a point no one measured
+    stage_names = [str(s["name"]) for s in stages if s["index"] in computed]
+    if plan:
+        blocks.append(Paragraph(stage_plan_sentence(plan)))
     if stages:
         blocks.append(
             Table(
-                header=("stage", "unit", "randomized at this stage"),
+                header=("stage", "unit", "maps", "randomized at this stage"),
                 rows=tuple(
                     (
                         Cell(str(s["index"])),
                         Cell(str(s["name"])),
+                        Cell("computed")
+                        if s["index"] in computed
+                        else Cell("skipped", tone="muted"),
                         Cell(", ".join(s.get("randomized") or []) or MISSING),
                     )
                     for s in stages
                 ),
                 caption=f"Stages of {name}, in the order the test ran them"
-                + (f" ({test['granularity']} granularity)." if test.get("granularity") else "."),
-                column_weights=(0.35, 1.0, 4.0),
+                + (f" ({test['granularity']} granularity)" if test.get("granularity") else "")
+                + "; a skipped stage was randomized on the way to the next one, without maps.",
+                column_weights=(0.35, 1.0, 0.6, 4.0),
                 small=True,
             )
         )
@@ -631,7 +651,8 @@ def _curves(
         panels=tuple(panels),
         caption=(
             f"{name}: similarity of each method's maps to the trained model's maps at each "
-            "stage, left to right in the order the test ran them (mean over images, shaded: "
+            "stage that got maps, left to right in the order the test ran them (mean over "
+            "images, shaded: "
             "95% bootstrap interval; dashed: controls; "
             "dotted: the policy's threshold on the deciding measure). Compare Adebayo et al. "
             "2018, Figure 4."

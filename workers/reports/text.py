@@ -218,6 +218,7 @@ def format_verdicts(report: dict[str, Any]) -> str:
             )
     if rules:
         lines += ["numbers are the deciding score's mean; rules:", *rules]
+    lines += format_stage_plans(report)
     recommended = (policy.get("recommended_images") or {}).get("images")
     audited = len(report.get("images") or [])
     if isinstance(recommended, int) and 0 < audited < recommended:
@@ -237,6 +238,20 @@ def format_verdicts(report: dict[str, Any]) -> str:
             shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
             lines.append(f"  {shown}: {reason}")
     return "\n".join(lines)
+
+
+def format_stage_plans(report: dict[str, Any]) -> list[str]:
+    """One line per model randomization test that skipped stages: which got maps, and why."""
+    lines = []
+    for name, test in (report.get("tests") or {}).items():
+        plan = test.get("stage_plan")
+        if not plan or len(plan["computed"]) == plan["total"]:
+            continue
+        computed = ", ".join(str(i) for i in plan["computed"])
+        lines.append(f"  {name}: maps at stages {computed} of {plan['total']}: {plan['why']}")
+    if lines:
+        lines.insert(0, "stages with maps (--stages all for every stage):")
+    return lines
 
 
 def format_duration(seconds: float) -> str:

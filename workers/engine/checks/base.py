@@ -21,7 +21,7 @@ from torch import nn
 from ..data_randomization import LabeledImages
 from ..errors import SpecError
 from ..maps import MapInputs, MapSet
-from ..policy import MapChecks
+from ..policy import MapChecks, Policy
 from ..progress import ProgressCallback, no_progress
 from ..result import TestResult
 from ..sanity import RandomizedStates
@@ -39,13 +39,16 @@ class AuditContext:
     spec, the CAM layer, the device and the IG baseline (a check derives changed inputs with
     ``dataclasses.replace``); ``states`` holds the trained model's maps (``reference``) and
     computes each randomized model state once per audit, whichever checks share it.
-    ``num_classes`` is the model's; ``train`` and ``random_label_model`` are what the
+    ``num_classes`` is the model's; ``policy`` the verdict policy the audit is decided with
+    (the model randomization tests compute the stages its rules read); ``train`` and
+    ``random_label_model`` are what the
     data randomization test compares; ``masks`` are (N, H, W) boolean object masks or None.
     ``progress`` is the running check's own callback (0..1 over that check)."""
 
     inputs: MapInputs
     states: RandomizedStates
     num_classes: int
+    policy: Policy
     train: LabeledImages | None = None
     random_label_model: nn.Module | None = None
     masks: torch.Tensor | None = None

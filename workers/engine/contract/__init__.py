@@ -16,6 +16,8 @@ these declarations come the validation (engine and API refuse the same things, w
 * :mod:`.policy`: the verdict policy document; ``workers/engine/policy.py`` takes its key sets
   from it and keeps the checks that span fields, with their messages.
 * :mod:`.problem`: the RFC 9457 problem every error response is.
+* :mod:`.stage_plan`: which stages of a model randomization test get maps (the stages the
+  policy's rule reads), shared by the engine, the report and the cost estimate.
 * :mod:`.schema`: the one JSON Schema generator (no titles), components and named enums.
 
 The result shapes (:mod:`.report`, :class:`Verdict`) are plain stdlib dataclasses whose schema

@@ -14,9 +14,11 @@ model state (the trained model and each randomized stage):
   ``scorecam_batch`` rows: one masked pass per live (image, channel);
 * forward, once per audit: the predictions (and the PyTorch side of an ONNX fidelity check).
 
-The tests multiply the model states: one per stage for the model randomization tests and
-eMPRT, one for the random-logit test, ``2 x smprt_samples`` for sMPRT (noise-averaged maps of
-two models), two for the data randomization test plus its training (two models, at most
+The tests multiply the model states: one per planned stage for the model randomization tests
+(:func:`planned_stages`: the stages the policy's rule reads, or every stage with
+``stages: "all"``), one for eMPRT (the fully randomized model), one for the random-logit test,
+``2 x smprt_samples`` for sMPRT (noise-averaged maps of two models), two for the data
+randomization test plus its training (two models, at most
 ``max_epochs`` epochs over the training images), and per explained layer of the ``layers``
 analysis one map set and ``2 x faithfulness_steps`` forward passes (deletion and insertion).
 What the submit cannot know is bounded from above: Score-CAM's live channels are taken as
@@ -30,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .spec import AuditSpec
+from .stage_plan import planned_count
 
 FB, FW = "forward+backward", "forward"
 # rows per forward/backward of Integrated Gradients' path points and the noise family's noisy
@@ -104,12 +107,36 @@ def map_set_passes(
         count.add(FW, p.scorecam_batch, masked)
 
 
-def model_states(spec: AuditSpec, stages: int) -> float:
+MODEL_RANDOMIZATION = ("cascading", "cascading_bottom_up", "independent")
+
+
+def planned_stages(
+    spec: AuditSpec, stages: int, rule_stages: Mapping[str, object] | None
+) -> dict[str, int]:
+    """Per model randomization test of the spec, the stages that get maps
+    (:mod:`.stage_plan`), given ``rule_stages``: the stage selector of the policy's rule per
+    test (``{t: r.stage for t, r in load_policy(spec.policy).rules.items()}``). None counts
+    every stage (an upper bound)."""
+    return {
+        test: stages
+        if rule_stages is None
+        else planned_count(stages, rule_stages.get(test), spec.stages)
+        for test in spec.tests
+        if test in MODEL_RANDOMIZATION
+    }
+
+
+def model_states(
+    spec: AuditSpec, stages: int, rule_stages: Mapping[str, object] | None = None
+) -> float:
     """Map sets over the images the tests need, the trained model's included."""
     states = 1.0
+    planned = planned_stages(spec, stages, rule_stages)
     for test in spec.tests:
-        if test in ("cascading", "cascading_bottom_up", "independent", "emprt"):
-            states += stages
+        if test in planned:
+            states += planned[test]
+        elif test == "emprt":
+            states += 1  # the fully randomized model
         elif test == "random_logit":
             states += 1
         elif test == "smprt":
@@ -129,14 +156,17 @@ def audit_passes(
     train_images: int = 0,
     layers: int = 0,
     scorecam_rows: float | None = None,
+    rule_stages: Mapping[str, object] | None = None,
 ) -> PassCount:
     """Every pass an audit of ``images`` images needs, from its spec (see the module text).
 
     ``stages``: the model's randomization stages at the spec's granularity; ``layers``: the
-    layers the ``layers`` analysis explains (0: the spec's ``layers``, else ``stages``).
+    layers the ``layers`` analysis explains (0: the spec's ``layers``, else ``stages``);
+    ``rule_stages``: the policy's stage selector per test (:func:`planned_stages`).
     """
     count = PassCount()
-    map_set_passes(count, spec, families, images, model_states(spec, stages), scorecam_rows)
+    states = model_states(spec, stages, rule_stages)
+    map_set_passes(count, spec, families, images, states, scorecam_rows)
     count.add(FW, spec.batch_size, images * (2 if onnx else 1))  # predictions (+ fidelity)
     if "data_randomization" in spec.tests and train_images:
         recipe = spec.training
@@ -189,6 +219,7 @@ def estimate(
     fb_s_per_row_megapixel: float,
     onnx: bool = True,
     train_images: int = 0,
+    rule_stages: Mapping[str, object] | None = None,
 ) -> CostEstimate:
     """The audit's cost: its rows of each kind times the per-row price for its input size.
 
@@ -197,7 +228,13 @@ def estimate(
     """
     megapixels = height * width / 1e6
     count = audit_passes(
-        spec, families, images=images, stages=stages, onnx=onnx, train_images=train_images
+        spec,
+        families,
+        images=images,
+        stages=stages,
+        onnx=onnx,
+        train_images=train_images,
+        rule_stages=rule_stages,
     )
     fb = fb_s_per_row_megapixel * megapixels
     totals = count.total_rows()

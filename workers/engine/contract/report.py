@@ -22,6 +22,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from .spec import InputSpec, SpecSource
+from .stage_plan import StagePlan
 from .verdicts import Count, Verdict, VerdictValue
 
 __all__ = ["Verdict", "VerdictValue"]
@@ -29,9 +30,11 @@ __all__ = ["Verdict", "VerdictValue"]
 # 3: the layers analysis; the service adds dataset, links, artifacts
 # 4: method statuses error / degenerate / not_conserved, relevance conservation per method,
 #    map problems per test (a report of version 3 still reads)
-SchemaVersion = Literal["4"]
+# 5: a stage plan per model randomization test (which stages got maps, and why); stages that
+#    were randomized on the way but not measured have no scores (versions 3 and 4 still read)
+SchemaVersion = Literal["5"]
 SCHEMA_VERSION: str = get_args(SchemaVersion)[0]
-READABLE_SCHEMA_VERSIONS = ("3", SCHEMA_VERSION)
+READABLE_SCHEMA_VERSIONS = ("3", "4", SCHEMA_VERSION)
 
 # ok; not_applicable (the method has no rule for this model, with the reason); error (it raised,
 # with the message; the rest of the audit stands); degenerate (its maps on the trained model are
@@ -210,7 +213,11 @@ class StageInfo:
 
 @dataclass
 class TestResult:
-    """What one test measured. ``status`` is ``ok``, or ``not_run`` with the ``reason``."""
+    """What one test measured. ``status`` is ``ok``, or ``not_run`` with the ``reason``.
+
+    ``stages`` are every stage of the test; a model randomization test's ``stage_plan`` says
+    which of them got maps (and scores), and why; the others were randomized on the way only.
+    Without a plan every stage was measured."""
 
     __test__: ClassVar[bool] = False  # a result, not a pytest test class
     __pydantic_config__ = _WRITTEN
@@ -226,6 +233,7 @@ class TestResult:
     details: dict[str, Any] = field(default_factory=dict)
     # maps of a (method, stage) that cannot carry a verdict (the trained model's included)
     map_problems: list[MapProblem] = field(default_factory=list)
+    stage_plan: StagePlan | None = None
     # first images' maps per stage and method, for heatmap grids; not part of the JSON document
     example_maps: SkipJsonSchema[dict[str, dict[str, np.ndarray]]] = field(
         default_factory=dict, repr=False
@@ -243,7 +251,15 @@ class TestResult:
             "scores": [asdict(s) for s in self.scores],
             "details": self.details,
             "map_problems": [asdict(p) for p in self.map_problems],
+            "stage_plan": asdict(self.stage_plan) if self.stage_plan is not None else None,
         }
+
+    def measured(self) -> list[StageInfo]:
+        """The stages that got maps, in order (every stage when there is no plan)."""
+        if self.stage_plan is None:
+            return list(self.stages)
+        computed = set(self.stage_plan.computed)
+        return [s for s in self.stages if s.index in computed]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TestResult:
@@ -255,6 +271,9 @@ class TestResult:
                 ],
                 "scores": [Score(**{**s, "values": tuple(s["values"])}) for s in data["scores"]],
                 "map_problems": [MapProblem(**p) for p in data.get("map_problems", [])],
+                "stage_plan": StagePlan.from_dict(data["stage_plan"])
+                if data.get("stage_plan") is not None
+                else None,
             }
         )
 

@@ -22,6 +22,7 @@ from pydantic import ConfigDict, Field, Strict, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from ..errors import SpecError
+from .stage_plan import StageMode
 
 Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
@@ -269,7 +270,8 @@ class AuditSpec:
     module names the ``layers`` analysis explains (None: the output of every block, shallow to
     deep). ``tests`` are names
     from :data:`TESTS`; ``granularity`` decides the stages of the model randomization tests
-    (one per parameterized module, or one per child of the model's root); ``measures`` are the
+    (one per parameterized module, or one per child of the model's root) and ``stages`` which
+    of them get maps (:mod:`.stage_plan`); ``measures`` are the
     similarity measures scored; ``policy`` is a policy document (None: the shipped default).
     """
 
@@ -294,6 +296,16 @@ class AuditSpec:
     policy: dict[str, Any] | None = None
     training: TrainRecipe = dataclasses.field(default_factory=TrainRecipe)
     layers: Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_LAYERS)] | None = None
+    stages: Annotated[
+        StageMode,
+        Field(
+            description="Which stages of the model randomization tests get maps: 'rule' (the "
+            "stages the policy's rule for the test reads, at most 8 spread over an area's "
+            "span, and the last stage) or 'all' (every stage: the full per-unit curve). "
+            "Skipped stages are still randomized on the way; the report's stage_plan says "
+            "which stages were computed and why."
+        ),
+    ] = "rule"
 
     @model_validator(mode="wrap")
     @classmethod
