@@ -46,7 +46,7 @@ RUN apt-get update \
 WORKDIR /app
 COPY --from=source /app /app
 # torch==2.14.1 from PyPI is the CUDA build on Linux x86_64
-RUN pip install '.[api,worker]' \
+RUN pip install '.[api,worker,timm]' \
     && useradd --uid 10001 --create-home app \
     && mkdir -p /data/artifacts && chown -R app /data
 USER 10001

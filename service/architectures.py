@@ -3,7 +3,10 @@
 The API process must not import torch (torchvision imports it), so the list is written out here:
 it equals ``torchvision.models.list_models(module=torchvision.models)`` for torchvision 0.29.1,
 the pinned version, and ``tests/service/test_uploads.py`` compares the two so a torchvision bump
-that adds or drops a model fails a test instead of drifting silently.
+that adds or drops a model fails a test instead of drifting silently. A timm model is named
+``timm:NAME`` instead (:mod:`saliency_audit.workers.engine.contract.architectures`): timm has too
+many models
+to list, and the worker, where timm is installed, checks the name.
 """
 
 from __future__ import annotations

@@ -72,7 +72,8 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--arch",
         metavar="NAME",
         default=None,
-        help="torchvision architecture of a weights file (e.g. resnet18)",
+        help="architecture of a weights file: a torchvision name (e.g. resnet18) or "
+        "timm:NAME (e.g. timm:convnext_atto; timm installed in the workers)",
     )
     images = parser.add_mutually_exclusive_group(required=True)
     images.add_argument(

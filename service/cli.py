@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--arch",
         default=None,
-        help="torchvision architecture name (e.g. resnet18); --model is then a .safetensors "
-        "file or a state dict saved with torch.save",
+        help="the architecture of a weights file: a torchvision name (e.g. resnet18), or "
+        "timm:NAME for a timm model (e.g. timm:convnext_atto, timm:resnet18.a1_in1k; needs "
+        "pip install 'saliency-audit[timm]'; the input size, mean, std and interpolation "
+        "default to timm's pretrained_cfg); --model is then a .safetensors file or a state "
+        "dict saved with torch.save",
     )
     run.add_argument(
         "--images",

@@ -24,6 +24,11 @@ from importlib import metadata
 from typing import Any
 
 from saliency_audit.workers.engine.catalogue import method_names
+from saliency_audit.workers.engine.contract.architectures import (
+    MAX_TIMM_NAME,
+    TIMM_NAME,
+    TIMM_PREFIX,
+)
 from saliency_audit.workers.engine.contract.catalogue import Catalogue
 from saliency_audit.workers.engine.contract.problem import Problem
 from saliency_audit.workers.engine.contract.report import Heatmap, ReportDocument, Score
@@ -163,12 +168,21 @@ def _schemas() -> dict[str, Schema]:
         "architecture": {
             "anyOf": [
                 {"type": "string", "enum": sorted(TORCHVISION_CLASSIFIERS)},
+                {
+                    "type": "string",
+                    "pattern": f"^{TIMM_PREFIX}{TIMM_NAME.pattern}$",
+                    "maxLength": len(TIMM_PREFIX) + MAX_TIMM_NAME,
+                },
                 {"type": "null"},
             ],
-            "description": "The torchvision classifier a weights file (safetensors or "
-            "torch.save) is for: required for those (422 architecture_required, "
-            "unknown_architecture); refused for an ONNX file, which carries its own graph "
-            "(422 architecture_not_used).",
+            "description": "The architecture a weights file (safetensors or torch.save) is "
+            f"for, a torchvision classifier or {TIMM_PREFIX}NAME for a timm model (timm "
+            "installed in the workers: the worker's inspection after the upload checks that "
+            "timm has it, and when the model does not load there POST /v1/audits answers 422 "
+            "model_not_loadable with the reason): required for weights (422 "
+            "architecture_required, unknown_architecture); "
+            "refused for an ONNX file, which carries its own graph (422 "
+            "architecture_not_used).",
         },
         "input_spec": {"anyOf": [_ref("InputSpec"), {"type": "null"}]},
         "class_names": {
@@ -435,7 +449,10 @@ def _schemas() -> dict[str, Schema]:
                 "type": "object",
                 "description": "What the upload check found; `layers` (once a worker has "
                 "loaded the model, seconds after the upload): `modules`, `conv` and `spatial`, "
-                "the names an audit's `layer` and `layers` may give, checked at submit.",
+                "the names an audit's `layer` and `layers` may give, checked at submit; "
+                "`load_problem` (`code`, `message`) instead when the worker could not load it "
+                "(an audit of it is then refused: 422 model_not_loadable; uploading the same "
+                "file again inspects it again).",
             },
             "created_at": DATE_TIME,
             "links": _object({"self": LINK, "audits": LINK}),
@@ -971,7 +988,7 @@ UPLOAD_EXTRA: dict[str, Schema] = {
     "suggestions": {
         "type": "array",
         "items": {"type": "string"},
-        "description": "unknown_architecture: close torchvision names.",
+        "description": "unknown_architecture: close torchvision names (none for timm:NAME).",
     },
 }
 
@@ -1471,8 +1488,15 @@ def _paths() -> dict[str, Schema]:
                                 "invalid_webhook_url",
                                 "idempotency_key_reused",
                                 "audit_too_costly",
+                                "model_not_loadable",
                             ],
                             {
+                                "cause": {
+                                    "type": "string",
+                                    "description": "model_not_loadable: the worker's error "
+                                    "code (unknown_architecture, architecture_unavailable, "
+                                    "weights_mismatch, ...).",
+                                },
                                 "estimated_cost_s": {
                                     "type": "number",
                                     "description": "audit_too_costly: the audit's estimated "

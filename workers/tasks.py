@@ -243,10 +243,14 @@ def inspect_model_task(self: Task, model_id: str) -> str:
 
 
 def inspect_model(rt: Runtime, model_id: str) -> str:
-    """Load an uploaded model as an audit would and record the names a spec may give it
-    (``details.layers``: modules, conv layers, modules with a spatial output), so that
-    POST /v1/audits refuses an unknown ``layer`` / ``layers`` name with the engine's words.
-    A model that does not load is left as it is: its audits fail with the loader's reason."""
+    """Load an uploaded model as an audit would and record what a submit needs to know: the
+    names a spec may give it (``details.layers``: modules, conv layers, modules with a spatial
+    output), so that POST /v1/audits refuses an unknown ``layer`` / ``layers`` name with the
+    engine's words, and for weights the input shape the input spec resolved to (a timm
+    model's pretrained_cfg size, for the cost estimate). A model that does not load gets the
+    engine's error instead (``details.load_problem``: code and message, such as an
+    architecture timm does not have or timm not installed here), and POST /v1/audits refuses
+    it with that message; a later inspection that loads it removes the problem."""
     import torch
 
     from saliency_audit.workers.engine.errors import EngineError
@@ -259,6 +263,7 @@ def inspect_model(rt: Runtime, model_id: str) -> str:
             return "gone"
         sha256, architecture = row.sha256, row.architecture if row.format != "onnx" else None
         overrides = row.input_spec or None
+    found: dict[str, Any]
     try:
         model = load_model(
             rt.store.read_bytes(sha256), architecture=architecture, input_spec_overrides=overrides
@@ -266,16 +271,24 @@ def inspect_model(rt: Runtime, model_id: str) -> str:
         spec = model.input_spec
         example = torch.zeros(1, spec.channels, spec.height, spec.width)
         with torch.no_grad():
-            names = layer_names(model.module.eval(), example)
-    except (EngineError, ArtifactMissing) as exc:
+            found = {"layers": layer_names(model.module.eval(), example)}
+        if architecture is not None:
+            found["input_shape"] = [None, spec.channels, spec.height, spec.width]
+        outcome = "inspected"
+    except EngineError as exc:
+        log.info("model %s does not load: %s", model_id, exc)
+        found = {"load_problem": {"code": exc.code, "message": exc.message}}
+        outcome = "not_loadable"
+    except ArtifactMissing as exc:
         log.info("model %s not inspected: %s", model_id, exc)
-        return "not_loadable"
+        return "not_inspected"
     with rt.db.session() as session:
         row = session.get(ModelRecord, model_id)
         if row is None or row.deleted_at is not None:
             return "gone"
-        row.details = {**(row.details or {}), "layers": names}
-    return "inspected"
+        kept = {k: v for k, v in (row.details or {}).items() if k not in ("layers", "load_problem")}
+        row.details = {**kept, **found}
+    return outcome
 
 
 def render_reports_task(self: Task, audit_id: str) -> str:

@@ -228,6 +228,22 @@ def check_layer_names(spec: dict[str, Any], model: ModelRecord) -> None:
             raise ApiError(422, "invalid_spec", str(unknown_analysis_layer(name, spatial)))
 
 
+def check_loadable(model: ModelRecord) -> None:
+    """Refuse an audit of a model the worker's inspection could not load (``details.
+    load_problem``: an architecture timm does not have, timm not installed in the worker,
+    weights that do not match), with the worker's message, instead of queueing an audit that
+    would fail with it."""
+    problem = (model.details or {}).get("load_problem")
+    if not isinstance(problem, dict):
+        return
+    raise ApiError(
+        422,
+        "model_not_loadable",
+        f"the model does not load in the worker: {problem.get('message')}",
+        cause=problem.get("code"),
+    )
+
+
 def check_quotas(session: Any, config: Config) -> None:
     """The tenant's audit quotas (:mod:`saliency_audit.service.quotas`): 429 ``too_many_audits``
     while its
@@ -281,6 +297,7 @@ def submit() -> Any:
                 "training_set_required",
                 "the data_randomization test needs train_dataset_id: a labeled dataset to train on",
             )
+        check_loadable(model)
         check_cost(spec, model, dataset, train)
         check_layer_names(spec, model)
         audit = Audit(
@@ -315,8 +332,10 @@ def submit() -> Any:
 
 
 def input_size(model: ModelRecord) -> tuple[int, int]:
-    """The model's input height and width: the caller's input spec, else the graph's static
-    NCHW or NHWC input shape, else 224 x 224 (the engine's default)."""
+    """The model's input height and width: the caller's input spec, else the static NCHW or
+    NHWC input shape of the model's details (an ONNX graph's, or the one the worker's
+    inspection resolved for a weights file: a timm pretrained_cfg's), else 224 x 224 (the
+    engine's default)."""
     given = model.input_spec or {}
     shape = (model.details or {}).get("input_shape") or []
     static = [d if isinstance(d, int) and d > 0 else None for d in shape]

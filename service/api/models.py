@@ -135,6 +135,10 @@ def upload_model() -> Any:
                     )
                 ).one_or_none()
                 if existing is not None and existing.deleted_at is None:
+                    if "load_problem" in (existing.details or {}):
+                        # the same file again: inspected again, so a worker fixed since (timm
+                        # installed) clears the problem that refuses its audits
+                        st.enqueue.inspect_model(existing.id)
                     return upload_response(render(existing), 200)
                 check_storage(session, received.size)
                 row = existing or ModelRecord(tenant_id=tenant_id(), sha256=received.sha256)

@@ -3,11 +3,12 @@
 The format comes from the bytes, never from the file name: a ZIP holding ``<prefix>/data.pkl``
 is a ``torch.save`` archive (:mod:`.torch_model`), 8 bytes of little-endian length then ``{`` is
 safetensors (:mod:`.safetensors_model`), anything else is tried as ONNX protobuf
-(:mod:`.onnx_model`). Weights need a torchvision ``architecture``
-(:data:`saliency_audit.service.architectures.TORCHVISION_CLASSIFIERS`). The worker later loads
-weights with
-``torch.load(weights_only=True)`` or safetensors: this is the early, torch-free check, not the
-only guard.
+(:mod:`.onnx_model`). Weights need an ``architecture``: a torchvision classifier
+(:data:`saliency_audit.service.architectures.TORCHVISION_CLASSIFIERS`) or ``timm:NAME``, whose
+syntax is
+checked here (the API has no timm; the worker's inspection after the upload says whether timm
+has that model). The worker later loads weights with ``torch.load(weights_only=True)`` or
+safetensors: this is the early, torch-free check, not the only guard.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from saliency_audit.service.architectures import TORCHVISION_CLASSIFIERS
+from saliency_audit.workers.engine.contract.architectures import timm_model_name, timm_name_problem
 from saliency_audit.workers.engine.errors import NotAClassifierError
 
 from .common import GiB, ModelInfo, UploadRejected, check_file_size, clip
@@ -43,16 +45,28 @@ def detect_model_format(head: bytes) -> str:
 
 
 def check_architecture(architecture: str) -> None:
-    """Refuse a name that is not a torchvision classifier, suggesting close matches."""
+    """Refuse a name that is neither a torchvision classifier, suggesting close matches, nor
+    ``timm:NAME`` with a name timm's could be."""
     if architecture in TORCHVISION_CLASSIFIERS:
         return
+    timm_name = timm_model_name(architecture)
+    if timm_name is not None:
+        problem = timm_name_problem(timm_name)
+        if problem is None:
+            return
+        raise UploadRejected(
+            f"unknown architecture {clip(architecture)!r}: {problem}",
+            code="unknown_architecture",
+            architecture=clip(architecture),
+            suggestions=[],
+        )
     lowered = {name.lower(): name for name in TORCHVISION_CLASSIFIERS}
     close = difflib.get_close_matches(architecture.lower(), sorted(lowered), n=5, cutoff=0.6)
     suggestions = [lowered[c] for c in close]
     hint = f"; did you mean {', '.join(suggestions)}?" if suggestions else ""
     raise UploadRejected(
         f"unknown architecture {clip(architecture)!r}: not a torchvision classification "
-        f"model{hint}",
+        f"model, nor timm:NAME{hint}",
         code="unknown_architecture",
         architecture=clip(architecture),
         suggestions=suggestions,
@@ -71,7 +85,8 @@ def inspect_model(
     """Validate an uploaded model file and describe it; raise :class:`UploadRejected` if unfit.
 
     ONNX files carry their own graph (``architecture``, if given, is checked and ignored);
-    safetensors files and ``torch.save`` state dicts need a torchvision ``architecture``. The
+    safetensors files and ``torch.save`` state dicts need an ``architecture`` (torchvision's or
+    ``timm:NAME``). The
     model must be a classifier, as the worker's loader requires: the output an audit explains
     (``output``, the input spec's choice, for a graph with several) is [N, C] with C >= 2, or
     a weights file's head has C >= 2 rows. An ONNX graph also passes the worker's graph rules
@@ -115,10 +130,11 @@ def _with_architecture(info: ModelInfo, filename: str, architecture: str | None)
     elif architecture is None:
         raise UploadRejected(
             f"{clip(filename)}: {info.format} weights need an architecture (a torchvision "
-            "classification model name such as resnet18)",
+            "classification model name such as resnet18, or timm:NAME for a timm model)",
             code="architecture_required",
         )
     else:
-        note = f"weights for {architecture}; the worker checks that the keys match exactly"
+        timm = "that timm has that model and " if timm_model_name(architecture) else ""
+        note = f"weights for {architecture}; the worker checks {timm}that the keys match exactly"
         info = replace(info, notes=[*info.notes, note])
     return info

@@ -97,7 +97,8 @@ def load_model_input(
     example: torch.Tensor | None = None,
 ) -> LoadedModel:
     """A :class:`LoadedModel` from an in-memory ``nn.Module``, an ONNX file (path or bytes),
-    torchvision weights (path or bytes, with ``architecture``) or a ``LoadedModel``.
+    weights (path or bytes) with ``architecture`` (a torchvision name, or ``timm:NAME`` for a
+    timm model) or a ``LoadedModel``.
 
     For a module, ``input_spec`` fields are "given" and the rest "assumed" (ImageNet
     normalization, 224 x 224), except height, width and channels taken from ``example`` (a
@@ -162,7 +163,8 @@ def audit(
     """Audit ``model``'s saliency maps on ``images`` and return the report.
 
     ``model``: an ``nn.Module`` returning class scores (N, classes), an ONNX file (path or
-    bytes), weights with ``architecture`` (a torchvision name) or a ``LoadedModel``.
+    bytes), weights with ``architecture`` (a torchvision name, or ``timm:NAME``) or a
+    ``LoadedModel``.
     ``images``: a preprocessed float32 tensor (N, C, H, W), or files to read with the input
     spec (a folder, a zip or tar, image paths, a glob pattern: :func:`read_images`).
     ``methods``: method names (default: every built-in method that is not a control, plus

@@ -75,6 +75,18 @@ class WeightsMismatchError(ModelLoadError):
         )
 
 
+class UnknownArchitectureError(ModelLoadError):
+    """A weights file names an architecture its library does not have."""
+
+    code = "unknown_architecture"
+
+
+class ArchitectureUnavailableError(ModelLoadError):
+    """The library an architecture comes from (timm) is not installed where the model loads."""
+
+    code = "architecture_unavailable"
+
+
 class FidelityError(EngineError):
     """The differentiable graph does not reproduce ONNX Runtime's logits within tolerance."""
 

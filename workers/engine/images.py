@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageDecodeError
 from .image_files import ALLOWED_FORMATS, ALLOWED_SUFFIXES, MAX_IMAGES, MAX_PIXELS, class_indices
-from .spec import InputSpec
+from .spec import InputSpec, Interpolation
 
 # The limits and the labeling rule live in the torch-free image_files module (the API process
 # applies them to uploads); they stay importable from here for existing callers.
@@ -39,6 +39,12 @@ __all__ = [
     "preprocess",
     "unnormalize",
 ]
+
+# the input spec's interpolation -> Pillow's filter
+RESAMPLING: dict[Interpolation, Image.Resampling] = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+}
 
 
 @dataclass(frozen=True)
@@ -102,8 +108,9 @@ def preprocess(
 ) -> torch.Tensor:
     """Resize, scale and normalize decoded images into the model's NCHW float32 input.
 
-    Resizing is a plain bilinear resize to ``spec.height`` x ``spec.width`` (no crop), so the
-    whole image is explained; the channels are put in ``spec.channel_order`` (BGR reverses the
+    Resizing is a plain resize to ``spec.height`` x ``spec.width`` (no crop) with Pillow's
+    ``spec.interpolation`` filter (bilinear unless the spec says bicubic), so the whole image
+    is explained; the channels are put in ``spec.channel_order`` (BGR reverses the
     decoded RGB), pixel values are mapped linearly from [0, 255] onto ``spec.value_range`` and
     then normalized with ``(x - mean) / std`` per channel, mean and std being in the model's
     channel order.
@@ -116,7 +123,7 @@ def preprocess(
         mode = "L" if spec.channels == 1 else "RGB"
         pil = Image.fromarray(image.pixels).convert(mode)
         if pil.size != (spec.width, spec.height):
-            pil = pil.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+            pil = pil.resize((spec.width, spec.height), RESAMPLING[spec.interpolation])
         arr = np.asarray(pil, dtype=np.float32)
         arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
         if spec.channel_order == "BGR":

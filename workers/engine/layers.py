@@ -108,7 +108,7 @@ def block_output_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[s
     modules = dict(model.named_modules())
     pairs: list[tuple[str, str]] = []
     for unit in units(model, "block"):
-        if not any(isinstance(modules[m], nn.Conv2d) for m in unit.modules):
+        if not any(isinstance(modules.get(m), nn.Conv2d) for m in unit.modules):
             continue
         inside = [
             (name, shape)

@@ -7,7 +7,9 @@ architecture works:
   BatchNorm, ...); at granularity ``block`` it is a child of the root module (ResNet's
   ``conv1``, ``layer1`` .. ``layer4``, ``fc``) with all the parameterized modules below it, a
   child holding more than half of the model's modules being split into its own children
-  (MobileNet's ``features`` becomes ``features.0`` .. ``features.18``);
+  (MobileNet's ``features`` becomes ``features.0`` .. ``features.18``); parameters the root
+  module owns itself (a ViT's class token and position embedding) are the unit ``(root)``,
+  first, at either granularity;
 * ``cascading`` randomizes units from the top (logits) down, keeping earlier randomizations
   (one stage per unit, as in the paper's Figure 2; which stages get maps is the stage plan's
   choice, :mod:`.contract.stage_plan`); ``cascading_bottom_up`` goes the other
@@ -73,13 +75,26 @@ class Stage:
     randomized: tuple[str, ...]
 
 
+# The unit of the parameters the model's root module owns itself: timm's and torchvision's ViT
+# keep their class token (and timm its position embedding) there. Its name stands for the root
+# wherever the randomization looks a module up (:func:`unit_modules`); the root has no name of
+# its own ("" in ``named_modules``) that a report could show.
+ROOT = "(root)"
+
+
+def _owns_parameters(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters(recurse=False))
+
+
 def parameterized_modules(model: nn.Module) -> list[str]:
-    """Modules that own parameters directly, in registration (forward) order."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if name and any(True for _ in module.parameters(recurse=False))
-    ]
+    """Modules that own parameters directly, in registration (forward) order; the root's own
+    parameters, if any, come first as :data:`ROOT` (embeddings the input side uses)."""
+    return [name or ROOT for name, module in model.named_modules() if _owns_parameters(module)]
+
+
+def unit_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> module, with :data:`ROOT` for the root: what unit members name."""
+    return {ROOT: model, **{name: m for name, m in model.named_modules() if name}}
 
 
 def units(model: nn.Module, granularity: Granularity) -> list[Unit]:
@@ -175,19 +190,7 @@ def reinitialize(module: nn.Module, generator: torch.Generator) -> None:
         return
     reset = getattr(module, "reset_parameters", None)
     if reset is None:
-        # parameters a module owns with no initializer of its own: a class token, a position
-        # embedding, a layer scale, a relative-position table (ViT, Swin, ConvNeXt draw those
-        # from a normal with std 0.02, truncated at 2 std); children are units of their own
-        for parameter in module.parameters(recurse=False):
-            fresh = torch.empty(parameter.shape, dtype=parameter.dtype)
-            nn.init.trunc_normal_(
-                fresh,
-                std=FREE_PARAMETER_STD,
-                a=-2 * FREE_PARAMETER_STD,
-                b=2 * FREE_PARAMETER_STD,
-                generator=generator,
-            )
-            parameter.copy_(fresh)
+        draw_own_parameters(module, generator)
         return
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
     device = module_device(module)
@@ -210,6 +213,49 @@ def reinitialize(module: nn.Module, generator: torch.Generator) -> None:
         module.state_dict()[name].copy_(value)
 
 
+@torch.no_grad()
+def draw_own_parameters(module: nn.Module, generator: torch.Generator) -> None:
+    """Re-draw the parameters a module owns with no initializer of its own: a class token, a
+    position embedding, a layer scale, a relative-position table (ViT, Swin, ConvNeXt draw
+    those from a normal with std 0.02, truncated at 2 std); children are units of their own."""
+    for parameter in module.parameters(recurse=False):
+        fresh = torch.empty(parameter.shape, dtype=parameter.dtype)
+        nn.init.trunc_normal_(
+            fresh,
+            std=FREE_PARAMETER_STD,
+            a=-2 * FREE_PARAMETER_STD,
+            b=2 * FREE_PARAMETER_STD,
+            generator=generator,
+        )
+        parameter.copy_(fresh)
+
+
+def redraw(name: str, module: nn.Module, generator: torch.Generator) -> None:
+    """Re-initialize unit member ``name``: :func:`reinitialize`, except for :data:`ROOT`, whose
+    own parameters alone are drawn (a root's ``reset_parameters`` may reset its children)."""
+    if name == ROOT:
+        draw_own_parameters(module, generator)
+    else:
+        reinitialize(module, generator)
+
+
+def _saved_state(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """What :func:`redraw` may change, copied: the module's state dict (a ``reset_parameters``
+    may touch a child, as MultiheadAttention's does its output projection's bias), or for
+    :data:`ROOT` its own parameters only (its state dict is the whole model's)."""
+    own = module.named_parameters(recurse=False) if name == ROOT else module.state_dict().items()
+    return {k: v.detach().clone() for k, v in own}
+
+
+@torch.no_grad()
+def _restore_state(name: str, module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    if name == ROOT:
+        for key, parameter in module.named_parameters(recurse=False):
+            parameter.copy_(state[key])
+    else:
+        module.load_state_dict(state)
+
+
 def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters(recurse=False):
         return p.device
@@ -224,20 +270,16 @@ def randomized(
 
     ``draw`` names the family of random weights: every test of an audit uses the default one,
     so a module is re-drawn identically wherever it is randomized."""
-    modules = dict(model.named_modules())
-    saved = {
-        name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
-        for name in module_names
-    }
+    modules = unit_modules(model)
+    saved = {name: _saved_state(name, modules[name]) for name in module_names}
     try:
         for name in module_names:
             g = torch.Generator().manual_seed(module_seed(seed, draw, name))
-            reinitialize(modules[name], g)
+            redraw(name, modules[name], g)
         yield model
     finally:
-        with torch.no_grad():
-            for name, state in saved.items():
-                modules[name].load_state_dict(state)
+        for name, state in saved.items():
+            _restore_state(name, modules[name], state)
 
 
 class Randomizer:
@@ -255,7 +297,7 @@ class Randomizer:
         self.model = model
         self.seed = seed
         self.draw = draw
-        self._modules = dict(model.named_modules())
+        self._modules = unit_modules(model)
         self._saved: dict[str, dict[str, torch.Tensor]] = {}
 
     @property
@@ -273,14 +315,13 @@ class Randomizer:
             if name in self._saved:
                 continue
             module = self._modules[name]
-            self._saved[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            self._saved[name] = _saved_state(name, module)
             g = torch.Generator().manual_seed(module_seed(self.seed, self.draw, name))
-            reinitialize(module, g)
+            redraw(name, module, g)
 
     def restore(self) -> None:
         self._restore(list(self._saved))
 
     def _restore(self, names: Sequence[str]) -> None:
-        with torch.no_grad():
-            for name in names:
-                self._modules[name].load_state_dict(self._saved.pop(name))
+        for name in names:
+            _restore_state(name, self._modules[name], self._saved.pop(name))

@@ -355,6 +355,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "saliency-audit",
         "torch",
         "torchvision",
+        "timm",
         "onnx",
         "onnxruntime-gpu",
         "captum",

@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import SpecError
 from .progress import ProgressCallback, no_progress
-from .randomization import module_seed, parameterized_modules, reinitialize
+from .randomization import module_seed, parameterized_modules, redraw, unit_modules
 from .spec import TrainRecipe
 from .stats import key_seed
 
@@ -51,10 +51,10 @@ class TrainingRun:
 def fresh_copy(module: nn.Module, seed: int, purpose: str) -> nn.Module:
     """A deep copy of ``module`` with every parameterized module re-initialized (seeded)."""
     clone = copy.deepcopy(module)
-    modules = dict(clone.named_modules())
+    modules = unit_modules(clone)
     for name in parameterized_modules(clone):
         generator = torch.Generator().manual_seed(module_seed(seed, purpose, name))
-        reinitialize(modules[name], generator)
+        redraw(name, modules[name], generator)
     for p in clone.parameters():
         p.requires_grad_(True)
     return clone

@@ -418,6 +418,8 @@ def _cover(r: _Report) -> tuple[Block, ...]:
                 "input",
                 f"{input_spec.get('channels')} x {input_spec.get('height')} x "
                 f"{input_spec.get('width')} ({input_spec.get('layout')}){said('height')}, "
+                f"resized {input_spec.get('interpolation', 'bilinear')}"
+                f"{said('interpolation')}, "
                 f"{input_spec.get('channel_order', 'RGB')}{said('channel_order')}, values "
                 f"{input_spec.get('value_range')}{said('value_range')}, mean "
                 f"{input_spec.get('mean')}{said('mean')}, std {input_spec.get('std')}"

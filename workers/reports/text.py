@@ -15,9 +15,9 @@ from typing import Any
 def format_input_spec(
     spec: dict[str, Any], sources: Mapping[str, str], output: dict[str, Any] | None
 ) -> str:
-    """The input spec an audit uses, each value with where it came from (graph, metadata,
-    given or assumed), and the output it explains: printed before anything is computed, so a
-    wrong guess is seen before it costs an audit."""
+    """The input spec an audit uses, each value with where it came from (graph,
+    pretrained_cfg, metadata, given or assumed), and the output it explains: printed before
+    anything is computed, so a wrong guess is seen before it costs an audit."""
 
     def src(*names: str) -> str:
         found = list(dict.fromkeys(sources.get(n, "?") for n in names))
@@ -29,6 +29,7 @@ def format_input_spec(
     lines = [
         "input spec used (where each value came from):",
         f"  size           {spec['height']}x{spec['width']} {src('height', 'width')}",
+        f"  resize         {spec.get('interpolation', 'bilinear')} {src('interpolation')}",
         f"  layout         {spec['layout']}, {spec['channels']} "
         f"{'channel' if spec['channels'] == 1 else 'channels'} {src('layout', 'channels')}",
         f"  channel order  {spec['channel_order']} {src('channel_order')}"

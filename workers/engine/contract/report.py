@@ -32,9 +32,11 @@ __all__ = ["Verdict", "VerdictValue"]
 #    map problems per test (a report of version 3 still reads)
 # 5: a stage plan per model randomization test (which stages got maps, and why); stages that
 #    were randomized on the way but not measured have no scores (versions 3 and 4 still read)
-SchemaVersion = Literal["5"]
+# 6: the input spec's interpolation, and its source pretrained_cfg (timm architectures);
+#    a report of version 5 still reads
+SchemaVersion = Literal["6"]
 SCHEMA_VERSION: str = get_args(SchemaVersion)[0]
-READABLE_SCHEMA_VERSIONS = ("3", "4", SCHEMA_VERSION)
+READABLE_SCHEMA_VERSIONS = ("3", "4", "5", SCHEMA_VERSION)
 
 # ok; not_applicable (the method has no rule for this model, with the reason); error (it raised,
 # with the message; the rest of the audit stands); degenerate (its maps on the trained model are
@@ -312,6 +314,7 @@ InputSpecSources: type[BaseModel] = create_model(
     "InputSpecSources",
     __config__=_CLOSED,
     __doc__="Where each field of input_spec came from: graph (the model file's graph or "
+    "architecture), pretrained_cfg (the preprocessing timm publishes for a timm:NAME "
     "architecture), metadata (the ONNX metadata entry saliency_audit.input_spec), given (the "
     "user's input spec) or assumed (a default nobody stated).",
     **{f.name: (SpecSource, ...) for f in fields(InputSpec)},  # type: ignore[call-overload]

@@ -26,6 +26,8 @@ from .stage_plan import StageMode
 
 Layout = Literal["NCHW", "NHWC"]
 ChannelOrder = Literal["RGB", "BGR"]
+# Pillow's resampling filters, the two that timm's pretrained_cfg names (bicubic for most)
+Interpolation = Literal["bilinear", "bicubic"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,10 +37,11 @@ GRAY_STD = (0.226,)
 
 # Where a field of the input spec used came from: read from the model file (``graph``: the ONNX
 # input's shape and layout, or a torchvision architecture's own head; ``metadata``: the ONNX
-# metadata entry ``saliency_audit.input_spec``), ``given`` by the caller (CLI ``--input-spec``,
-# API ``metadata.input_spec``), or ``assumed`` (a default nobody stated, such as ImageNet's
-# mean and std).
-SpecSource = Literal["graph", "metadata", "given", "assumed"]
+# metadata entry ``saliency_audit.input_spec``), from the preprocessing timm publishes for a
+# ``timm:NAME`` architecture (``pretrained_cfg``: its input size, mean, std and
+# interpolation), ``given`` by the caller (CLI ``--input-spec``, API ``metadata.input_spec``),
+# or ``assumed`` (a default nobody stated, such as ImageNet's mean and std).
+SpecSource = Literal["graph", "pretrained_cfg", "metadata", "given", "assumed"]
 SPEC_SOURCES: tuple[SpecSource, ...] = get_args(SpecSource)
 
 # The tests an audit can run: each is a registered check in workers/engine/checks/ (name,
@@ -143,9 +146,10 @@ _CONFIG = ConfigDict(extra="forbid")
 class InputSpec:
     """How raw images become the model's input tensor, and which output holds the scores.
 
-    A decoded image (RGB, or L when ``channels == 1``) is resized to ``height`` x ``width``,
-    put in ``channel_order`` (BGR reverses the decoded RGB channels), scaled linearly from
-    [0, 255] to ``value_range``, then normalized per channel with ``(x - mean) / std``, where
+    A decoded image (RGB, or L when ``channels == 1``) is resized to ``height`` x ``width``
+    (the whole image, no crop, with Pillow's ``interpolation`` filter), put in
+    ``channel_order`` (BGR reverses the decoded RGB channels), scaled linearly from [0, 255] to
+    ``value_range``, then normalized per channel with ``(x - mean) / std``, where
     ``mean`` and ``std`` are in the model's channel order. ``layout`` is the layout the *file*
     expects; the engine always works in NCHW and the model adapter permutes for NHWC graphs.
     ``output`` names the graph output holding the class scores (its name, or its index among
@@ -172,6 +176,13 @@ class InputSpec:
             "image's channels before scaling. mean and std are in this order."
         ),
     ] = "RGB"
+    interpolation: Annotated[
+        Interpolation,
+        Field(
+            description="The resampling filter that resizes an image to height x width: "
+            "bilinear, or bicubic (what most timm models were trained with)."
+        ),
+    ] = "bilinear"
     output: Annotated[
         Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
         | Annotated[int, Strict(), Field(ge=0, le=MAX_CLASSES)]

@@ -130,7 +130,10 @@ def cam_layer_choice(
     "Last" means deepest in the computation when an ``example`` input is given: the conv with
     the most convolutions between it and the input (see :func:`deepest_conv`), so a residual
     block's main path wins over its 1x1 shortcut conv even where the shortcut is registered or
-    run later. Without an example it is the last conv in registration order.
+    run later, among the convs whose output is a spatial map (more than one position): a conv
+    after the global pooling (timm's MobileNetV3 ``conv_head``) has one value per channel,
+    where every CAM is constant. Without an example it is the last conv in registration
+    order.
 
     No default layer (the methods are "not applicable", with the reason) when the model has no
     conv layer, or when its deepest conv is a patch embedding at the input (ViT, Swin): when
@@ -147,7 +150,13 @@ def cam_layer_choice(
     convs = conv_layer_names(model)
     if not convs:
         return LayerChoice(None, "the model has no conv layer, so no spatial feature map")
-    chosen = (deepest_conv(model, example) if example is not None else None) or convs[-1]
+    passed_over: str | None = None
+    if example is not None:
+        found = deepest_conv(model, example)
+        chosen = found.name if found is not None else convs[-1]
+        passed_over = found.passed_over if found is not None else None
+    else:
+        chosen = convs[-1]
     weighted = [n for n, m in model.named_modules() if isinstance(m, _WEIGHTED_LAYERS)]
     position = weighted.index(chosen) if chosen in weighted else len(weighted)
     before, after = position, len(weighted) - position - 1
@@ -160,6 +169,11 @@ def cam_layer_choice(
             "would not explain the model; name a layer to use one anyway",
         )
     how = "deepest in the computation" if example is not None else "last registered"
+    if passed_over is not None:
+        how += (
+            f" with a spatial output ({passed_over}, deeper, outputs one value per channel: "
+            "it runs after the global pooling or on a 1x1 map, where a CAM is constant)"
+        )
     return LayerChoice(chosen, f"default: the conv layer {how}")
 
 
@@ -170,9 +184,20 @@ def resolve_layer(
     return cam_layer_choice(model, layer, example).name
 
 
-def deepest_conv(model: nn.Module, example: torch.Tensor) -> str | None:
+@dataclass(frozen=True)
+class DeepestConv:
+    """The default CAM layer :func:`deepest_conv` found, and the deeper conv it passed over
+    because that one's output is not spatial (None when it passed over none)."""
+
+    name: str
+    passed_over: str | None = None
+
+
+def deepest_conv(model: nn.Module, example: torch.Tensor) -> DeepestConv | None:
     """The conv module whose output has the most convolutions on its longest path back to the
-    input, found by walking the autograd graph of one forward pass (ties: the later call)."""
+    input, found by walking the autograd graph of one forward pass (ties: the later call),
+    among the convs whose output has more than one spatial position; when none has, the
+    deepest of all. None when no conv ran."""
     outputs: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in model.named_modules():
@@ -207,13 +232,21 @@ def deepest_conv(model: nn.Module, example: torch.Tensor) -> str | None:
         return depth.get(fn, 0)
 
     best: tuple[int, int, str] | None = None
+    best_spatial: tuple[int, int, str] | None = None
     for order, (name, out) in enumerate(outputs.items()):
         if not isinstance(out, torch.Tensor) or out.grad_fn is None:
             continue
         key = (conv_depth(out.grad_fn), order, name)
         if best is None or key[:2] > best[:2]:
             best = key
-    return best[2] if best else None
+        spatial = out.dim() == 4 and out.shape[2] * out.shape[3] > 1
+        if spatial and (best_spatial is None or key[:2] > best_spatial[:2]):
+            best_spatial = key
+    if best is None:
+        return None
+    if best_spatial is None:
+        return DeepestConv(best[2])
+    return DeepestConv(best_spatial[2], None if best_spatial == best else best[2])
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

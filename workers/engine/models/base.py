@@ -25,8 +25,8 @@ class LoadedModel:
     graphs the adapter permutes inside ``module``, so the engine only ever sees NCHW.
 
     ``input_spec_sources`` says where each field of ``input_spec`` came from (``graph``,
-    ``metadata``, ``given`` or ``assumed``); a field a caller leaves out counts as ``given``
-    (a spec built in code was given by that code).
+    ``pretrained_cfg``, ``metadata``, ``given`` or ``assumed``); a field a caller leaves out
+    counts as ``given`` (a spec built in code was given by that code).
 
     ``onnx_bytes`` keeps the original ONNX file so ONNX Runtime can check the converted graph
     (the model audited must be the model shipped).
@@ -34,7 +34,7 @@ class LoadedModel:
 
     module: nn.Module
     input_spec: InputSpec
-    source: Literal["onnx", "torchvision", "torch"]
+    source: Literal["onnx", "torchvision", "timm", "torch"]
     sha256: str
     architecture: str | None = None
     onnx_bytes: bytes | None = None

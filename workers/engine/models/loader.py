@@ -1,11 +1,13 @@
-"""One way in for every model file: ONNX, or a torchvision architecture plus weights.
+"""One way in for every model file: ONNX, or a torchvision or timm architecture plus weights.
 
-An input spec can come from four places, later ones overriding earlier ones field by field:
-defaults (``assumed``: ImageNet's mean and std, values in [0, 1], RGB), what the model itself
-says (``graph``: the ONNX input's size, channels and layout), the ONNX metadata entry
-``saliency_audit.input_spec`` (``metadata``: JSON, written by our own export scripts), and the
-caller's overrides (``given``: CLI ``--input-spec``, API ``metadata.input_spec``). The source of
-every field used is kept in ``LoadedModel.input_spec_sources``.
+An input spec can come from five places, later ones overriding earlier ones field by field:
+defaults (``assumed``: ImageNet's mean and std, values in [0, 1], RGB, bilinear resizing), what
+the model itself says (``graph``: the ONNX input's size, channels and layout), the
+preprocessing timm publishes for a ``timm:NAME`` architecture (``pretrained_cfg``: input size,
+mean, std, interpolation), the ONNX metadata entry ``saliency_audit.input_spec``
+(``metadata``: JSON, written by our own export scripts), and the caller's overrides
+(``given``: CLI ``--input-spec``, API ``metadata.input_spec``). The source of every field used
+is kept in ``LoadedModel.input_spec_sources``.
 
 Only classifiers are admitted: the output explained must be one row of C >= 2 class scores
 per image (:class:`~saliency_audit.workers.engine.errors.NotAClassifierError` otherwise).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..contract.architectures import timm_model_name
 from ..errors import ModelLoadError, NotAClassifierError, SpecError
 from ..onnx_rules import INPUT_SPEC_METADATA_KEY, metadata_input_spec, refuse_open_fields
 from ..spec import InputSpec, SpecSource, default_normalization
@@ -45,6 +48,7 @@ def merge_input_spec(base: InputSpec, overrides: dict[str, Any]) -> InputSpec:
 def resolve_input_spec(
     *,
     graph: dict[str, Any] | None = None,
+    pretrained: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     given: dict[str, Any] | None = None,
     open_fields: dict[str, str] | None = None,
@@ -56,6 +60,7 @@ def resolve_input_spec(
     sources: dict[str, SpecSource] = {}
     layers: tuple[tuple[SpecSource, dict[str, Any]], ...] = (
         ("graph", graph or {}),
+        ("pretrained_cfg", pretrained or {}),
         ("metadata", metadata or {}),
         ("given", given or {}),
     )
@@ -84,22 +89,33 @@ def load_model(
     input_spec_overrides: dict[str, Any] | None = None,
     num_classes: int | None = None,
 ) -> LoadedModel:
-    """Load a classifier from bytes: ONNX unless ``architecture`` names a torchvision model."""
+    """Load a classifier from bytes: ONNX unless ``architecture`` names a torchvision model or
+    a timm one (``timm:NAME``), whose weights ``data`` then holds."""
     given = dict(input_spec_overrides or {})
     unknown = set(given) - set(SPEC_FIELDS)
     if unknown:
         raise SpecError(f"unknown input spec fields: {sorted(unknown)}")
     if architecture is not None:
-        from .torchvision_adapter import load_torchvision
-
         if given.get("output") is not None:
             raise SpecError(
-                "input spec output names an ONNX graph output; a torchvision classifier has "
-                "one output, its head"
+                "input spec output names an ONNX graph output; a weights file's architecture "
+                "has one output, its head"
             )
-        # the architecture itself takes 3-channel NCHW images; the size is anyone's guess
-        spec, sources = resolve_input_spec(graph={"channels": 3, "layout": "NCHW"}, given=given)
-        loaded = load_torchvision(architecture, data, spec, num_classes)
+        timm_name = timm_model_name(architecture)
+        if timm_name is not None:
+            from .timm_adapter import load_timm, pretrained_cfg, pretrained_spec_fields
+
+            cfg = pretrained_cfg(timm_name)
+            spec, sources = resolve_input_spec(
+                graph={"layout": "NCHW"}, pretrained=pretrained_spec_fields(cfg), given=given
+            )
+            loaded = load_timm(timm_name, data, cfg, spec, num_classes)
+        else:
+            from .torchvision_adapter import load_torchvision
+
+            # the architecture itself takes 3-channel NCHW images; the size is anyone's guess
+            spec, sources = resolve_input_spec(graph={"channels": 3, "layout": "NCHW"}, given=given)
+            loaded = load_torchvision(architecture, data, spec, num_classes)
         sources["output"] = "graph"
         note = input_spec_note(spec, sources)
         notes = [note, *loaded.notes] if note else list(loaded.notes)
