@@ -37,7 +37,7 @@ def family_cost(family: str, spec: AuditSpec) -> float:
     return {
         "noise": 2.0 * params.noise_samples,
         "integrated_gradients": 2.0 * params.ig_steps,
-        "scorecam": 64.0,
+        "scorecam": float(min(64, params.scorecam_channels or 64)),
         "lrp": 4.0,
         "guided": 2.0,
         "gradient": 2.0,

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .text import scorecam_channels_text
+
 # ---------------------------------------------------------------------------------- blocks
 
 Tone = Literal["pass", "fail", "inconclusive", "better", "muted", "plain"]
@@ -456,6 +458,8 @@ def _cover(r: _Report) -> tuple[Block, ...]:
         ("tests", ", ".join(spec.get("tests") or []) or "none"),
         ("CAM layer", str(spec.get("resolved_layer") or spec.get("layer") or MISSING)),
     ]
+    if "scorecam" in (spec.get("methods") or ()):
+        rows.append(("Score-CAM channels", scorecam_channels_text(spec.get("params") or {})))
     fidelity = r.report.get("fidelity")
     if fidelity:
         rows.append(

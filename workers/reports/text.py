@@ -51,6 +51,18 @@ def format_input_spec(
     return "\n".join(lines)
 
 
+def scorecam_channels_text(params: Mapping[str, Any]) -> str:
+    """Score-CAM's channel selection (``spec.params.scorecam_channels``) in words; a report
+    written before the parameter existed ran every channel."""
+    k = params.get("scorecam_channels")
+    if k is None:
+        return "every channel of the CAM layer"
+    return (
+        f"each image's {k} channels of largest spatial variance (Faster Score-CAM; every "
+        f"channel when the layer has at most {k})"
+    )
+
+
 def format_summary(report: dict[str, Any]) -> str:
     """A plain-text table of the methods for the terminal."""
     lines = []
@@ -68,6 +80,8 @@ def format_summary(report: dict[str, Any]) -> str:
     spec = report["spec"]
     layer, why = spec.get("resolved_layer"), spec.get("layer_reason")
     lines.append(f"layer for CAM methods: {layer or 'none'}" + (f" ({why})" if why else ""))
+    if "scorecam" in report["methods"]:
+        lines.append(f"Score-CAM channels: {scorecam_channels_text(spec.get('params') or {})}")
     header = (
         f"{'method':<22}{'status':<16}{'time s':>8}{'mean|m|':>11}{'top10%':>8}{'ssim~sobel':>12}"
         f"{'conserved':>11}"

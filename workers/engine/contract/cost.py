@@ -22,7 +22,8 @@ randomization test plus its training (two models, at most
 ``max_epochs`` epochs over the training images), and per explained layer of the ``layers``
 analysis one map set and ``2 x faithfulness_steps`` forward passes (deletion and insertion).
 What the submit cannot know is bounded from above: Score-CAM's live channels are taken as
-:data:`SCORECAM_CHANNELS` per image, training as running all ``max_epochs``.
+:data:`SCORECAM_CHANNELS` per image (or ``scorecam_channels`` when fewer are selected),
+training as running all ``max_epochs``.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def map_set_passes(
         count.add(FB, ROWS_PER_PASS, p.noise_samples * images * states)
     if "scorecam" in wanted:
         count.add(FW, b, images * states)  # the capture of the layer's activation
-        masked = SCORECAM_CHANNELS * images * states if scorecam_rows is None else scorecam_rows
+        channels = min(SCORECAM_CHANNELS, p.scorecam_channels or SCORECAM_CHANNELS)
+        masked = channels * images * states if scorecam_rows is None else scorecam_rows
         count.add(FW, p.scorecam_batch, masked)
 
 

@@ -14,6 +14,14 @@ its metrics), because PyTorch on the CPU can be slower per image at many masked 
 one (a converted EfficientNet-Lite1 at 240 px, one thread: 55 to 74 ms per image at batch 32,
 25 ms at batch 1). Same weights as pytorch-grad-cam (checked in
 tests/engine/test_methods_differential.py); measured speed-ups are in bench/RESULTS.md.
+
+``scorecam_channels = k`` keeps, per image, only the k channels whose activation varies most
+over the feature map (the channel selection of Faster Score-CAM, tabayashi0117/Score-CAM on
+GitHub, which keeps the ``max_N`` channels of largest standard deviation): only those are
+masked, scored and weighted (softmax over the k scores), so the masked passes scale with k
+and the map is exactly Score-CAM on those channels alone. A constant channel (variance 0,
+dead ones included) normalizes to a zero mask and is the first to go. bench/RESULTS.md
+("Score-CAM channel selection") measures what it does to the cascading verdicts.
 """
 
 from __future__ import annotations
@@ -51,6 +59,31 @@ def channel_masks(activation: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     low = up.amin(dim=(2, 3), keepdim=True)
     high = up.amax(dim=(2, 3), keepdim=True)
     return (up - low) / (high - low + MASK_EPS)
+
+
+def top_variance_channels(activation: torch.Tensor, k: int | None) -> torch.Tensor | None:
+    """Per image, the indices of the ``k`` channels of largest spatial variance, (N, k).
+
+    ``activation`` is (N, K, h, w). None when ``k`` is None or keeps every channel (``k >= K``):
+    then nothing is selected and Score-CAM runs exactly as without a selection. Ties (constant
+    channels all have variance 0) go to the lower channel index, so the choice is the same on
+    every run and device.
+    """
+    channels = activation.shape[1]
+    if k is None or k >= channels:
+        return None
+    spread = activation.flatten(2).var(dim=2, unbiased=False)
+    order = torch.sort(spread, dim=1, descending=True, stable=True).indices
+    return order[:, :k]
+
+
+def selected_channels(activation: torch.Tensor, k: int | None) -> torch.Tensor:
+    """The activation restricted to each image's :func:`top_variance_channels`, (N, k, h, w);
+    the activation itself when every channel is kept."""
+    chosen = top_variance_channels(activation, k)
+    if chosen is None:
+        return activation
+    return activation.gather(1, chosen[:, :, None, None].expand(-1, -1, *activation.shape[2:]))
 
 
 def scorecam_scores(
@@ -98,7 +131,9 @@ class ScoreCamFamily(MethodFamily):
             family="scorecam",
             reference="Wang et al. 2020, Score-CAM, CVPR workshops, arXiv:1910.01279 (section 3)",
             description="ReLU of the activations weighted by the softmax over channels of "
-            "the target logit on the channel-masked input (pytorch-grad-cam's variant).",
+            "the target logit on the channel-masked input (pytorch-grad-cam's variant); "
+            "params.scorecam_channels keeps only each image's k channels of largest spatial "
+            "variance (Faster Score-CAM).",
             needs_conv_layer=True,
         ),
     )
@@ -116,7 +151,10 @@ class ScoreCamFamily(MethodFamily):
         with evaluating(model):
             with torch.inference_mode(), capture_layer(model, layer) as capture:
                 logits = model(x)
-            activation = spatial_activation(capture, layer)
+            # the masked passes, the weights and the map all use the selected channels only
+            activation = selected_channels(
+                spatial_activation(capture, layer), ctx.params.scorecam_channels
+            )
             forward: nn.Module | Forward = checked_forward(model, x) or model
             live = int((activation.flatten(2).abs().amax(dim=2) > 0).sum())
             if forward is model and worth_exporting(live, x):
