@@ -46,20 +46,40 @@ def positive_seconds(value: str) -> float:
     return number
 
 
+IMAGES_HELP = (
+    "the images: a folder (the images directly in it), a zip or tar archive, image files or a "
+    "quoted glob ('photos/*.png'); files that are not images (hidden files, __MACOSX, .txt "
+    "notes, sub-folders) are skipped and listed in one note"
+)
+
+
+def add_images_argument(parser: argparse._ActionsContainer, required: bool = False) -> None:
+    """``--images PATH [PATH ...]``: one input rule for ``run`` and ``gate``
+    (:func:`saliency_audit.workers.engine.image_files.list_images`)."""
+    parser.add_argument("--images", metavar="PATH", nargs="+", required=required, help=IMAGES_HELP)
+
+
 def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The ``gate`` sub-command's options."""
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="run the audit in this process with the engine (the `saliency-audit run` audit; "
+        "needs the worker extra, no service and no key); the same decision, exit codes, "
+        "table, --json and --junit as with a service",
+    )
     parser.add_argument(
         "--server",
         metavar="URL",
         default=None,
-        help="base URL of the service (default: $SALIENCY_AUDIT_URL)",
+        help="base URL of the service (default: $SALIENCY_AUDIT_URL; refused with --local)",
     )
     parser.add_argument(
         "--api-key",
         metavar="KEY",
         default=None,
-        help="API key sak_... (default: $SALIENCY_AUDIT_KEY; the environment keeps it out of "
-        "the process list)",
+        help="API key sak_... (default: $SALIENCY_AUDIT_KEY, which keeps it out of the process "
+        "list and the CI log; refused with --local)",
     )
     parser.add_argument(
         "--model",
@@ -76,23 +96,22 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "timm:NAME (e.g. timm:convnext_atto; timm installed in the workers)",
     )
     images = parser.add_mutually_exclusive_group(required=True)
+    add_images_argument(images)
     images.add_argument(
-        "--images",
-        metavar="PATH",
-        type=Path,
-        help="folder of images (zipped deterministically on the fly) or a zip / tar archive",
+        "--dataset-id", metavar="ID", help="a dataset the service already holds (not --local)"
     )
-    images.add_argument("--dataset-id", metavar="ID", help="a dataset the service already holds")
     train = parser.add_mutually_exclusive_group()
     train.add_argument(
         "--train",
         metavar="PATH",
         type=Path,
         help="labeled training set for data_randomization: a folder with one sub-folder per "
-        "class, or such an archive",
+        "class, or (not --local) such an archive",
     )
     train.add_argument(
-        "--train-dataset-id", metavar="ID", help="a labeled dataset the service already holds"
+        "--train-dataset-id",
+        metavar="ID",
+        help="a labeled dataset the service already holds (not --local)",
     )
     parser.add_argument(
         "--methods",
@@ -131,8 +150,8 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         metavar="S",
         type=positive_seconds,
         default=3600.0,
-        help="seconds the whole gate may take (default 3600); past it: exit 2, and a re-run "
-        "attaches to the same audit",
+        help="seconds the whole gate may take (default 3600); past it: exit 2. With a service "
+        "the audit goes on there and a re-run attaches to it; with --local the audit stops",
     )
     parser.add_argument(
         "--inconclusive",
@@ -146,7 +165,8 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         metavar="K",
         default=None,
         help="default: derived from the model's and the images' sha256 and the request, so "
-        "the same job attaches to the same audit; pass a new one to force a new audit",
+        "the same job attaches to the same audit; pass a new one to force a new audit (not "
+        "--local)",
     )
     add_stages_argument(parser, None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr")

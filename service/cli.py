@@ -17,6 +17,7 @@ from typing import Any
 
 from .arguments import (
     add_gate_arguments,
+    add_images_argument,
     add_json_argument,
     add_stages_argument,
     csv_list,
@@ -72,13 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default to timm's pretrained_cfg); --model is then a .safetensors file or a state "
         "dict saved with torch.save",
     )
-    run.add_argument(
-        "--images",
-        required=True,
-        type=Path,
-        help="the images: a folder, a zip or tar archive, image files or a glob (files that "
-        "are not images are skipped and listed)",
-    )
+    add_images_argument(run, required=True)
     run.add_argument(
         "--methods",
         type=csv_list,
@@ -303,15 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gate = sub.add_parser(
         "gate",
-        help="release gate for CI: audit a model on a running service; exit 0 PASS, 1 FAIL, 2 "
-        "error / timeout / INCONCLUSIVE",
+        help="release gate for CI: audit a model on a running service or here (--local); exit "
+        "0 PASS, 1 FAIL, 2 error / timeout / INCONCLUSIVE",
         description=(
             "Upload a model and images to a saliency-audit service (or reuse what it already "
             "holds, found by sha256), run an audit with an idempotency key derived from the "
-            "files and the request (a re-run attaches to the same audit), wait with a progress "
-            "bar, print the verdict table and exit 0 when every --require-d method PASSes "
-            "every test, 1 when one FAILs, 2 on an error, a timeout or an INCONCLUSIVE verdict "
-            "(see --inconclusive)."
+            "files and the request (a re-run attaches to the same audit) and wait with a "
+            "progress bar; or, with --local, run the same audit in this process (no service, "
+            "no key). Then print how many images and which classes were audited and the "
+            "verdict table, and exit 0 when every --require-d method PASSes every test, 1 when "
+            "one FAILs, 2 on an error, a timeout or an INCONCLUSIVE verdict (see "
+            "--inconclusive)."
         ),
     )
     add_gate_arguments(gate)
@@ -327,6 +324,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_gate(args: argparse.Namespace) -> int:
     from .gate import run_gate
 
+    if (
+        args.local
+    ):  # the engine, in this process (saliency_audit.workers.local imports torch when it runs)
+        from saliency_audit.workers.local import audit_for_gate
+
+        return run_gate(args, audit_here=audit_for_gate)
     return run_gate(args)
 
 

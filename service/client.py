@@ -11,7 +11,7 @@ import io
 import json
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -238,10 +238,7 @@ def zip_folder_deterministic(
     folder: Path, skip: Callable[[tuple[str, ...]], bool] | None = None
 ) -> bytes:
     """The folder's files as a zip whose bytes depend only on the files' relative paths and
-    contents: names sorted, every timestamp 1980-01-01, the same permissions, so the archive's
-    sha256 is the same on every run and machine (what lets a release gate find an upload the
-    service already has). Members are stored, not deflated (images are compressed already, and
-    no compressor version can change the bytes). Hidden files are left out, as in
+    contents (:func:`zip_members_deterministic`). Hidden files are left out, as in
     :func:`zip_folder`; ``skip(path segments)``, when given, decides instead."""
     entries = []
     for path in folder.rglob("*"):
@@ -250,13 +247,22 @@ def zip_folder_deterministic(
             continue
         skipped = skip(relative.parts) if skip else any(p.startswith(".") for p in relative.parts)
         if not skipped:
-            entries.append((relative.as_posix(), path))
+            entries.append((relative.as_posix(), path.read_bytes))
+    return zip_members_deterministic(entries)
+
+
+def zip_members_deterministic(members: Iterable[tuple[str, Callable[[], bytes]]]) -> bytes:
+    """``(name, read)`` pairs as a zip whose bytes depend only on the names and contents:
+    names sorted, every timestamp 1980-01-01, the same permissions, so the archive's sha256 is
+    the same on every run and machine (what lets a release gate find an upload the service
+    already has). Members are stored, not deflated (images are compressed already, and no
+    compressor version can change the bytes)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name, path in sorted(entries):
+        for name, read in sorted(members, key=lambda member: member[0]):
             info = zipfile.ZipInfo(name, date_time=ZIP_EPOCH)
             info.compress_type = zipfile.ZIP_STORED  # no compressor version in the bytes
             info.external_attr = 0o100644 << 16
             info.create_system = 3  # unix, whatever the machine
-            archive.writestr(info, path.read_bytes())
+            archive.writestr(info, read())
     return buffer.getvalue()

@@ -1,9 +1,16 @@
 """``saliency-audit gate``: a release gate for CI pipelines.
 
-It uploads a model and its images to a running service (or reuses what the service already
-holds: the files' sha256 are looked up first), submits an audit with an ``Idempotency-Key``
-derived from the files and the request (so a re-run of the same CI job attaches to the same
-audit), waits for it with a progress bar on stderr, prints the verdict table, and exits with
+With a service, it uploads a model and its images (or reuses what the service already holds:
+the files' sha256 are looked up first), submits an audit with an ``Idempotency-Key`` derived
+from the files and the request (so a re-run of the same CI job attaches to the same audit) and
+waits for it with a progress bar on stderr. With ``--local`` it runs the same audit in this
+process instead (:func:`saliency_audit.workers.local.audit_for_gate`, the engine call
+``saliency-audit run``
+makes, with the spec a service would run). Either way the images are what
+:func:`saliency_audit.workers.engine.image_files.list_images` finds (a folder, an archive, image
+files or a
+glob; what is not an image is skipped and noted), and the gate then prints how many images
+and which classes were audited, the verdict table, and exits with
 
 * ``0`` when every ``--require``-d method PASSes every requested test,
 * ``1`` when a required method FAILs a test,
@@ -22,8 +29,10 @@ document holds one ``<error>`` test case that says why. ``--json`` prints the de
 verdicts as one JSON object on stdout instead of the table.
 
 The decision (:func:`decide`) and the JUnit document (:func:`junit_document`) are pure
-functions of the report's verdicts; :func:`run_gate` does the I/O. This module never imports
-torch (the gate runs on CI machines that have only the client's dependencies).
+functions of the report's verdicts; :func:`run_gate` does the I/O, and :func:`_conclude` turns
+a report into output and an exit code the same way in both modes. This module never imports
+torch (the gate of a service runs on CI machines that have only the client's dependencies):
+the command line hands it the local audit.
 """
 
 from __future__ import annotations
@@ -44,12 +53,19 @@ from typing import Any, TextIO, get_args
 import requests
 
 from saliency_audit.workers.engine.catalogue import control_names
+from saliency_audit.workers.engine.image_files import ImageListing
 from saliency_audit.workers.engine.result import VerdictValue
-from saliency_audit.workers.reports.text import ProgressClock, format_verdicts
+from saliency_audit.workers.reports.text import (
+    ProgressClock,
+    explained_classes,
+    few_images_note,
+    format_images_audited,
+    format_verdicts,
+)
 
 from . import routes
 from .arguments import INCONCLUSIVE_MODES, InconclusiveMode
-from .client import ApiProblem, Client, zip_folder_deterministic
+from .client import ApiProblem, Client, zip_folder_deterministic, zip_members_deterministic
 from .states import FINAL_STATES
 
 EXIT_PASS = 0
@@ -217,7 +233,7 @@ def junit_document(
     verdicts: Sequence[dict[str, Any]],
     *,
     required: Sequence[str],
-    audit_id: str,
+    audit_id: str | None,
     model_sha256: str,
     policy_version: str,
     time_s: float,
@@ -270,7 +286,7 @@ def junit_document(
     _properties(
         suite,
         {
-            "audit_id": audit_id,
+            **({"audit_id": audit_id} if audit_id is not None else {}),
             "model_sha256": model_sha256,
             "policy_version": policy_version,
             "required_methods": ",".join(required),
@@ -436,6 +452,14 @@ def idempotency_key(
     return "gate-" + hashlib.sha256(encoded).hexdigest()
 
 
+def image_set_archive(listing: ImageListing) -> bytes:
+    """The images of a listing (:func:`saliency_audit.workers.engine.image_files.list_images`, the
+    input rule
+    of ``run``, both gates and the Python API) as a deterministic zip: what the gate uploads,
+    and whose sha256 names the image set in the JUnit file in both modes."""
+    return zip_members_deterministic((image.name, image.read) for image in listing.images)
+
+
 @dataclass
 class _Context:
     """What the gate learned so far (for messages and the JUnit properties of an error)."""
@@ -448,14 +472,53 @@ class _Context:
         return time.monotonic() - self.started
 
 
-def run_gate(args: argparse.Namespace) -> int:
-    """The ``gate`` command: upload or reuse, submit, wait, print, decide; the exit code."""
+@dataclass(frozen=True)
+class GateInputs:
+    """The gate's arguments, checked: what auditing on a service and in this process both
+    start from. ``images`` is None only with ``--dataset-id``; ``server`` and ``key`` are set
+    only for a service."""
+
+    model_sha256: str
+    policy: dict[str, Any] | None
+    images: ImageListing | None
+    server: str = ""
+    key: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class Audited:
+    """A finished audit's report and where it came from: what the gate decides on.
+    ``audit_id`` and ``audit_url`` are None for an audit run in this process (``--local``);
+    ``skipped`` lists the files of the input that are not images."""
+
+    report: dict[str, Any]
+    model_sha256: str
+    dataset_sha256: str | None
+    skipped: tuple[str, ...] = ()
+    audit_id: str | None = None
+    audit_url: str | None = None
+
+    @property
+    def mode(self) -> str:
+        return "service" if self.audit_id is not None else "local"
+
+
+# How ``gate --local`` audits: (arguments, checked inputs, note, deadline on time.monotonic())
+# -> the report. The command line passes :func:`saliency_audit.workers.local.audit_for_gate`; this
+# module
+# never imports the engine, so the gate of a service stays torch-free.
+AuditHere = Callable[[argparse.Namespace, GateInputs, Callable[[str], None], float], Audited]
+
+
+def run_gate(args: argparse.Namespace, audit_here: AuditHere | None = None) -> int:
+    """The ``gate`` command: audit (on a service, or in this process with ``--local`` and
+    ``audit_here``), print, decide; the exit code."""
     context = _Context(started=time.monotonic())
     note: Callable[[str], None] = (
         (lambda _: None) if args.quiet else (lambda text: print(text, file=sys.stderr))
     )
     try:
-        return _gate(args, context, note)
+        return _gate(args, context, note, audit_here)
     except GateError as exc:
         return _error(args, context, exc.code, exc.message)
     except ApiProblem as exc:
@@ -483,7 +546,7 @@ def _error(args: argparse.Namespace, context: _Context, code: str, message: str)
                     "summary": f"gate ERROR (exit {EXIT_ERROR}): {code}",
                     "code": code,
                     "message": message,
-                    **{k: v for k, v in context.properties.items() if k == "audit_id"},
+                    **{k: v for k, v in context.properties.items() if k in ("audit_id", "mode")},
                 },
                 indent=2,
             )
@@ -501,15 +564,43 @@ def _error(args: argparse.Namespace, context: _Context, code: str, message: str)
     return EXIT_ERROR
 
 
-def _check_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any] | None]:
+_SERVICE_ONLY = (
+    ("--server", "server"),
+    ("--api-key", "api_key"),
+    ("--dataset-id", "dataset_id"),
+    ("--train-dataset-id", "train_dataset_id"),
+    ("--idempotency-key", "idempotency_key"),
+)
+
+
+def _check_arguments(
+    args: argparse.Namespace, local: bool, note: Callable[[str], None]
+) -> GateInputs:
+    """Everything that can be refused before anything is uploaded or computed; the images
+    listed by the one input rule (their skipped files noted)."""
+    from saliency_audit.workers.engine.errors import ImageDecodeError
+    from saliency_audit.workers.engine.image_files import list_images
     from saliency_audit.workers.engine.spec import ANALYSES
 
-    server = args.server or os.environ.get("SALIENCY_AUDIT_URL")
-    key = args.api_key or os.environ.get("SALIENCY_AUDIT_KEY")
-    if not server:
-        raise GateError("bad_arguments", "--server is required (or set SALIENCY_AUDIT_URL)")
-    if not key:
-        raise GateError("bad_arguments", "--api-key is required (or set SALIENCY_AUDIT_KEY)")
+    server = key = ""
+    if local:
+        given = [option for option, name in _SERVICE_ONLY if getattr(args, name, None)]
+        if given:
+            raise GateError(
+                "bad_arguments",
+                f"{', '.join(given)}: not with --local (the audit runs in this process, on "
+                "files; nothing is sent to a service)",
+            )
+    else:
+        server = args.server or os.environ.get("SALIENCY_AUDIT_URL") or ""
+        key = args.api_key or os.environ.get("SALIENCY_AUDIT_KEY") or ""
+        if not server:
+            raise GateError(
+                "bad_arguments",
+                "--server is required (or set SALIENCY_AUDIT_URL), or audit here with --local",
+            )
+        if not key:
+            raise GateError("bad_arguments", "--api-key is required (or set SALIENCY_AUDIT_KEY)")
     if not args.methods:
         raise GateError("bad_arguments", "--methods must name at least one saliency method")
     if not args.require:
@@ -532,9 +623,13 @@ def _check_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]
         )
     if not args.model.is_file():
         raise GateError("bad_arguments", f"--model {args.model}: no such file")
-    for option, path in (("--images", args.images), ("--train", args.train)):
-        if path is not None and not path.exists():
-            raise GateError("bad_arguments", f"{option} {path}: no such file or folder")
+    if args.train is not None and not args.train.exists():
+        raise GateError("bad_arguments", f"--train {args.train}: no such file or folder")
+    if local and args.train is not None and not args.train.is_dir():
+        raise GateError(
+            "bad_arguments",
+            f"--train {args.train}: with --local, a folder with one sub-folder of images per class",
+        )
     policy = None
     if args.policy is not None:
         try:
@@ -543,48 +638,62 @@ def _check_arguments(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]
             raise GateError("bad_arguments", f"cannot read --policy {args.policy}: {exc}") from None
         if not isinstance(policy, dict):
             raise GateError("bad_arguments", f"--policy {args.policy} must hold a JSON object")
-    return server, key, policy
+    images = None
+    if args.images is not None:
+        try:
+            images = list_images(args.images)
+        except ImageDecodeError as exc:
+            raise GateError("bad_arguments", f"--images: {exc.message}") from None
+        if images.note:
+            note(f"images: {images.note}")
+    return GateInputs(sha256_file(args.model), policy, images, server, key)
 
 
-def _dataset(
+def _find_or_upload(
     client: Client,
-    path: Path | None,
-    dataset_id: str | None,
+    data: bytes | Path,
+    filename: str,
     metadata: dict[str, Any] | None,
     what: str,
     note: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The service's dataset row for a folder, an archive or an id: found by sha256 first,
-    uploaded only when the service does not hold the bytes yet."""
-    if dataset_id is not None:
-        row = client.dataset(dataset_id)
-        note(f"{what}: {row['id']} ({row.get('n_images')} images, given by id)")
-        return row
-    assert path is not None
-    data: bytes | None = None
-    if path.is_dir():
-        data = _zip_image_set(path, what, note)
-        sha = hashlib.sha256(data).hexdigest()
+    """The service's dataset row for an archive (bytes, or a file sent as is): found by
+    sha256 first, uploaded only when the service does not hold the bytes yet."""
+    sha = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else sha256_file(data)
+    found = client.find_dataset_by_sha256(sha)
+    if found is not None:
+        note(f"{what}: reusing {found['id']} (sha256 {sha[:12]}, {found['n_images']} images)")
+        return found
+    if isinstance(data, bytes):
+        row = client.upload_dataset_bytes(data, filename, metadata)
     else:
-        sha = sha256_file(path)
-    row_found = client.find_dataset_by_sha256(sha)
-    if row_found is not None:
-        note(
-            f"{what}: reusing {row_found['id']} (sha256 {sha[:12]}, {row_found['n_images']} images)"
-        )
-        return row_found
-    if data is not None:
-        row = client.upload_dataset_bytes(data, f"{path.name}.zip", metadata)
-    else:
-        row = client.upload_dataset(path, metadata)
+        row = client.upload_dataset(data, metadata)
     note(f"{what}: uploaded {row['id']} (sha256 {sha[:12]}, {row['n_images']} images)")
     return row
 
 
+def _dataset_by_id(
+    client: Client, dataset_id: str, what: str, note: Callable[[str], None]
+) -> dict[str, Any]:
+    row = client.dataset(dataset_id)
+    note(f"{what}: {row['id']} ({row.get('n_images')} images, given by id)")
+    return row
+
+
+def _train_dataset(client: Client, path: Path, note: Callable[[str], None]) -> dict[str, Any]:
+    """A labeled training set: a folder (class sub-folders kept, zipped deterministically
+    without what is not an image) or an archive sent as is."""
+    metadata = {"purpose": "training"}
+    if path.is_dir():
+        data = _zip_image_set(path, "training set", note)
+        return _find_or_upload(client, data, f"{path.name}.zip", metadata, "training set", note)
+    return _find_or_upload(client, path, path.name, metadata, "training set", note)
+
+
 def _zip_image_set(folder: Path, what: str, note: Callable[[str], None]) -> bytes:
-    """The folder as a deterministic zip without the files that are not part of an image set
-    (hidden files, ``__MACOSX``, ``.txt`` notes: the rule ``saliency-audit run`` and the
-    upload apply, :func:`saliency_audit.workers.engine.image_files.skip_reason`), noted by name."""
+    """A labeled folder as a deterministic zip with its class sub-folders, without the files
+    that are not part of an image set (hidden files, ``__MACOSX``, ``.txt`` notes: the rule of
+    :func:`saliency_audit.workers.engine.image_files.skip_reason`), noted by name."""
     from saliency_audit.workers.engine.image_files import IMAGE_SET_FILES, skip_reason, skipped_note
 
     skipped: list[str] = []
@@ -602,16 +711,43 @@ def _zip_image_set(folder: Path, what: str, note: Callable[[str], None]) -> byte
     return data
 
 
-def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], None]) -> int:
-    from saliency_audit.workers.engine.spec import ANALYSES
+def _upload_name(sources: Sequence[str]) -> str:
+    """``photos.zip`` for one folder ``photos/``, ``images.zip`` otherwise."""
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        return f"{Path(sources[0]).resolve().name}.zip"
+    return "images.zip"
 
-    server, key, policy = _check_arguments(args)
-    context.server = server
+
+def _gate(
+    args: argparse.Namespace,
+    context: _Context,
+    note: Callable[[str], None],
+    audit_here: AuditHere | None,
+) -> int:
+    local = bool(getattr(args, "local", False))
+    context.properties["mode"] = "local" if local else "service"
+    inputs = _check_arguments(args, local, note)
+    context.properties["model_sha256"] = inputs.model_sha256
+    if not local:
+        audited = _audit_on_service(args, inputs, context, note)
+    elif audit_here is None:
+        raise GateError(
+            "bad_arguments", "--local audits with the engine: run it as `saliency-audit gate`"
+        )
+    else:
+        audited = audit_here(args, inputs, note, context.started + args.timeout)
+    return _conclude(args, audited, context, note)
+
+
+def _audit_on_service(
+    args: argparse.Namespace, inputs: GateInputs, context: _Context, note: Callable[[str], None]
+) -> Audited:
+    """Upload what the service does not hold, submit (or attach), wait; the report."""
+    context.server = inputs.server
     deadline = context.started + args.timeout
-    client = Client(server, key)
+    client = Client(inputs.server, inputs.key)
 
-    model_sha = sha256_file(args.model)
-    context.properties["model_sha256"] = model_sha
+    model_sha = inputs.model_sha256
     model = client.find_model_by_sha256(model_sha)
     if model is not None:
         note(f"model: reusing {model['id']} (sha256 {model_sha[:12]})")
@@ -620,12 +756,18 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
         model = client.upload_model(args.model, metadata)
         note(f"model: uploaded {model['id']} (sha256 {model_sha[:12]})")
 
-    dataset = _dataset(client, args.images, args.dataset_id, None, "images", note)
+    if inputs.images is not None:
+        data = image_set_archive(inputs.images)
+        dataset = _find_or_upload(client, data, _upload_name(args.images), None, "images", note)
+        skipped = tuple(inputs.images.skipped)
+    else:
+        dataset = _dataset_by_id(client, args.dataset_id, "images", note)
+        skipped = tuple(dataset.get("skipped") or ())
     train = None
-    if args.train is not None or args.train_dataset_id is not None:
-        train = _dataset(
-            client, args.train, args.train_dataset_id, {"purpose": "training"}, "training set", note
-        )
+    if args.train is not None:
+        train = _train_dataset(client, args.train, note)
+    elif args.train_dataset_id is not None:
+        train = _dataset_by_id(client, args.train_dataset_id, "training set", note)
 
     body: dict[str, Any] = {
         "model_id": model["id"],
@@ -635,8 +777,8 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
     }
     if train is not None:
         body["train_dataset_id"] = train["id"]
-    if policy is not None:
-        body["policy"] = policy
+    if inputs.policy is not None:
+        body["policy"] = inputs.policy
     if getattr(args, "stages", None) is not None:  # left out: the service's default ("rule")
         body["stages"] = args.stages
     key_used = args.idempotency_key or idempotency_key(
@@ -645,9 +787,10 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
     submitted = client.submit_audit(body, key_used)
     audit = submitted.audit
     context.properties["audit_id"] = audit["id"]
+    url = f"{inputs.server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}"
     note(
         f"audit: {'attached to' if submitted.replayed else 'submitted'} {audit['id']} "
-        f"({audit['state']}); {server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}"
+        f"({audit['state']}); {url}"
     )
 
     audit = _wait(client, audit, submitted.retry_after_s, deadline, args, note)
@@ -659,12 +802,28 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
             f"audit {audit['id']} {audit['state']}{detail}; a re-run with the same options "
             "attaches to this audit again: pass a new --idempotency-key to start another",
         )
+    return Audited(
+        report=client.report(audit["id"]),
+        model_sha256=model_sha,
+        dataset_sha256=dataset["sha256"],
+        skipped=skipped,
+        audit_id=audit["id"],
+        audit_url=url,
+    )
 
-    report = client.report(audit["id"])
+
+def _conclude(
+    args: argparse.Namespace, audited: Audited, context: _Context, note: Callable[[str], None]
+) -> int:
+    """Decide on the report's verdicts and say so: the table or JSON, the summary line, the
+    JUnit file. The same for an audit on a service and one run here."""
+    from saliency_audit.workers.engine.spec import ANALYSES
+
+    report = audited.report
     verdicts = list(report.get("verdicts") or [])
     tests = [t for t in (report.get("spec") or {}).get("tests") or [] if t not in ANALYSES]
     policy_doc = report.get("policy") or {}
-    url = f"{server.rstrip('/')}{routes.AUDIT.path(audit_id=audit['id'])}"
+    images = list(report.get("images") or [])
     decision = decide(verdicts, args.require, tests, args.inconclusive)
     if args.json:
         print(
@@ -673,8 +832,9 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
                     "outcome": decision.outcome,
                     "exit_code": decision.exit_code,
                     "summary": decision.summary,
-                    "audit_id": audit["id"],
-                    "audit_url": url,
+                    "mode": audited.mode,
+                    "audit_id": audited.audit_id,
+                    "audit_url": audited.audit_url,
                     "required": list(dict.fromkeys(args.require)),
                     "tests": tests,
                     "inconclusive": args.inconclusive,
@@ -684,13 +844,27 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
                         "name": policy_doc.get("name"),
                         "version": policy_doc.get("version"),
                     },
+                    "images": {
+                        "count": len(images),
+                        "names": [image.get("name") for image in images],
+                        "explained_classes": explained_classes(images),
+                        "skipped": list(audited.skipped),
+                        "dataset_sha256": audited.dataset_sha256,
+                    },
                     "verdicts": verdicts,
                 },
                 indent=2,
             )
         )
+        few = few_images_note(report)
+        if few:  # the table carries it otherwise
+            print(few, file=sys.stderr)
     else:
-        print(f"audit {audit['id']}: {url}")
+        if audited.audit_id is not None:
+            print(f"audit {audited.audit_id}: {audited.audit_url}")
+        else:
+            print("audited in this process (--local)")
+        print(format_images_audited(report))
         print(format_verdicts(report))
     for problem in decision.problems:
         print(f"  {problem}", file=sys.stderr)
@@ -702,13 +876,15 @@ def _gate(args: argparse.Namespace, context: _Context, note: Callable[[str], Non
             junit_document(
                 verdicts,
                 required=args.require,
-                audit_id=audit["id"],
-                model_sha256=(report.get("model") or {}).get("sha256") or model_sha,
+                audit_id=audited.audit_id,
+                model_sha256=(report.get("model") or {}).get("sha256") or audited.model_sha256,
                 policy_version=str(policy_doc.get("version")),
                 time_s=context.elapsed(),
                 extra_properties={
+                    "mode": audited.mode,
                     "policy_name": policy_doc.get("name"),
-                    "dataset_sha256": dataset["sha256"],
+                    "dataset_sha256": audited.dataset_sha256,
+                    "images": len(images),
                     "gate_outcome": decision.outcome,
                     "gate_exit_code": decision.exit_code,
                 },

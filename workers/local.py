@@ -1,24 +1,31 @@
-"""``saliency-audit run``: one audit on this machine, without the service.
+"""``saliency-audit run`` and ``saliency-audit gate --local``: audits on this machine, without
+the service.
 
 The local twin of the worker's audit task (:mod:`saliency_audit.workers.tasks`): it loads the model
 and the
 images from files instead of the database and the artifact store, calls the same engine entry
 point (:func:`saliency_audit.workers.engine.api.audit`, the Python API), and writes ``report.json``
 and
-``maps.npz`` to a folder instead of rows and artifacts. torch and the engine are imported inside
-:func:`run_local`, so the command line that dispatches to it stays light.
+``maps.npz`` to a folder instead of rows and artifacts (``run``), or hands the report to the
+release gate's decision (:func:`audit_for_gate`). torch and the engine are imported inside the
+functions, so the command line that dispatches to them stays light.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from saliency_audit.workers.reports.text import ProgressClock, format_input_spec, format_summary
+
+if TYPE_CHECKING:
+    from saliency_audit.service.gate import Audited, GateInputs
 
 EXIT_OK = 0
 EXIT_ERROR = 2
@@ -47,22 +54,55 @@ def run_local(args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-def _run(args: argparse.Namespace) -> int:
+def load_model_file(
+    path: Path, architecture: str | None, input_spec_overrides: dict[str, Any]
+) -> Any:
+    """The :class:`~saliency_audit.workers.engine.models.base.LoadedModel` of an ONNX file or of
+    weights with
+    ``architecture``; an unreadable file is a ``ModelLoadError``."""
+    from saliency_audit.workers.engine.errors import ModelLoadError
+    from saliency_audit.workers.engine.models.loader import load_model
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model {path}: {exc.strerror}") from None
+    return load_model(data, architecture=architecture, input_spec_overrides=input_spec_overrides)
+
+
+def input_spec_text(model: Any) -> str:
+    """The input spec block printed before an audit (``run`` and ``gate --local``)."""
     from dataclasses import asdict
 
+    return format_input_spec(
+        asdict(model.input_spec),
+        model.input_spec_sources,
+        model.output.to_dict() if model.output is not None else None,
+    )
+
+
+def training_set(path: Path, model: Any) -> Any:
+    """``--train``: a folder with one sub-folder of images per class, as
+    :class:`~saliency_audit.workers.engine.data_randomization.LabeledImages` in the model's
+    input."""
     import torch
 
-    from saliency_audit.workers.engine.api import audit, read_images
     from saliency_audit.workers.engine.data_randomization import LabeledImages
-    from saliency_audit.workers.engine.images import (
-        load_labeled_folder,
-        load_mask_folder,
-        masks_tensor,
-        preprocess,
+    from saliency_audit.workers.engine.images import load_labeled_folder, preprocess
+
+    images, labels, _ = load_labeled_folder(
+        path, model.input_spec.channels, model.input_spec.class_names
     )
+    return LabeledImages(
+        preprocess(images, model.input_spec), torch.tensor(labels, dtype=torch.int64)
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from saliency_audit.workers.engine.api import audit, read_images
+    from saliency_audit.workers.engine.images import load_mask_folder, masks_tensor
     from saliency_audit.workers.engine.methods import METHODS
     from saliency_audit.workers.engine.methods.plugins import is_plugin
-    from saliency_audit.workers.engine.models.loader import load_model
     from saliency_audit.workers.engine.spec import (
         MEASURES,
         AuditSpec,
@@ -71,11 +111,6 @@ def _run(args: argparse.Namespace) -> int:
         expand_tests,
     )
 
-    try:
-        model_bytes = args.model.read_bytes()
-    except OSError as exc:
-        print(f"error: cannot read model {args.model}: {exc.strerror}", file=sys.stderr)
-        return EXIT_ERROR
     try:
         params = MethodParams(**_read_json(args.params, "method parameters"))
     except TypeError as exc:
@@ -110,26 +145,15 @@ def _run(args: argparse.Namespace) -> int:
         training=recipe,
         layers=tuple(args.layers) if args.layers else None,
     )
-    model = load_model(
-        model_bytes,
-        architecture=args.arch,
-        input_spec_overrides=_read_json(args.input_spec, "input spec"),
-    )
+    overrides = _read_json(args.input_spec, "input spec")
+    model = load_model_file(args.model, args.arch, overrides)
     # options added later are read with defaults, so a Namespace built by other callers of
     # run_local (older option sets) keeps working
     as_json: bool = getattr(args, "json", False)
     report_formats: list[str] = getattr(args, "report", None) or []
     # with --json, stdout carries report.json alone: what is said on the way goes to stderr
     say = sys.stderr if as_json else sys.stdout
-    print(
-        format_input_spec(
-            asdict(model.input_spec),
-            model.input_spec_sources,
-            model.output.to_dict() if model.output is not None else None,
-        ),
-        file=say,
-        flush=True,
-    )
+    print(input_spec_text(model), file=say, flush=True)
     read = read_images(args.images, model.input_spec)
     if read.note:
         print(f"note: {read.note}", file=say, flush=True)
@@ -137,29 +161,10 @@ def _run(args: argparse.Namespace) -> int:
     masks = None
     if args.masks is not None:
         masks = masks_tensor(load_mask_folder(args.masks, read.names), model.input_spec)
-    train = None
-    if args.train is not None:
-        train_images, labels, _ = load_labeled_folder(
-            args.train, model.input_spec.channels, model.input_spec.class_names
-        )
-        train = LabeledImages(
-            preprocess(train_images, model.input_spec), torch.tensor(labels, dtype=torch.int64)
-        )
+    train = training_set(args.train, model) if args.train is not None else None
     random_label_model = None
     if args.random_label_model is not None:
-        try:
-            random_bytes = args.random_label_model.read_bytes()
-        except OSError as exc:
-            print(
-                f"error: cannot read model {args.random_label_model}: {exc.strerror}",
-                file=sys.stderr,
-            )
-            return EXIT_ERROR
-        random_label_model = load_model(
-            random_bytes,
-            architecture=args.arch,
-            input_spec_overrides=_read_json(args.input_spec, "input spec"),
-        )
+        random_label_model = load_model_file(args.random_label_model, args.arch, overrides)
 
     last = [0.0]
     clock = ProgressClock(time.monotonic())
@@ -195,6 +200,97 @@ def _run(args: argparse.Namespace) -> int:
         file=say,
     )
     return EXIT_OK
+
+
+class GateDeadline(Exception):
+    """``gate --local`` ran past ``--timeout``: raised from the progress callback, and
+    declared with :func:`~saliency_audit.workers.engine.errors.stop_audit_on` so that the engine's
+    per-method
+    error isolation ends the audit instead of reporting one method as failed."""
+
+
+PROGRESS_EVERY_S = 1.0  # at most one progress line a second in a CI log
+
+
+def audit_for_gate(
+    args: argparse.Namespace,
+    inputs: GateInputs,
+    note: Callable[[str], None],
+    deadline: float,
+) -> Audited:
+    """``saliency-audit gate --local``: the audit a service would run for the gate's request
+    (the same spec: seed 0, batch 16, device auto, every measure, the default or given policy),
+    run here with the engine call ``saliency-audit run`` makes. Errors are the gate's
+    (:class:`~saliency_audit.service.gate.GateError`, exit 2), with the engine's error code."""
+    from saliency_audit.service.gate import Audited, GateError, Progress, image_set_archive
+
+    try:
+        import torch  # noqa: F401  (the engine's first import; absent without the extra)
+    except ImportError:
+        raise GateError(
+            "engine_not_installed",
+            "gate --local runs the audit in this process and needs the engine: install "
+            "saliency-audit with its worker extra ('saliency-audit[worker] @ <source>'), or "
+            "gate on a service with --server",
+        ) from None
+    from saliency_audit.workers.engine.api import audit, read_images
+    from saliency_audit.workers.engine.errors import EngineError, stop_audit_on
+    from saliency_audit.workers.engine.methods.plugins import load_entry_point_explainers
+    from saliency_audit.workers.engine.spec import AuditSpec, expand_tests
+
+    assert inputs.images is not None  # --dataset-id is refused with --local
+    stop_audit_on(GateDeadline)
+    progress = Progress(sys.stderr, quiet=args.quiet)
+    last = [0.0]
+
+    def on_progress(fraction: float, step: str) -> None:
+        now = time.monotonic()
+        if now > deadline:
+            raise GateDeadline(f"{fraction * 100:.0f}%, {step}")
+        if now - last[0] >= PROGRESS_EVERY_S or fraction >= 1.0:
+            progress.update({"state": "running", "progress": fraction, "step": step})
+            last[0] = now
+
+    try:
+        load_entry_point_explainers()  # the explainers a service's workers would have
+        tests = expand_tests(list(dict.fromkeys(args.tests)), training=args.train is not None)
+        spec = AuditSpec(
+            methods=tuple(dict.fromkeys(args.methods)),
+            tests=tuple(tests),
+            device="auto",
+            policy=inputs.policy,
+        )
+        model = load_model_file(args.model, args.arch, {})
+        note(input_spec_text(model))
+        read = read_images(inputs.images, model.input_spec)
+        if read.note:
+            model.notes.append(read.note)  # noted by the gate when it listed the images
+        train = training_set(args.train, model) if args.train is not None else None
+        result = audit(
+            model,
+            read.tensor,
+            spec=spec,
+            image_names=read.names,
+            train=train,
+            progress=on_progress,
+        )
+    except GateDeadline as stopped:
+        raise GateError(
+            "timeout",
+            f"the audit did not finish within --timeout {args.timeout:g} s (stopped at "
+            f"{stopped}); with --local nothing goes on after the gate: raise --timeout, audit "
+            "fewer methods or images, or gate on a service",
+        ) from None
+    except EngineError as exc:
+        raise GateError(exc.code, exc.message) from None
+    finally:
+        progress.close()
+    return Audited(
+        report=json.loads(json.dumps(result.to_dict())),
+        model_sha256=inputs.model_sha256,
+        dataset_sha256=hashlib.sha256(image_set_archive(inputs.images)).hexdigest(),
+        skipped=tuple(inputs.images.skipped),
+    )
 
 
 def write_reports(

@@ -246,14 +246,20 @@ def test_run_takes_a_zip_and_a_single_image_file(
         for p in sorted(folder.rglob("*")):
             if p.is_file():
                 z.write(p, p.relative_to(folder).as_posix())
-    for source, n in ((archive, 3), (folder / "0_1.png", 1)):
-        out = tmp_path / f"out_{n}"
-        argv = ["run", "--model", str(DIGITS_MODEL), "--images", str(source),
+    sources: list[tuple[list[str], int]] = [
+        ([str(archive)], 3),
+        ([str(folder / "0_1.png")], 1),
+        ([str(folder / "0_0.png"), str(folder / "0_2.png")], 2),  # image files by name
+        ([str(folder / "0_[01].png")], 2),  # a quoted glob
+    ]
+    for i, (source, n) in enumerate(sources):
+        out = tmp_path / f"out_{i}"
+        argv = ["run", "--model", str(DIGITS_MODEL), "--images", *source,
                 "--methods", "gradient", "--tests", "none", "--device", "cpu",
                 "--out", str(out), "--quiet"]  # fmt: skip
         assert main(argv) == 0, capsys.readouterr().err
         report = json.loads((out / "report.json").read_text())
-        assert len(report["images"]) == n
+        assert len(report["images"]) == n, source
     assert "__MACOSX/._0_0.png (macOS metadata)" in capsys.readouterr().out
 
 

@@ -8,8 +8,11 @@ PASSes (0.16, 95% CI [-0.01, 0.32] below 0.462), guided backprop FAILs (0.94 [0.
 the paper's finding), control_random PASSes and control_sobel FAILs. A policy deciding on the
 first stage's SSIM with the threshold at 0.18 puts gradient's interval across it
 (INCONCLUSIVE) while both controls still behave. The pure parts (the exit-code decision, the
-JUnit document, the progress line, the deterministic zip, the CI examples) are tested without
-a server.
+JUnit document, the progress line, the image set the gate uploads) are tested without a
+server. The same folder with a note, a hidden file and macOS metadata gives the same images
+and one note through the service's gate, ``gate --local`` (whose verdicts are the service's)
+and ``saliency-audit run``. ``gate --local`` itself: tests/service/test_gate_local.py; the CI
+recipes: tests/service/test_ci_recipes.py.
 """
 
 from __future__ import annotations
@@ -18,23 +21,21 @@ import argparse
 import io
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-import yaml
 
 import saliency_audit.service.gate as gate_module
-from saliency_audit.service.cli import build_parser
 from saliency_audit.service.client import retry_after_seconds, zip_folder_deterministic
 from saliency_audit.service.config import Config
 from saliency_audit.service.db import Database
@@ -43,9 +44,11 @@ from saliency_audit.service.gate import (
     _zip_image_set,
     decide,
     idempotency_key,
+    image_set_archive,
     junit_document,
     write_junit,
 )
+from saliency_audit.workers.engine.image_files import list_images
 from saliency_audit.workers.engine.policy import load_policy
 from tests.servers import REFERENCE, REPO, Api, Server, Worker, new_key
 
@@ -84,6 +87,19 @@ def gate(
         text=True,
         timeout=timeout_s,
     )  # fmt: skip
+
+
+def local_gate(*options: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
+    """``python -m saliency_audit.service.cli gate --local``: the audit in the gate's own
+    process."""
+    return subprocess.run(
+        [sys.executable, "-m", "saliency_audit.service.cli", "gate", "--local", *options],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SALIENCY_AUDIT_")},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
 
 
 def junit(path: Path) -> tuple[ET.Element, dict[tuple[str, str], ET.Element], dict[str, str]]:
@@ -468,71 +484,65 @@ def test_the_zipped_folder_and_the_idempotency_key_are_stable(images: Path, tmp_
     assert key != idempotency_key("a" * 64, "b" * 64, body, train_sha256="d" * 64)
 
 
-def _gate_command(script: str) -> list[str]:
-    words = shlex.split(script.replace("\\\n", " "))
-    assert words[:2] == ["saliency-audit", "gate"], words
-    return words[1:]
-
-
-def test_the_gate_zips_a_folder_without_its_notes_and_says_which(
-    images: Path, tmp_path: Path
-) -> None:
-    # the same extras saliency-audit run and image-set uploads skip (tests/engine/
-    # test_python_api.py, tests/service/test_uploads.py)
-    messy = tmp_path / "messy"
+def with_extras(images: Path, root: Path) -> Path:
+    """A copy of the images folder with what a user's folder also holds: a note, a hidden
+    file, macOS metadata (the extras ``saliency-audit run``, the Python API and image-set
+    uploads skip: tests/engine/test_python_api.py, tests/service/test_uploads.py)."""
+    messy = root / "messy"
     shutil.copytree(images, messy)
     (messy / "notes.txt").write_text("taken on Tuesday\n")
     (messy / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     (messy / "__MACOSX").mkdir()
     (messy / "__MACOSX" / "._a.png").write_bytes(b"\0\5\26\7")
+    return messy
+
+
+MESSY_NOTE = (
+    "skipped 3 file(s) that are not images: .DS_Store (hidden), __MACOSX/ (macOS metadata), "
+    "notes.txt (not an image)"
+)
+
+
+def test_the_gate_uploads_the_images_list_images_finds_whatever_form_they_come_in(
+    images: Path, tmp_path: Path
+) -> None:
+    """A folder with notes, the glob of its images, a zip of it and the image files by name
+    are one image set: the same deterministic zip (so one upload, one audit), whose members
+    are exactly the images ``saliency-audit run`` reads."""
+    messy = with_extras(images, tmp_path)
+    archive = tmp_path / "messy.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(p for p in messy.rglob("*") if p.is_file()):
+            z.write(path, path.relative_to(messy).as_posix())
+    clean = image_set_archive(list_images(images))
+    assert clean == zip_folder_deterministic(images)  # what earlier gates uploaded for a folder
+    assert list_images(messy).note == MESSY_NOTE
+    files = [str(p) for p in sorted(images.glob("*.png"))]
+    for source in ([str(messy)], [str(messy / "*.png")], [str(archive)], files):
+        assert image_set_archive(list_images(source)) == clean, source
+    one = image_set_archive(list_images(files[:1]))
+    with zipfile.ZipFile(io.BytesIO(one)) as z:
+        assert z.namelist() == [Path(files[0]).name]
+
+
+def test_a_training_folder_is_zipped_with_its_class_folders_without_its_notes(
+    tmp_path: Path,
+) -> None:
+    train = tmp_path / "train"
+    for label in ("circle", "square"):
+        (train / label).mkdir(parents=True)
+        for path in sorted((REFERENCE / "shapes_images").glob(f"{label}_*.png"))[:2]:
+            shutil.copy(path, train / label / path.name)
+    (train / "circle" / "notes.txt").write_text("taken on Tuesday\n")
+    (train / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
     notes: list[str] = []
-    assert _zip_image_set(messy, "images", notes.append) == zip_folder_deterministic(images)
+    data = _zip_image_set(train, "training set", notes.append)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert [n.split("/")[0] for n in z.namelist()] == ["circle"] * 2 + ["square"] * 2
     assert notes == [
-        "images: skipped 3 file(s) that are not images: .DS_Store (hidden), "
-        "__MACOSX/._a.png (macOS metadata), notes.txt (not an image)"
+        "training set: skipped 2 file(s) that are not images: .DS_Store (hidden), "
+        "circle/notes.txt (not an image)"
     ]
-    notes.clear()
-    _zip_image_set(images, "images", notes.append)
-    assert notes == []
-
-
-def test_the_ci_examples_parse_and_their_gate_command_is_accepted() -> None:
-    github = yaml.safe_load((CI / "github-actions.yml").read_text())
-    (job,) = github["jobs"].values()
-    steps = job["steps"]
-    runs = [s for s in steps if "saliency-audit gate" in s.get("run", "")]
-    assert len(runs) == 1
-    gate_step = runs[0]
-    assert gate_step["env"] == {
-        "SALIENCY_AUDIT_URL": "${{ secrets.SALIENCY_AUDIT_URL }}",
-        "SALIENCY_AUDIT_KEY": "${{ secrets.SALIENCY_AUDIT_KEY }}",
-    }
-    args = build_parser().parse_args(_gate_command(gate_step["run"]))
-    assert args.command == "gate" and args.server == "$SALIENCY_AUDIT_URL"
-    assert args.api_key == "$SALIENCY_AUDIT_KEY" and args.require == ["gradcam", "lrp"]
-    assert set(args.require) <= set(args.methods)
-    # the JUnit file the gate writes is the one the test report reads, even after a failure
-    report = [s for s in steps if "test-reporter" in s.get("uses", "")]
-    assert len(report) == 1 and report[0]["if"] == "always()"
-    assert report[0]["with"]["path"] == str(args.junit)
-    assert report[0]["with"]["reporter"] == "java-junit"
-    # the report is red exactly when the gate fails: no need to ignore its failures
-    assert "fail-on-error" not in report[0]["with"]
-    assert steps.index(report[0]) > steps.index(gate_step)
-
-    gitlab = yaml.safe_load((CI / "gitlab-ci.yml").read_text())
-    jobs = [j for j in gitlab.values() if isinstance(j, dict) and "script" in j]
-    assert len(jobs) == 1
-    scripts = [s for s in jobs[0]["script"] if "saliency-audit gate" in s]
-    assert len(scripts) == 1
-    args = build_parser().parse_args(_gate_command(scripts[0]))
-    assert args.command == "gate" and set(args.require) <= set(args.methods)
-    assert jobs[0]["artifacts"]["reports"]["junit"] == str(args.junit)
-    assert jobs[0]["artifacts"]["when"] == "always"
-
-    readme = (CI / "README.md").read_text()
-    for needle in ("exit", "--inconclusive", "--require", "--junit", "--timeout"):
-        assert needle in readme
 
 
 # --- against the service -------------------------------------------------------------------
@@ -612,6 +622,53 @@ def test_a_passing_and_a_failing_gate_reuse_the_same_uploads_and_audit(
     assert (total(api, "/v1/models"), total(api, "/v1/datasets"), total(api, "/v1/audits")) == (
         counts
     )
+
+    # one input rule: the folder with a note, a hidden file and macOS metadata, and the glob of
+    # its images, are the same image set (reused: the same audit); the service's gate, the
+    # local gate and `saliency-audit run` list the same images and skip the same files, in
+    # one note
+    messy = with_extras(images, tmp_path)
+    names = sorted(p.name for p in images.iterdir())
+    skipped = [".DS_Store (hidden)", "__MACOSX/ (macOS metadata)", "notes.txt (not an image)"]
+    same = ["--model", str(MODEL), "--methods", METHODS, "--require", "gradient", "--json"]
+    for source in (str(messy), str(messy / "*.png")):
+        remote = gate(pg_server.url, key, "--images", source, *same)
+        assert remote.returncode == 0, remote.stdout + remote.stderr
+        assert "images: reusing" in remote.stderr and f"attached to {audit_id}" in remote.stderr
+        seen = json.loads(remote.stdout)["images"]
+        assert seen["names"] == names and seen["count"] == 16
+        assert seen["skipped"] == (skipped if source == str(messy) else [])
+        assert (f"images: {MESSY_NOTE}" in remote.stderr.splitlines()) == (source == str(messy))
+    # the classes the maps explain, counted from the report's images, in class order
+    targets = Counter((i["target"], i["target_name"]) for i in report["images"])
+    assert seen["explained_classes"] == [
+        {"class": index, "name": name, "images": n} for (index, name), n in sorted(targets.items())
+    ]
+    assert sum(targets.values()) == 16 and len(targets) == 6  # every shape
+    assert total(api, "/v1/datasets") == 1 and total(api, "/v1/audits") == 1
+    here = local_gate("--images", str(messy), *same)
+    assert here.returncode == 0, here.stdout + here.stderr
+    assert f"images: {MESSY_NOTE}" in here.stderr.splitlines()
+    local = json.loads(here.stdout)
+    assert local["images"]["names"] == names and local["images"]["skipped"] == skipped
+    assert (local["mode"], local["audit_id"], local["outcome"]) == ("local", None, "PASS")
+    assert local["images"]["dataset_sha256"] == seen["dataset_sha256"]
+    # the audit a service runs for the gate's request, run here: the same verdicts
+    theirs = {(v["method"], v["test"]): v for v in report["verdicts"]}
+    assert {(v["method"], v["test"]): v["verdict"] for v in local["verdicts"]} == {
+        key: v["verdict"] for key, v in theirs.items()
+    }
+    for v in local["verdicts"]:
+        assert v["mean"] == pytest.approx(theirs[(v["method"], v["test"])]["mean"], abs=1e-4)
+    run = subprocess.run(
+        [sys.executable, "-m", "saliency_audit.service.cli", "run", "--model", str(MODEL),
+         "--images", str(messy), "--methods", "gradient", "--tests", "none", "--json", "--quiet",
+         "--out", str(tmp_path / "run")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert [i["name"] for i in json.loads(run.stdout)["images"]] == names
+    assert f"note: {MESSY_NOTE}" in run.stderr.splitlines()
 
     # requiring guided backprop fails the release (the paper's finding), on the same audit
     failed = gate(pg_server.url, key, *options, "--require", "gradient,guided_backprop",

@@ -29,7 +29,7 @@ from torch import nn
 
 from .data_randomization import LabeledImages
 from .errors import SpecError
-from .image_files import list_images
+from .image_files import ImageListing, list_images
 from .images import DecodedImage, decode_image, preprocess
 from .methods import METHODS
 from .methods.plugins import Explainer, is_plugin, register_explainer
@@ -72,11 +72,13 @@ class AuditImages:
     note: str | None
 
 
-def read_images(source: str | Path | Sequence[str | Path], input_spec: InputSpec) -> AuditImages:
+def read_images(
+    source: str | Path | Sequence[str | Path] | ImageListing, input_spec: InputSpec
+) -> AuditImages:
     """Decode and preprocess the images of a folder, a zip or tar archive, image files or a
     glob pattern (:func:`~.image_files.list_images`: the rule ``saliency-audit run``, the
-    release gate and image-set uploads share)."""
-    listing = list_images(source)
+    release gate and image-set uploads share), or of a listing already made."""
+    listing = source if isinstance(source, ImageListing) else list_images(source)
     decoded = [
         decode_image(image.read(), image.name, input_spec.channels) for image in listing.images
     ]

@@ -212,7 +212,7 @@ def list_images(source: str | Path | Sequence[str | Path]) -> ImageListing:
     for item in sources:
         text = str(item)
         path = Path(item)
-        if not path.exists() and isinstance(item, str) and glob.has_magic(text):
+        if not path.exists() and glob.has_magic(text):
             matches = sorted(glob.glob(text))
             if not matches:
                 raise ImageDecodeError(f"{text}: no file matches the pattern", image=text)

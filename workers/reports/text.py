@@ -129,6 +129,46 @@ def class_label(index: int, name: str | None) -> str:
     return f"{index} ({name})" if name else str(index)
 
 
+def explained_classes(images: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """How many images explain each class: ``[{"class": 3, "name": "triangle", "images":
+    10}, ...]`` by class index (``name`` None when the model names no classes)."""
+    counts: dict[int, dict[str, Any]] = {}
+    for image in images:
+        index = int(image["target"])
+        entry = counts.setdefault(
+            index, {"class": index, "name": image.get("target_name"), "images": 0}
+        )
+        entry["images"] += 1
+    return [counts[index] for index in sorted(counts)]
+
+
+def format_class_counts(images: list[dict[str, Any]]) -> str:
+    """``0 (circle) x11, 1 (ring) x11``: :func:`explained_classes` on one line."""
+    return ", ".join(
+        f"{class_label(c['class'], c['name'])} x{c['images']}" for c in explained_classes(images)
+    )
+
+
+def format_images_audited(report: dict[str, Any]) -> str:
+    """``64 images audited; explained classes: 0 (circle) x11, ...``: what a verdict was
+    decided on (the release gate prints it above the verdict table)."""
+    images = report.get("images") or []
+    return f"{len(images)} images audited; explained classes: {format_class_counts(images)}"
+
+
+def few_images_note(report: dict[str, Any]) -> str | None:
+    """The warning for an audit of fewer images than the policy's ``recommended_images``
+    (None when there are enough, or the policy recommends no number)."""
+    recommended = ((report.get("policy") or {}).get("recommended_images") or {}).get("images")
+    audited = len(report.get("images") or [])
+    if isinstance(recommended, int) and 0 < audited < recommended:
+        return (
+            f"note: {audited} images audited; the policy was calibrated to decide from "
+            f"{recommended} images (docs/policy.md), so expect more INCONCLUSIVE verdicts"
+        )
+    return None
+
+
 def format_explained(images: list[dict[str, Any]]) -> str:
     """The class each map explains (the target: index and name when known) per image, with
     the model's prediction and the target's probability, then how many images explain each
@@ -144,15 +184,9 @@ def format_explained(images: list[dict[str, Any]]) -> str:
             f"{image.get('name')!s:<{width}}{target:<24}{image.get('predicted')!s:>10}"
             f"{'-' if probability is None else format(probability, '.3f'):>10}"
         )
-    counts: dict[tuple[int, str], int] = {}
-    for image in images:
-        index = int(image["target"])
-        key = (index, class_label(index, image.get("target_name")))
-        counts[key] = counts.get(key, 0) + 1
     if len(images) > EXPLAINED_ROWS:
         lines.append(f"... and {len(images) - EXPLAINED_ROWS} more images")
-    per_class = [f"{label} x{n}" for (_, label), n in sorted(counts.items())]
-    lines.append("explained classes: " + ", ".join(per_class))
+    lines.append("explained classes: " + format_class_counts(images))
     return "\n".join(lines)
 
 
@@ -234,13 +268,9 @@ def format_verdicts(report: dict[str, Any]) -> str:
     if rules:
         lines += ["numbers are the deciding score's mean; rules:", *rules]
     lines += format_stage_plans(report)
-    recommended = (policy.get("recommended_images") or {}).get("images")
-    audited = len(report.get("images") or [])
-    if isinstance(recommended, int) and 0 < audited < recommended:
-        lines.append(
-            f"note: {audited} images audited; the policy was calibrated to decide from "
-            f"{recommended} images (docs/policy.md), so expect more INCONCLUSIVE verdicts"
-        )
+    few = few_images_note(report)
+    if few:
+        lines.append(few)
     # one line per reason, with the (method, test) pairs it explains
     explained: dict[str, list[str]] = {}
     for v in verdicts:
