@@ -96,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of ground-truth object masks (one per image, same file stem, nonzero = "
         "object): the `layers` analysis then scores localization (IoU, pointing game)",
     )
+    run.add_argument(
+        "--adaptive",
+        nargs="?",
+        type=int,
+        const=32,
+        default=None,
+        metavar="ROUND",
+        help="add images in rounds of ROUND (default 32) in a seeded random order and stop when "
+        "every verdict is decided, on an anytime-valid 95%% confidence sequence "
+        "(docs/policy.md); the report says how many images were used and why it stopped",
+    )
+    run.add_argument(
+        "--max-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --adaptive: use at most N images (default: every image given)",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
     run.add_argument(
         "--batch-size",

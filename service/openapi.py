@@ -259,6 +259,14 @@ def _schemas() -> dict[str, Schema]:
         "params": {"anyOf": [{"$ref": SCHEMAS + "MethodParams"}, {"type": "null"}]},
         "training": {"anyOf": [{"$ref": SCHEMAS + "TrainRecipe"}, {"type": "null"}]},
         "batch_size": spec_props["batch_size"],
+        "adaptive": {
+            "anyOf": [{"$ref": SCHEMAS + "AdaptiveRounds"}, {"type": "null"}],
+            "description": "Add images in rounds and stop when every verdict is decided "
+            "(null: every image at once). Verdicts then rest on an anytime-valid 95% confidence "
+            "sequence; report.json's adaptive block says how many images were used and why the "
+            "audit stopped. Only the tests cascading, cascading_bottom_up, independent, smprt "
+            "and random_logit (422 otherwise).",
+        },
         "webhook_url": {
             "anyOf": [
                 {

@@ -99,7 +99,7 @@ def training_set(path: Path, model: Any) -> Any:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from saliency_audit.workers.engine.api import audit, read_images
+    from saliency_audit.workers.engine.api import adaptive_rounds, audit, read_images
     from saliency_audit.workers.engine.images import load_mask_folder, masks_tensor
     from saliency_audit.workers.engine.methods import METHODS
     from saliency_audit.workers.engine.methods.plugins import is_plugin
@@ -130,6 +130,15 @@ def _run(args: argparse.Namespace) -> int:
     tests = expand_tests(
         args.tests, training=args.train is not None or args.random_label_model is not None
     )
+    # options added later are read with defaults (a Namespace built by an older caller works)
+    round_images = getattr(args, "adaptive", None)
+    max_images = getattr(args, "max_images", None)
+    if max_images is not None and round_images is None:
+        print("error: --max-images needs --adaptive", file=sys.stderr)
+        return EXIT_ERROR
+    adaptive = None
+    if round_images is not None:
+        adaptive = adaptive_rounds({"round_images": round_images, "max_images": max_images})
     spec = AuditSpec(
         methods=tuple(methods),
         layer=args.layer,
@@ -144,6 +153,7 @@ def _run(args: argparse.Namespace) -> int:
         policy=_read_json(args.policy, "policy") if args.policy else None,
         training=recipe,
         layers=tuple(args.layers) if args.layers else None,
+        adaptive=adaptive,
     )
     overrides = _read_json(args.input_spec, "input spec")
     model = load_model_file(args.model, args.arch, overrides)

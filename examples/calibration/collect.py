@@ -125,24 +125,36 @@ def efficientnet_lite_onnx(variant: int) -> bytes:
     return buffer.getvalue()
 
 
-def calibration_models(models_dir: Path) -> dict[str, tuple[bytes, list[DecodedImage], int]]:
-    """name -> (ONNX bytes, images, how many); the lite models get fewer images (photos)."""
+def calibration_models(
+    models_dir: Path, only: set[str] | None = None
+) -> dict[str, tuple[bytes, list[DecodedImage], int]]:
+    """name -> (ONNX bytes, images, how many); the lite models get fewer images (photos).
+    ``only``: build just these models (the others are left out)."""
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     out: dict[str, tuple[bytes, list[DecodedImage], int]] = {}
     for name in ("shapes_small_cnn", "shapes_small_resnet"):
-        out[name] = ((REFERENCE / f"{name}.onnx").read_bytes(), shapes_images(MAX_IMAGES, 32), 256)
+        if wanted(name):
+            data = (REFERENCE / f"{name}.onnx").read_bytes()
+            out[name] = (data, shapes_images(MAX_IMAGES, 32), 256)
     for name in ("digits_small_cnn", "digits_small_resnet"):
-        out[name] = ((REFERENCE / f"{name}.onnx").read_bytes(), digits_images(MAX_IMAGES), 256)
+        if wanted(name):
+            out[name] = ((REFERENCE / f"{name}.onnx").read_bytes(), digits_images(MAX_IMAGES), 256)
     from examples.calibration.train_families import FAMILIES
 
     for family, (_, dataset, _, _) in FAMILIES.items():
         path = models_dir / f"{family}.onnx"
-        if path.exists():
+        if path.exists() and wanted(f"{dataset}64_{family}"):
             images = (
                 shapes_images(MAX_IMAGES, 64) if dataset == "shapes" else digits_images(256, 64)
             )
             out[f"{dataset}64_{family}"] = (path.read_bytes(), images, 256)
     for variant in (1, 2):
-        out[f"efficientnet_lite{variant}"] = (efficientnet_lite_onnx(variant), photo_images(96), 96)
+        if wanted(f"efficientnet_lite{variant}"):
+            data = efficientnet_lite_onnx(variant)
+            out[f"efficientnet_lite{variant}"] = (data, photo_images(96), 96)
     return out
 
 

@@ -70,6 +70,7 @@ BODY_KEYS = {
     "params",
     "training",
     "batch_size",
+    "adaptive",
     "webhook_url",
 }
 RETRY_AFTER_S = 2
@@ -115,7 +116,7 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
             load_policy(policy)
         except SpecError as exc:
             raise ApiError(422, "invalid_policy", exc.message) from None
-    for key in ("params", "training"):
+    for key in ("params", "training", "adaptive"):
         if body.get(key) is not None and not isinstance(body[key], dict):
             raise ApiError(422, "invalid_field", f"{key} must be a JSON object")
     spec = AuditSpec.from_dict(
@@ -133,6 +134,7 @@ def engine_spec(body: dict[str, Any]) -> dict[str, Any]:
             "policy": policy,
             "params": body.get("params") or {},
             "training": body.get("training") or {},
+            "adaptive": body.get("adaptive"),
         }
     )
     return spec.to_dict()

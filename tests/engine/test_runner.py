@@ -119,7 +119,7 @@ def test_report_roundtrips_through_json() -> None:
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     again = json.loads(json.dumps(AuditResult.from_dict(document).to_dict(), allow_nan=False))
     assert again == document
-    assert document["schema_version"] == "6"
+    assert document["schema_version"] == "7"
     assert document["environment"]["torch"].startswith("2.14")
 
 

@@ -250,3 +250,23 @@ def test_nullable_enums_are_one_named_type(doc: dict[str, Any]) -> None:
     audit = schemas["Audit"]["properties"]
     assert audit["documents_state"]["anyOf"][0] == {"$ref": "#/components/schemas/DocumentsState"}
     assert schemas["VerdictValue"]["enum"] == list(VERDICTS)
+
+
+def test_the_api_takes_adaptive_rounds_as_the_engine_declares_them(doc: dict[str, Any]) -> None:
+    request = doc["components"]["schemas"]["AuditRequest"]
+    rounds = doc["components"]["schemas"]["AdaptiveRounds"]["properties"]
+    assert {"$ref": "#/components/schemas/AdaptiveRounds"} in request["properties"]["adaptive"][
+        "anyOf"
+    ]
+    assert rounds["round_images"]["minimum"] == 1 and rounds["round_images"]["default"] == 32
+    stored = audits_api.engine_spec({"methods": ["gradient"], "adaptive": {"round_images": 16}})
+    assert stored["adaptive"] == {"round_images": 16, "max_images": None}
+    assert audits_api.engine_spec({"methods": ["gradient"]})["adaptive"] is None
+    validate(doc, {"round_images": 16}, doc["components"]["schemas"]["AdaptiveRounds"])
+    # what the engine refuses, the API refuses (422 through the engine error handler)
+    with pytest.raises(SpecError, match="an adaptive audit runs only"):
+        audits_api.engine_spec({"methods": ["gradient"], "tests": ["emprt"], "adaptive": {}})
+    with pytest.raises(SpecError, match="round_images must be in"):
+        audits_api.engine_spec({"methods": ["gradient"], "adaptive": {"round_images": 0}})
+    with pytest.raises(ValidationError):
+        validate(doc, {"round_images": 0}, doc["components"]["schemas"]["AdaptiveRounds"])

@@ -38,7 +38,7 @@ from .models.loader import load_model, resolve_input_spec
 from .progress import ProgressCallback, no_progress
 from .result import AuditResult
 from .runner import run_audit
-from .spec import AuditSpec, InputSpec, MethodParams, expand_tests
+from .spec import AdaptiveRounds, AuditSpec, InputSpec, MethodParams, expand_tests
 
 __all__ = [
     "DEFAULT_TESTS",
@@ -140,6 +140,23 @@ def _module_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def adaptive_rounds(
+    adaptive: AdaptiveRounds | Mapping[str, Any] | int | bool | None,
+) -> AdaptiveRounds | None:
+    """The spec's ``adaptive`` from the Python API's and the CLI's shorthands: ``None`` or
+    ``False`` (every image at once), ``True`` (the default rounds), an int (images per round)
+    or the fields of :class:`~.spec.AdaptiveRounds`."""
+    if adaptive is None or adaptive is False:
+        return None
+    if adaptive is True:
+        return AdaptiveRounds()
+    if isinstance(adaptive, AdaptiveRounds):
+        return adaptive
+    if isinstance(adaptive, int):
+        return AdaptiveRounds(round_images=adaptive)
+    return AdaptiveRounds(**dict(adaptive))
+
+
 def audit(
     model: ModelInput,
     images: ImagesInput,
@@ -154,6 +171,7 @@ def audit(
     device: str = "auto",
     params: MethodParams | Mapping[str, Any] | None = None,
     policy: dict[str, Any] | None = None,
+    adaptive: AdaptiveRounds | Mapping[str, Any] | int | bool | None = None,
     spec: AuditSpec | None = None,
     image_names: Sequence[str] | None = None,
     targets: torch.Tensor | None = None,
@@ -173,7 +191,12 @@ def audit(
     every explainer given); ``explainers``: ``{name: callable(model, inputs, targets) ->
     maps}``, audited like built-in methods under their names (:class:`Explainer`).
     ``tests``: sanity checks (default: cascading randomization; ``()`` for maps only).
-    ``spec`` replaces methods, tests, seed, batch_size, device, params and policy at once.
+    ``adaptive``: add images in rounds and stop when every verdict is decided
+    (:class:`~.spec.AdaptiveRounds`; docs/policy.md): ``True`` for rounds of 32, an int for
+    that many images per round, or ``{"round_images": 32, "max_images": 512}``; the result's
+    ``adaptive`` says how many images were used and why it stopped.
+    ``spec`` replaces methods, tests, seed, batch_size, device, params, policy and adaptive
+    at once.
     The other arguments are :func:`~.runner.run_audit`'s.
     """
     for name, explainer in (explainers or {}).items():
@@ -208,6 +231,7 @@ def audit(
             if isinstance(params, MethodParams)
             else MethodParams(**dict(params or {})),
             policy=policy,
+            adaptive=adaptive_rounds(adaptive),
         )
     elif methods is not None:
         raise SpecError("pass either spec or methods, not both")

@@ -185,7 +185,9 @@ class MapInputs:
     weights are when :meth:`compute` runs), the images and targets explained, the methods, the
     spec (seed, batch size, parameters), the CAM layer, the device and the Integrated Gradients
     baseline. An audit builds it once; a test that changes one part (another class, noisy
-    images, a retrained copy) derives its own with ``dataclasses.replace``."""
+    images, a retrained copy) derives its own with ``dataclasses.replace``. ``first_image`` is
+    the position of the first of ``images`` in the audit's image order (an adaptive audit's
+    round starts past 0), so noise draws follow each image's position, not its round."""
 
     module: torch.nn.Module
     images: torch.Tensor
@@ -195,6 +197,7 @@ class MapInputs:
     layer: str | None
     device: torch.device
     baseline: torch.Tensor | None = None
+    first_image: int = 0
 
     def compute(
         self, random_control_key: str = "", progress: ProgressCallback = no_progress
@@ -211,6 +214,7 @@ class MapInputs:
             baseline=self.baseline,
             random_control_key=random_control_key,
             progress=progress,
+            first_image=self.first_image,
         )
 
 
@@ -226,12 +230,14 @@ def compute_maps(
     baseline: torch.Tensor | None = None,
     random_control_key: str = "",
     progress: ProgressCallback = no_progress,
+    first_image: int = 0,
 ) -> MapSet:
     """Every method in ``names`` on every image, batch by batch, each family once per batch.
 
     Noise draws depend only on (seed, batch), so the maps of two model states (a randomization
     stage and the trained model) see the same noise; ``control_random`` also mixes in
     ``random_control_key``, because a random map that never changes would not be random.
+    A batch is named by the position of its first image in the audit, ``first_image + start``.
     """
     n = int(images.shape[0])
     by_family: dict[str, list[str]] = {}
@@ -256,7 +262,7 @@ def compute_maps(
             ctx = MethodContext(
                 params=spec.params,
                 layer=layer,
-                generator=batch_generator(seed, start),
+                generator=batch_generator(seed, first_image + start),
                 baseline=baseline,
             )
             t0 = time.perf_counter()

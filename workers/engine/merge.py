@@ -11,7 +11,8 @@ are decided again over the merged scores, with the same policy and method order.
 
 Tests that do work independent of the methods (training the data randomization copies, the
 ``layers`` analysis' fixed method set) would be repeated by every part, so audits with them
-are not split (:func:`splittable`).
+are not split (:func:`splittable`), nor are adaptive audits (each part would stop at its own
+round, and the merge decides on one interval for all).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def families_of(methods: Sequence[str]) -> dict[str, list[str]]:
 
 
 def splittable(spec: AuditSpec) -> bool:
-    return set(spec.tests) <= SPLITTABLE_TESTS and len(families_of(spec.methods)) >= 2
+    return (
+        spec.adaptive is None
+        and set(spec.tests) <= SPLITTABLE_TESTS
+        and len(families_of(spec.methods)) >= 2
+    )
 
 
 def split_methods(spec: AuditSpec, parts: int) -> list[tuple[str, ...]]:

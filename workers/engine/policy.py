@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from .contract.policy import Policy as PolicyDocument
 from .contract.verdicts import CONTROLS
 from .errors import SpecError
 from .result import MapProblem, Score, TestResult, Verdict, VerdictValue
+from .sequential import confidence_sequence
 from .spec import MEASURES, TESTS
 from .stats import bootstrap_mean, key_seed
 
@@ -293,6 +295,15 @@ class Evidence:
     ci_high: float | None
     n: int
     sd: float | None = None  # per-image standard deviation of the deciding value
+    # the interval: a fixed-n ``bootstrap`` (:mod:`.stats`) or an anytime-valid confidence
+    # ``sequence`` (:mod:`.sequential`, adaptive audits)
+    interval: Literal["bootstrap", "sequence"] = "bootstrap"
+
+
+# A similarity (SSIM, Spearman, Pearson of HOG features) lies in [-1, 1]; an adaptive audit's
+# confidence sequence needs the bounds of what it averages (eMPRT's entropy rise has none).
+SIMILARITY_BOUNDS = (-1.0, 1.0)
+BOUNDED_MEASURES = MEASURES
 
 
 def _values(score: Score) -> np.ndarray:
@@ -340,6 +351,20 @@ def curve_area(stages: list[tuple[float, np.ndarray]], start: float, end: float)
         return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
 
 
+@dataclass(frozen=True)
+class Deciding:
+    """The per-image values a rule decides on for one method (in image order), before they are
+    reduced to a mean and an interval: ``stage`` labels them, ``bounds`` are the interval the
+    values cannot leave (None: unbounded), ``score`` is the single stage's stored score when
+    the values are that score's own (unscaled), and ``key`` seeds their bootstrap."""
+
+    stage: str
+    values: np.ndarray
+    bounds: tuple[float, float] | None
+    score: Score | None
+    key: tuple[str, ...]
+
+
 def fill_skipped(
     measured: list[tuple[float, np.ndarray]], fractions: list[float]
 ) -> list[tuple[float, np.ndarray]]:
@@ -361,29 +386,28 @@ def fill_skipped(
     return sorted(filled, key=lambda item: item[0])
 
 
-def evidence(
+def deciding_values(
     scores: list[Score],
     rule: Rule,
-    seed: int,
     *,
     fractions: dict[int, float] | None = None,
     controls: dict[str, list[Score]] | None = None,
     stage_count: int | None = None,
-) -> Evidence | None:
-    """The deciding number for one method under ``rule``, from its scores in one test.
+) -> Deciding | None:
+    """The per-image deciding values for one method under ``rule``, from its scores in one
+    test (see :func:`evidence`); None when the rule's measure or stage is missing.
 
-    ``fractions`` (:func:`stage_fractions`) place the stages on the curve for an ``area``;
-    ``controls`` (the two controls' scores in the same test) scale similarities for
-    ``scale: "controls"``. ``stage_count``: the test's stages (measured or not; default: the
-    highest stage scored). Stages are found by their index, so a test that measured only the
-    stages its rule reads (a stage plan) decides exactly as one that measured them all; an
-    area completes the skipped stages inside its span with :func:`fill_skipped`."""
+    ``stage_count``: the test's stages (measured or not; default: the highest stage scored).
+    Stages are found by their index, so a test that measured only the stages its rule reads (a
+    stage plan) decides exactly as one that measured them all; an area completes the skipped
+    stages inside its span with :func:`fill_skipped`."""
     chosen = sorted((s for s in scores if s.measure == rule.measure), key=lambda s: s.stage_index)
     if not chosen:
         return None
     scaled = _scaled(chosen, rule, controls)
     if scaled is None:
         return None
+    bounds = deciding_bounds(chosen, rule, controls)
     first = chosen[0]
     stage = rule.stage
     if isinstance(stage, dict) and "area" in stage:
@@ -391,22 +415,16 @@ def evidence(
             return None
         start, end = (float(v) for v in stage["area"])
         pairs = [(fractions[s.stage_index], v) for s, v in zip(chosen, scaled, strict=True)]
-        per_image = curve_area(fill_skipped(pairs, list(fractions.values())), start, end)
         label = f"area {start:g}-{end:g}"
-        return _estimate(label, per_image, seed, first.method, first.test, label, rule.measure)
+        key = (first.method, first.test, label, rule.measure)
+        per_image = curve_area(fill_skipped(pairs, list(fractions.values())), start, end)
+        return Deciding(label, per_image, bounds, None, key)
     if stage == "mean_over_stages":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # an image undefined at every stage
             per_image = np.nanmean(np.stack(scaled), axis=0)
-        return _estimate(
-            "mean_over_stages",
-            per_image,
-            seed,
-            first.method,
-            first.test,
-            "mean_over_stages",
-            rule.measure,
-        )
+        key = (first.method, first.test, "mean_over_stages", rule.measure)
+        return Deciding("mean_over_stages", per_image, bounds, None, key)
     total = stage_count or chosen[-1].stage_index
     position = {s.stage_index: k for k, s in enumerate(chosen)}
     if stage == "first":
@@ -426,12 +444,86 @@ def evidence(
         return None
     k = position[index]
     score = chosen[k]
+    key = (score.method, score.test, score.stage, "scaled")
+    own = score if rule.scale == "none" else None
+    return Deciding(score.stage, scaled[k], bounds, own, key)
+
+
+def deciding_bounds(
+    chosen: list[Score], rule: Rule, controls: dict[str, list[Score]] | None
+) -> tuple[float, float] | None:
+    """The interval a rule's per-image value cannot leave: [-1, 1] for a similarity; scaled by
+    the controls, (s - r) / (c - r) of s in [-1, 1] at each stage, the widest of the stages'
+    [(-1 - r) / (c - r), (1 - r) / (c - r)] (an area or a mean over stages is a weighted mean
+    of stage values, so it stays inside); None for eMPRT's entropy rise (unbounded above)."""
+    if rule.measure not in BOUNDED_MEASURES:
+        return None
+    low, high = SIMILARITY_BOUNDS
     if rule.scale == "none":
+        return low, high
+    spans = _control_spans(chosen, rule, controls)
+    ends = [((low - r) / (c - r), (high - r) / (c - r)) for r, c in spans.values()]
+    return min(e[0] for e in ends), max(e[1] for e in ends)
+
+
+def evidence(
+    scores: list[Score],
+    rule: Rule,
+    seed: int,
+    *,
+    fractions: dict[int, float] | None = None,
+    controls: dict[str, list[Score]] | None = None,
+    looks: Sequence[int] | None = None,
+    stage_count: int | None = None,
+) -> Evidence | None:
+    """The deciding number for one method under ``rule``, from its scores in one test.
+
+    ``fractions`` (:func:`stage_fractions`) place the stages on the curve for an ``area``;
+    ``controls`` (the two controls' scores in the same test) scale similarities for
+    ``scale: "controls"``. With ``looks`` (the numbers of images seen at each look of an
+    adaptive audit, the last being every image scored) the interval is the anytime-valid
+    confidence sequence over those looks (:mod:`.sequential`) instead of the bootstrap.
+    ``stage_count``: as :func:`deciding_values`."""
+    picked = deciding_values(
+        scores, rule, fractions=fractions, controls=controls, stage_count=stage_count
+    )
+    if picked is None:
+        return None
+    if looks is not None:
+        if picked.bounds is None:
+            raise SpecError(f"{rule.measure} is unbounded: no confidence sequence for it")
+        cs = confidence_sequence(picked.values, picked.bounds, looks)
+        finite = picked.values[np.isfinite(picked.values)]
+        sd = float(finite.std(ddof=1)) if finite.size > 1 else None
+        if cs is None:
+            return Evidence(picked.stage, None, None, None, 0, None, "sequence")
+        return Evidence(picked.stage, cs.mean, cs.low, cs.high, cs.n, sd, "sequence")
+    if picked.score is not None:
+        score = picked.score
         finite = _values(score)
         finite = finite[np.isfinite(finite)]
         sd = float(finite.std(ddof=1)) if finite.size > 1 else None
         return Evidence(score.stage, score.mean, score.ci_low, score.ci_high, score.n, sd)
-    return _estimate(score.stage, scaled[k], seed, score.method, score.test, score.stage, "scaled")
+    return _estimate(picked.stage, picked.values, seed, *picked.key)
+
+
+def _control_spans(
+    chosen: list[Score], rule: Rule, controls: dict[str, list[Score]] | None
+) -> dict[int, tuple[float, float]]:
+    """Per stage index, the means of (control_random, control_sobel) under the rule's
+    measure; stages where either is missing are left out."""
+    by_stage: dict[str, dict[int, float]] = {}
+    for control in ("control_random", "control_sobel"):
+        for score in (controls or {}).get(control, []):
+            if score.measure == rule.measure and score.mean is not None:
+                by_stage.setdefault(control, {})[score.stage_index] = score.mean
+    spans = {}
+    for score in chosen:
+        low = by_stage.get("control_random", {}).get(score.stage_index)
+        high = by_stage.get("control_sobel", {}).get(score.stage_index)
+        if low is not None and high is not None:
+            spans[score.stage_index] = (low, high)
+    return spans
 
 
 def _scaled(
@@ -442,17 +534,13 @@ def _scaled(
     values = [_values(s) for s in chosen]
     if rule.scale == "none":
         return values
-    by_stage: dict[str, dict[int, float]] = {}
-    for control in ("control_random", "control_sobel"):
-        for score in (controls or {}).get(control, []):
-            if score.measure == rule.measure and score.mean is not None:
-                by_stage.setdefault(control, {})[score.stage_index] = score.mean
+    spans = _control_spans(chosen, rule, controls)
     out = []
     for score, v in zip(chosen, values, strict=True):
-        low = by_stage.get("control_random", {}).get(score.stage_index)
-        high = by_stage.get("control_sobel", {}).get(score.stage_index)
-        if low is None or high is None or not high > low:
+        span = spans.get(score.stage_index)
+        if span is None or not span[1] > span[0]:
             return None
+        low, high = span
         out.append((v - low) / (high - low))
     return out
 
@@ -476,6 +564,19 @@ def images_to_decide(ev: Evidence, rule: Rule) -> int | None:
     return max(ev.n + 1, math.ceil((1.96 * ev.sd / gap) ** 2))
 
 
+def interval_verdicts(
+    low: np.ndarray | float, high: np.ndarray | float, rule: Rule
+) -> tuple[np.ndarray, np.ndarray]:
+    """(PASS, FAIL) of intervals [low, high] under ``rule``'s thresholds, elementwise: PASS when
+    the whole interval lies on the pass side of ``threshold``, FAIL when it lies at or beyond
+    ``fail_bound`` (touching counts as the fail side). An adaptive audit and its simulation
+    (tests/engine/test_sequential.py) decide with this same function."""
+    low, high = np.asarray(low), np.asarray(high)
+    if rule.pass_when == "below":
+        return high < rule.threshold, low >= rule.fail_bound
+    return low > rule.threshold, high <= rule.fail_bound
+
+
 def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
     if ev.mean is None or ev.ci_low is None or ev.ci_high is None:
         return "INCONCLUSIVE", f"{rule.measure} is undefined for every image"
@@ -488,8 +589,10 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
         else "the maps' entropy did not rise enough"
     )
     scaled = " (scaled by the controls)" if rule.scale == "controls" else ""
+    sequence = ev.interval == "sequence"
+    kind = "95% confidence sequence" if sequence else "95% CI"
     where = (
-        f"{rule.measure}{scaled} at {ev.stage}: mean {ev.mean:.3f}, 95% CI [{ev.ci_low:.3f}, "
+        f"{rule.measure}{scaled} at {ev.stage}: mean {ev.mean:.3f}, {kind} [{ev.ci_low:.3f}, "
         f"{ev.ci_high:.3f}], n={ev.n}"
     )
     if rule.interval == "mean":
@@ -499,8 +602,7 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
         low, high = ev.ci_low, ev.ci_high
         what = "interval"
     fail = rule.fail_bound
-    on_pass_side = high < rule.threshold if rule.pass_when == "below" else low > rule.threshold
-    on_fail_side = low >= fail if rule.pass_when == "below" else high <= fail
+    on_pass_side, on_fail_side = interval_verdicts(low, high, rule)
     if on_pass_side:
         return "PASS", f"{where}; the {what} lies {below} the threshold {rule.threshold}: {changed}"
     if on_fail_side:
@@ -518,14 +620,22 @@ def _decide_one(ev: Evidence, rule: Rule) -> tuple[VerdictValue, str]:
             f"the interval reaches between the PASS threshold {rule.threshold} and the FAIL "
             f"threshold {fail}"
         )
-    needed = images_to_decide(ev, rule)
+    # the normal approximation speaks of a fixed-n interval, not of a confidence sequence
+    needed = None if sequence else images_to_decide(ev, rule)
+    in_zone = (
+        rule.threshold <= ev.mean < fail
+        if rule.pass_when == "below"
+        else fail < ev.mean <= rule.threshold
+    )
     if needed is not None:
         why += f"; about {needed} images would likely decide it"
-    elif ev.mean is not None and rule.interval == "beyond":
+    elif ev.mean is not None and rule.interval == "beyond" and (in_zone or not sequence):
         why += (
             "; the mean lies in the undecided zone between the thresholds: more images decide "
             "it only if the mean moves out of the zone"
         )
+    elif sequence:
+        why += "; more images would likely decide it"
     return "INCONCLUSIVE", f"{where}; {why}"
 
 
@@ -542,9 +652,12 @@ def decide(
     tests: dict[str, TestResult],
     methods: dict[str, tuple[bool, str | None]],
     seed: int,
+    *,
+    looks: Sequence[int] | None = None,
 ) -> list[Verdict]:
     """A verdict for every (method, test) run. ``methods``: name -> (is_control, the reason it
-    was not applicable, or None)."""
+    was not applicable, or None). ``looks``: an adaptive audit's numbers of images seen at each
+    of its looks so far; the intervals are then its anytime-valid confidence sequences."""
     verdicts: list[Verdict] = []
     for test_name, test in tests.items():
         rule = policy.rules.get(test_name)
@@ -598,6 +711,7 @@ def decide(
                 seed,
                 fractions=fractions,
                 controls=controls,
+                looks=looks,
                 stage_count=len(test.stages) or None,
             )
             detail: dict[str, Any] = dict(
@@ -652,3 +766,23 @@ def decide(
                 )
             verdicts.append(v)
     return verdicts
+
+
+def pending_verdicts(policy: Policy, verdicts: list[Verdict]) -> list[Verdict]:
+    """The verdicts more images could still decide: INCONCLUSIVE with an interval (it reaches
+    across a threshold, or a control that is itself still open blocks it), in a test whose
+    controls did not get a wrong verdict (then every verdict of the test stays INCONCLUSIVE
+    whatever more images show). INCONCLUSIVE for a reason that is no matter of sample size (not
+    applicable, maps that cannot carry a verdict, no rule, a test not run) is not pending."""
+    settled = {
+        v.test
+        for v in verdicts
+        if v.is_control
+        and v.verdict != "INCONCLUSIVE"
+        and policy.controls.get(v.test, {}).get(v.method, v.verdict) != v.verdict
+    }
+    return [
+        v
+        for v in verdicts
+        if v.verdict == "INCONCLUSIVE" and v.ci_low is not None and v.test not in settled
+    ]

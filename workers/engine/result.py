@@ -19,7 +19,10 @@ from .contract.report import (
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     TRAINED_STAGE,
+    AdaptiveRound,
+    AdaptiveRun,
     Conservation,
+    Fidelity,
     ImageRecord,
     MapProblem,
     MapStatistics,
@@ -38,8 +41,11 @@ __all__ = [
     "READABLE_SCHEMA_VERSIONS",
     "SCHEMA_VERSION",
     "TRAINED_STAGE",
+    "AdaptiveRound",
+    "AdaptiveRun",
     "AuditResult",
     "Conservation",
+    "Fidelity",
     "ImageRecord",
     "MapProblem",
     "MapStatistics",
@@ -68,12 +74,14 @@ class AuditResult:
     tests: dict[str, TestResult] = field(default_factory=dict)
     verdicts: list[Verdict] = field(default_factory=list)
     policy: dict[str, Any] | None = None
+    # an adaptive audit's rounds and why it stopped; None for a fixed audit
+    adaptive: AdaptiveRun | None = None
     schema_version: str = SCHEMA_VERSION
     # method name -> (N, H, W) float32 maps; not part of the JSON document
     maps: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        document = {
             "schema_version": self.schema_version,
             "verdicts": [asdict(v) for v in self.verdicts],
             "spec": self.spec,
@@ -86,6 +94,9 @@ class AuditResult:
             "policy": self.policy,
             "tests": {k: v.to_dict() for k, v in self.tests.items()},
         }
+        if self.adaptive is not None:
+            document["adaptive"] = asdict(self.adaptive)
+        return document
 
     def write(self, folder: str | Path) -> Path:
         """Write ``report.json`` and ``maps.npz`` (method -> (N, H, W) maps) into ``folder``,
@@ -129,5 +140,13 @@ class AuditResult:
             tests={k: TestResult.from_dict(v) for k, v in data.get("tests", {}).items()},
             verdicts=[Verdict(**v) for v in data.get("verdicts", [])],
             policy=data.get("policy"),
+            adaptive=_adaptive(data.get("adaptive")),
             schema_version=version,
         )
+
+
+def _adaptive(data: dict[str, Any] | None) -> AdaptiveRun | None:
+    if data is None:
+        return None
+    rounds = tuple(AdaptiveRound(**r) for r in data["rounds"])
+    return AdaptiveRun(**{**data, "rounds": rounds})

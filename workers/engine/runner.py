@@ -10,16 +10,24 @@ and decides a verdict per (method, test) with the policy (:mod:`.policy`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 import numpy as np
 import torch
 
 from . import sanity, similarity
+from .adaptive import (
+    adaptive_run,
+    finish_tests,
+    image_order,
+    merge_map_sets,
+    merge_tests,
+)
 from .checks import AuditContext, Check, check_info
 from .data_randomization import LabeledImages
 from .errors import SpecError
@@ -31,23 +39,26 @@ from .maps import (
     methods_to_run,
     summarize_conservation,
 )
-from .methods import METHODS, cam_layer_choice
+from .methods import METHODS, LayerChoice, cam_layer_choice
 from .methods.integrated import baseline_for_input_spec
 from .methods.lrp import lrp_composite
 from .models.base import LoadedModel
-from .policy import decide, load_policy
+from .policy import Policy, decide, load_policy, pending_verdicts
 from .progress import ProgressCallback, no_progress
 from .result import (
     TRAINED_STAGE,
     AuditResult,
+    Fidelity,
     ImageRecord,
     MapStatistics,
     MethodResult,
     MethodStatus,
     ScoreSummary,
     TestResult,
+    Verdict,
     finite_or_none,
 )
+from .sequential import round_looks
 from .spec import AuditSpec
 
 __all__ = ["MapSet", "compute_maps", "methods_to_run", "run_audit"]
@@ -123,6 +134,10 @@ def run_audit(
     ``random_label_model`` (the same architecture trained on random labels) is what the
     ``data_randomization`` test needs. ``masks`` (N, H, W) booleans at the input size are the
     objects' ground truth; with them the ``layers`` analysis scores localization too.
+
+    With ``spec.adaptive`` the images are taken in a seeded random order, a round at a time,
+    and the audit stops when every verdict is decided (:mod:`.adaptive`); its report says how
+    many images it used and why it stopped.
     """
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -142,42 +157,80 @@ def run_audit(
     image_names = list(image_names) if image_names is not None else [f"image_{i}" for i in range(n)]
     if len(image_names) != n:
         raise SpecError("image_names must have one name per image")
+    available = n
+    if spec.adaptive is not None:  # the images in the order the rounds take them
+        if targets is not None and targets.shape != (n,):
+            raise SpecError(f"targets must have shape ({n},)")
+        order = image_order(n, spec)
+        index = torch.from_numpy(order)
+        images = images[index]
+        image_names = [image_names[i] for i in order]
+        targets = targets[index] if targets is not None else None
+        masks = masks[index] if masks is not None else None
+        n = int(order.size)
     device = resolve_device(spec.device)
     module = model.module.to(device).eval()
     module.to(memory_format=memory_format_for(images))
     torch.manual_seed(spec.seed)  # libraries that draw from the global RNG stay repeatable too
 
-    fidelity = None
-    if model.onnx_bytes is not None:
-        from .models.fidelity import ensure_fidelity
-
-        progress(0.0, "fidelity check against ONNX Runtime")
-        t0 = time.perf_counter()
-        fidelity = ensure_fidelity(
-            model, images, atol=spec.fidelity_atol, rtol=spec.fidelity_rtol
-        ).to_dict()
-        timings["fidelity"] = time.perf_counter() - t0
-
-    progress(0.02, "predictions")
-    t0 = time.perf_counter()
-    # The module returns scores, never probabilities (a graph's softmax head is left out of it,
-    # model.output says so), so their softmax is the model's own probabilities: the graph's
-    # output for a Softmax head, exp of it for LogSoftmax (checked against ONNX Runtime above).
-    with torch.inference_mode():
-        probs = torch.cat(
-            [
-                torch.softmax(module(images[i : i + spec.batch_size].to(device)).float(), dim=1)
-                for i in range(0, n, spec.batch_size)
-            ]
-        ).cpu()
-    timings["predictions"] = time.perf_counter() - t0
-    predicted = probs.argmax(dim=1)
-    if targets is None:
-        targets = predicted
-    elif targets.shape != (n,):
+    looks = round_looks(n, spec.adaptive.round_images) if spec.adaptive is not None else [n]
+    given_targets = targets
+    if given_targets is not None and given_targets.shape != (n,):
         raise SpecError(f"targets must have shape ({n},)")
-    elif int(targets.max()) >= probs.shape[1] or int(targets.min()) < 0:
-        raise SpecError(f"targets must be class indices in [0, {probs.shape[1]})")
+    fidelity_parts: list[Fidelity] = []
+    prob_parts: list[torch.Tensor] = []
+
+    def check_and_predict(start: int, end: int, say: ProgressCallback) -> None:
+        """The fidelity check and the predictions of images ``start:end``: every image at once,
+        or an adaptive audit's round (so it checks only the images it uses)."""
+        if model.onnx_bytes is not None:
+            from .models.fidelity import ensure_fidelity
+
+            say(0.0, "fidelity check against ONNX Runtime")
+            t0 = time.perf_counter()
+            fidelity_parts.append(
+                ensure_fidelity(
+                    model,
+                    images[start:end],
+                    atol=spec.fidelity_atol,
+                    rtol=spec.fidelity_rtol,
+                    first_image=start,
+                )
+            )
+            timings["fidelity"] = timings.get("fidelity", 0.0) + time.perf_counter() - t0
+        say(0.02, "predictions")
+        t0 = time.perf_counter()
+        # The module returns scores, never probabilities (a graph's softmax head is left out of
+        # it, model.output says so), so their softmax is the model's own probabilities: the
+        # graph's output for a Softmax head, exp of it for LogSoftmax (checked against ONNX
+        # Runtime above).
+        with torch.inference_mode():
+            prob_parts.append(
+                torch.cat(
+                    [
+                        torch.softmax(
+                            module(images[i : i + spec.batch_size].to(device)).float(), dim=1
+                        )
+                        for i in range(start, end, spec.batch_size)
+                    ]
+                ).cpu()
+            )
+        timings["predictions"] = timings.get("predictions", 0.0) + time.perf_counter() - t0
+
+    check_and_predict(0, looks[0], progress)
+    num_classes = int(prob_parts[0].shape[1])
+    if given_targets is not None and (
+        int(given_targets.max()) >= num_classes or int(given_targets.min()) < 0
+    ):
+        raise SpecError(f"targets must be class indices in [0, {num_classes})")
+
+    def targets_of(start: int, end: int) -> torch.Tensor:
+        """The class each map of images ``start:end`` explains: the given one, or the
+        predicted one."""
+        if given_targets is not None:
+            return given_targets[start:end]
+        return torch.cat(prob_parts)[start:end].argmax(dim=1)
+
     class_names = model.input_spec.class_names
 
     layer_choice = cam_layer_choice(module, spec.layer, images[:1].to(device))
@@ -193,55 +246,85 @@ def run_audit(
         )
 
     weights = _progress_weights(spec, module, checks)
-    share = 0.9 * weights["maps"] / sum(weights.values())
     baseline = baseline_for_input_spec(model.input_spec, spec.params.ig_baseline)
-    t0 = time.perf_counter()
-    inputs = MapInputs(module, images, targets, names, spec, layer, device, baseline)
-    mapset = inputs.compute(progress=lambda f, step: progress(0.05 + share * f, step))
-    timings["maps"] = time.perf_counter() - t0
-    position = 0.05 + share
-
-    tests: dict[str, TestResult] = {}
-    ctx = AuditContext(
-        inputs=inputs,
-        states=sanity.RandomizedStates(inputs, mapset, checks=policy.checks),
-        num_classes=int(probs.shape[1]),
+    run_checks = _Measure(
+        checks=checks,
         policy=policy,
+        weights=weights,
+        num_classes=num_classes,
         train=train,
         random_label_model=random_label_model.module if random_label_model is not None else None,
-        masks=masks,
+        timings=timings,
+        intervals=spec.adaptive is None,
     )
-    for check in checks:
-        span = 0.9 * weights[check.name] / sum(weights.values())
 
-        def check_progress(
-            f: float, step: str, start: float = position, span: float = span
-        ) -> None:
-            progress(start + span * f, step)
+    def inputs_of(start: int, end: int) -> MapInputs:
+        return MapInputs(
+            module, images[start:end], targets_of(start, end), names, spec, layer, device,
+            baseline, first_image=start,
+        )  # fmt: skip
 
-        t0 = time.perf_counter()
-        tests[check.name] = check.run(dataclasses.replace(ctx, progress=check_progress))
-        ctx.states.restore()  # every check leaves the trained weights (a no-op after the tests)
-        timings[f"test_{check.name}"] = time.perf_counter() - t0
-        position += span
+    def verdicts_of(
+        mapset: MapSet, tests: dict[str, TestResult], looks: Sequence[int] | None
+    ) -> list[Verdict]:
+        not_applicable = _not_applicable(mapset, names, layer_choice)
+        return decide(
+            policy,
+            {name: test for name, test in tests.items() if check_info(name).kind == "test"},
+            {name: (METHODS[name].is_control, not_applicable.get(name)) for name in names},
+            spec.seed,
+            looks=looks,
+        )
+
+    adaptive = None
+    if spec.adaptive is None:
+        mapset, tests = run_checks(
+            inputs_of(0, n), masks, lambda f, step: progress(0.05 + 0.9 * f, step)
+        )
+        verdicts = verdicts_of(mapset, tests, None)
+    else:
+        rounds: list[tuple[int, list[Verdict], list[Verdict]]] = []
+        for k, end in enumerate(looks):
+            start = looks[k - 1] if k else 0
+
+            def round_progress(f: float, step: str, k: int = k, start: int = start) -> None:
+                where = f"round {k + 1} of at most {len(looks)} (images {start + 1}-{looks[k]})"
+                progress(0.05 + 0.9 * (k + f) / len(looks), f"{where}: {step}")
+
+            if k:
+                check_and_predict(start, end, lambda f, step: round_progress(0.0, step))
+            part_maps, part_tests = run_checks(inputs_of(start, end), None, round_progress)
+            if k == 0:
+                mapset, tests = part_maps, part_tests
+            else:
+                mapset = merge_map_sets(mapset, part_maps)
+                tests = {t: merge_tests(tests[t], part_tests[t], end) for t in tests}
+            verdicts = verdicts_of(mapset, tests, looks[: k + 1])
+            pending = pending_verdicts(policy, verdicts)
+            rounds.append((end, verdicts, pending))
+            if not pending:
+                break
+        used = rounds[-1][0]
+        tests = finish_tests(tests, spec.seed)
+        verdicts = verdicts_of(mapset, tests, looks[: len(rounds)])
+        adaptive = adaptive_run(spec, available=available, rounds=rounds)
+        n, images, image_names = used, images[:used], image_names[:used]
+    probs = torch.cat(prob_parts)
+    predicted = probs.argmax(dim=1)
+    targets = targets_of(0, n)
+    fidelity = None
+    if fidelity_parts:
+        from .models.fidelity import merge_fidelity
+
+        fidelity = functools.reduce(merge_fidelity, fidelity_parts).to_dict()
     family_time = mapset.family_time
     native_channels = mapset.native_channels
-    not_applicable = dict(mapset.not_applicable)
-    if layer is None:  # say why there is no CAM layer, not only that there is none
-        for name in names:
-            if name in not_applicable and METHODS[name].needs_conv_layer:
-                not_applicable[name] = layer_choice.reason
+    not_applicable = _not_applicable(mapset, names, layer_choice)
     by_family = mapset.by_family
     reference_problems = map_problems(mapset, policy.checks, TRAINED_STAGE, trained=True)
     timings["methods"] = sum(family_time.values())
 
     progress(0.96, "summaries and verdicts")
-    verdicts = decide(
-        policy,
-        {name: test for name, test in tests.items() if check_info(name).kind == "test"},
-        {name: (METHODS[name].is_control, not_applicable.get(name)) for name in names},
-        spec.seed,
-    )
     maps = mapset.maps
     sobel = torch.from_numpy(maps["control_sobel"])
     sobel_prepared = {  # prepared once: every method is compared with the same Sobel maps
@@ -334,8 +417,76 @@ def run_audit(
         tests=tests,
         verdicts=verdicts,
         policy=policy.document,
+        adaptive=adaptive,
         maps=maps,
     )
+
+
+def _not_applicable(
+    mapset: MapSet, names: Sequence[str], layer_choice: LayerChoice
+) -> dict[str, str]:
+    """Method -> why it does not apply to this model (with no CAM layer, why there is none)."""
+    not_applicable = dict(mapset.not_applicable)
+    if layer_choice.name is None:  # say why there is no CAM layer, not only that there is none
+        for name in names:
+            if name in not_applicable and METHODS[name].needs_conv_layer:
+                not_applicable[name] = layer_choice.reason
+    return not_applicable
+
+
+@dataclass(frozen=True, eq=False)
+class _Measure:
+    """The measuring part of an audit on one set of images: the trained model's maps, then each
+    check, with progress over 0..1 of it and the wall times added to ``timings``."""
+
+    checks: Sequence[Check]
+    policy: Policy
+    weights: dict[str, float]
+    num_classes: int
+    train: LabeledImages | None
+    random_label_model: torch.nn.Module | None
+    timings: dict[str, float]
+    # False for an adaptive audit's rounds: their scores get their intervals once merged
+    intervals: bool = True
+
+    def __call__(
+        self, inputs: MapInputs, masks: torch.Tensor | None, progress: ProgressCallback
+    ) -> tuple[MapSet, dict[str, TestResult]]:
+        total = sum(self.weights.values())
+        share = self.weights["maps"] / total
+        t0 = time.perf_counter()
+        mapset = inputs.compute(progress=lambda f, step: progress(share * f, step))
+        self._add("maps", time.perf_counter() - t0)
+        position = share
+        tests: dict[str, TestResult] = {}
+        ctx = AuditContext(
+            inputs=inputs,
+            states=sanity.RandomizedStates(
+                inputs, mapset, checks=self.policy.checks, intervals=self.intervals
+            ),
+            num_classes=self.num_classes,
+            policy=self.policy,
+            train=self.train,
+            random_label_model=self.random_label_model,
+            masks=masks,
+        )
+        for check in self.checks:
+            span = self.weights[check.name] / total
+
+            def check_progress(
+                f: float, step: str, start: float = position, span: float = span
+            ) -> None:
+                progress(start + span * f, step)
+
+            t0 = time.perf_counter()
+            tests[check.name] = check.run(dataclasses.replace(ctx, progress=check_progress))
+            ctx.states.restore()  # every check leaves the trained weights (a no-op after the tests)
+            self._add(f"test_{check.name}", time.perf_counter() - t0)
+            position += span
+        return mapset, tests
+
+    def _add(self, key: str, seconds: float) -> None:
+        self.timings[key] = self.timings.get(key, 0.0) + seconds
 
 
 def _progress_weights(

@@ -39,7 +39,7 @@ from .randomization import (
 )
 from .result import TRAINED_STAGE, MapProblem, Score, StageInfo, TestResult
 from .spec import AuditSpec, Granularity
-from .stats import bootstrap_mean, key_seed
+from .stats import Estimate, bootstrap_mean, key_seed
 
 if TYPE_CHECKING:
     from .checks import Check
@@ -137,8 +137,18 @@ def make_score(
     stage_index: int,
     measure: str,
     seed: int,
+    interval: bool = True,
 ) -> Score:
-    est = bootstrap_mean(values, key_seed(seed, method, test, stage, measure))
+    """One score: the mean of the per-image ``values`` with its seeded bootstrap interval
+    (``interval=False``: the mean alone, for an adaptive audit's round, whose scores are
+    merged with the other rounds' and given their interval once at the end)."""
+    if not interval:
+        values = np.asarray(values, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        mean = float(finite.mean()) if finite.size else None
+        est = Estimate(mean, None, None, int(finite.size), int(values.size - finite.size))
+    else:
+        est = bootstrap_mean(values, key_seed(seed, method, test, stage, measure))
     return Score(
         method=method,
         test=test,
@@ -155,11 +165,24 @@ def make_score(
 
 
 def scores_of(
-    values: dict[str, dict[str, np.ndarray]], *, test: str, stage: str, stage_index: int, seed: int
+    values: dict[str, dict[str, np.ndarray]],
+    *,
+    test: str,
+    stage: str,
+    stage_index: int,
+    seed: int,
+    interval: bool = True,
 ) -> list[Score]:
     return [
         make_score(
-            v, method=m, test=test, stage=stage, stage_index=stage_index, measure=k, seed=seed
+            v,
+            method=m,
+            test=test,
+            stage=stage,
+            stage_index=stage_index,
+            measure=k,
+            seed=seed,
+            interval=interval,
         )
         for m, by_measure in values.items()
         for k, v in by_measure.items()
@@ -230,10 +253,17 @@ class RandomizedStates:
     trained model's ``reference`` maps."""
 
     def __init__(
-        self, inputs: MapInputs, reference: MapSet, *, checks: MapChecks | None = None
+        self,
+        inputs: MapInputs,
+        reference: MapSet,
+        *,
+        checks: MapChecks | None = None,
+        intervals: bool = True,
     ) -> None:
         self.inputs = inputs
         self.checks = checks or MapChecks()
+        # False for an adaptive audit's rounds: their scores get their intervals once merged
+        self.intervals = intervals
         # the trained model's maps that cannot carry a verdict: every test reports them
         self.reference_problems = problems_of(reference, self.checks, TRAINED_STAGE)
         self.reference = reference
@@ -356,6 +386,7 @@ def model_randomization(
                 stage=stage.name,
                 stage_index=stage.index,
                 seed=states.spec.seed,
+                interval=states.intervals,
             )
     finally:
         states.restore()
@@ -413,18 +444,28 @@ def emprt(states: RandomizedStates, progress: ProgressCallback = no_progress) ->
                 stage_index=1,
                 measure="entropy_rise",
                 seed=states.spec.seed,
+                interval=states.intervals,
             )
         )
     return result
 
 
-def noisy_copies(images: torch.Tensor, level: float, samples: int, seed: int) -> list[torch.Tensor]:
+def _round_key(first_image: int) -> tuple[str, ...]:
+    """What a random draw over a batch of images adds to its key when the batch does not start
+    the audit (an adaptive audit's later rounds): their own draws, not the first round's."""
+    return (str(first_image),) if first_image else ()
+
+
+def noisy_copies(
+    images: torch.Tensor, level: float, samples: int, seed: int, first_image: int = 0
+) -> list[torch.Tensor]:
     """sMPRT's inputs: ``samples - 1`` noisy copies of each image, noise sigma =
     ``level * (max - min)`` of that image, and the clean images last (as Quantus SmoothMPRT)."""
     span = (images.amax(dim=(1, 2, 3)) - images.amin(dim=(1, 2, 3))).view(-1, 1, 1, 1)
     out = []
     for k in range(samples - 1):
-        g = torch.Generator().manual_seed(key_seed(seed, "smprt_noise", str(k)) >> 1)
+        key = key_seed(seed, "smprt_noise", str(k), *_round_key(first_image))
+        g = torch.Generator().manual_seed(key >> 1)
         noise = torch.randn(images.shape, generator=g, dtype=images.dtype)
         out.append(images + noise * level * span)
     out.append(images)
@@ -484,7 +525,11 @@ def smprt(states: RandomizedStates, progress: ProgressCallback = no_progress) ->
     info = registered_check("smprt")
     params = states.spec.params
     copies = noisy_copies(
-        states.images, params.smprt_noise_level, params.smprt_samples, states.spec.seed
+        states.images,
+        params.smprt_noise_level,
+        params.smprt_samples,
+        states.spec.seed,
+        states.inputs.first_image,
     )
     trained = smoothed_maps(
         states.inputs,
@@ -526,13 +571,17 @@ def smprt(states: RandomizedStates, progress: ProgressCallback = no_progress) ->
         stage=FULL_RANDOMIZATION,
         stage_index=1,
         seed=states.spec.seed,
+        interval=states.intervals,
     )
     return result
 
 
-def other_classes(targets: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
+def other_classes(
+    targets: torch.Tensor, num_classes: int, seed: int, first_image: int = 0
+) -> torch.Tensor:
     """For each image a class drawn uniformly from the ``num_classes - 1`` others (seeded)."""
-    g = torch.Generator().manual_seed(key_seed(seed, "random_logit") >> 1)
+    key = key_seed(seed, "random_logit", *_round_key(first_image))
+    g = torch.Generator().manual_seed(key >> 1)
     offset = torch.randint(1, num_classes, targets.shape, generator=g)
     return (targets.cpu() + offset) % num_classes
 
@@ -553,7 +602,7 @@ def random_logit(
         result.status = "not_run"
         result.reason = "the model has a single output class"
         return result
-    others = other_classes(states.targets, num_classes, states.spec.seed)
+    others = other_classes(states.targets, num_classes, states.spec.seed, states.inputs.first_image)
     maps = dataclasses.replace(states.inputs, targets=others).compute(
         random_control_key="random_logit", progress=progress
     )
@@ -569,5 +618,6 @@ def random_logit(
         stage="random_class",
         stage_index=1,
         seed=states.spec.seed,
+        interval=states.intervals,
     )
     return result

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 # The shapes and their bounds are declared once, in the contract (torch-free, shared with the
 # API); this module keeps the engine's helpers around them.
 from .contract.spec import (
+    ADAPTIVE_TESTS,
     ANALYSES,
     GRAY_MEAN,
     GRAY_STD,
@@ -17,6 +18,7 @@ from .contract.spec import (
     MODEL_RANDOMIZATION_TESTS,
     SPEC_SOURCES,
     TESTS,
+    AdaptiveRounds,
     AuditSpec,
     ChannelOrder,
     Granularity,
@@ -31,6 +33,7 @@ from .contract.spec import (
 from .errors import ModelLoadError, OutputRequiredError, Shape, UnknownOutputError
 
 __all__ = [
+    "ADAPTIVE_TESTS",
     "ANALYSES",
     "GRAY_MEAN",
     "GRAY_STD",
@@ -41,6 +44,7 @@ __all__ = [
     "MODEL_RANDOMIZATION_TESTS",
     "SPEC_SOURCES",
     "TESTS",
+    "AdaptiveRounds",
     "AuditSpec",
     "ChannelOrder",
     "Granularity",

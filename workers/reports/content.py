@@ -516,15 +516,22 @@ def _verdict_blocks(r: _Report) -> list[Block]:
             )
         rows.append(tuple(cells))
     policy = r.policy
+    adaptive = r.report.get("adaptive")
+    interval_words = (
+        "its anytime-valid 95% confidence sequence (an adaptive audit: "
+        f"{adaptive.get('reason', MISSING)})"
+        if adaptive
+        else "its 95% bootstrap interval over images"
+    )
     blocks: list[Block] = [
         Table(
             header=tuple(header),
             rows=tuple(rows),
             caption=(
                 f"Verdicts (policy {policy.get('name', MISSING)} {policy.get('version', '')}). "
-                "Each cell: the verdict, then the deciding score's mean and its 95% bootstrap "
-                "interval over images. PASS: the maps changed when the model (or data, or "
-                "class) did; FAIL: they did not."
+                f"Each cell: the verdict, then the deciding score's mean and {interval_words}. "
+                "PASS: the maps changed when the model (or data, or class) did; FAIL: they "
+                "did not."
             ),
             column_weights=(1.1,),
         )

@@ -109,6 +109,11 @@ def report_pictures(
     stage, method, image, sha256, media_type, size_bytes) and the PNG bytes by sha256."""
     listed: list[dict[str, Any]] = []
     pngs: dict[str, bytes] = {}
+    if getattr(result, "adaptive", None) is not None:
+        # an adaptive audit explains the images in its own order (a seeded permutation, cut
+        # where it stopped): pair its maps with the images by name
+        by_name = {image.name: image for image in images}
+        images = [by_name[record.name] for record in result.images]
 
     def add(test: str, stage: str, method: str, maps: Any, count: int, overlay: bool) -> None:
         for i in range(min(count, len(maps))):

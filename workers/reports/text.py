@@ -233,6 +233,8 @@ def format_verdicts(report: dict[str, Any]) -> str:
     methods = list(dict.fromkeys(v["method"] for v in verdicts))
     by_key = {(v["method"], v["test"]): v for v in verdicts}
     policy = report.get("policy") or {}
+    adaptive = report.get("adaptive")  # an adaptive audit decides on a confidence sequence
+    interval = "95% confidence sequence" if adaptive else "95% CI"
     width = max(19, *(len(t) + 2 for t in tests))  # "INCONCLUSIVE -0.12" and a space
     lines = [f"verdicts (policy {policy.get('name')} {policy.get('version')})"]
     header = f"{'method':<22}" + "".join(f"{t:<{width}}" for t in tests)
@@ -262,14 +264,20 @@ def format_verdicts(report: dict[str, Any]) -> str:
             other = "above" if rule["pass_when"] == "below" else "below"
             fails = f", FAIL when it is at or {other} {fail}" if fail != rule["threshold"] else ""
             rules.append(
-                f"  {test}: {rule['measure']}{scaled} {where}, PASS when the 95% CI is "
+                f"  {test}: {rule['measure']}{scaled} {where}, PASS when the {interval} is "
                 f"{rule['pass_when']} {rule['threshold']}{fails}"
             )
     if rules:
         lines += ["numbers are the deciding score's mean; rules:", *rules]
     lines += format_stage_plans(report)
+    if adaptive:
+        lines.append(
+            f"adaptive: {adaptive['reason']}; rounds of {adaptive['round_images']} images in a "
+            "seeded random order, verdicts on an anytime-valid 95% confidence sequence"
+        )
+    decided = adaptive is not None and adaptive["stopped"] == "decided"
     few = few_images_note(report)
-    if few:
+    if few and not decided:
         lines.append(few)
     # one line per reason, with the (method, test) pairs it explains
     explained: dict[str, list[str]] = {}

@@ -164,8 +164,11 @@ def audit_passes(
 
     ``stages``: the model's randomization stages at the spec's granularity; ``layers``: the
     layers the ``layers`` analysis explains (0: the spec's ``layers``, else ``stages``);
-    ``rule_stages``: the policy's stage selector per test (:func:`planned_stages`).
+    ``rule_stages``: the policy's stage selector per test (:func:`planned_stages`). An
+    adaptive audit is priced at its worst case: every image it may use (``max_images``).
     """
+    if spec.adaptive is not None and spec.adaptive.max_images is not None:
+        images = min(images, spec.adaptive.max_images)
     count = PassCount()
     states = model_states(spec, stages, rule_stages)
     map_set_passes(count, spec, families, images, states, scorecam_rows)

@@ -34,9 +34,11 @@ __all__ = ["Verdict", "VerdictValue"]
 #    were randomized on the way but not measured have no scores (versions 3 and 4 still read)
 # 6: the input spec's interpolation, and its source pretrained_cfg (timm architectures);
 #    a report of version 5 still reads
-SchemaVersion = Literal["6"]
+# 7: ``adaptive``, the account of an audit that added images in rounds (reports of versions
+#    3 to 6 still read)
+SchemaVersion = Literal["7"]
 SCHEMA_VERSION: str = get_args(SchemaVersion)[0]
-READABLE_SCHEMA_VERSIONS = ("3", "4", "5", SCHEMA_VERSION)
+READABLE_SCHEMA_VERSIONS = ("3", "4", "5", "6", SCHEMA_VERSION)
 
 # ok; not_applicable (the method has no rule for this model, with the reason); error (it raised,
 # with the message; the rest of the audit stands); degenerate (its maps on the trained model are
@@ -291,6 +293,43 @@ class ImageRecord:
     probability: Probability  # softmax probability of the target class
 
 
+@dataclass(frozen=True)
+class AdaptiveRound:
+    """One round of an adaptive audit: ``images`` used after it (all rounds so far), how many
+    verdicts were then decided (PASS or FAIL) and how many were still pending (INCONCLUSIVE
+    with an interval that more images could move)."""
+
+    __pydantic_config__ = _WRITTEN
+
+    round: Annotated[int, Field(ge=1)]
+    images: Annotated[int, Field(ge=1)]
+    decided: Count
+    pending: Count
+
+
+@dataclass(frozen=True)
+class AdaptiveRun:
+    """How an adaptive audit (spec ``adaptive``) went: images taken in ``order``,
+    ``round_images`` at a time, up to ``max_images``; it used ``images_used`` of the
+    ``images_available`` and ``stopped`` because every verdict was ``decided`` or the images
+    were ``exhausted`` (``reason`` in words, naming what was left undecided). Its verdicts
+    rest on the ``interval`` named here (``confidence``), not on the scores' bootstrap
+    intervals, which describe the images used."""
+
+    __pydantic_config__ = _WRITTEN
+
+    round_images: Annotated[int, Field(ge=1)]
+    max_images: Annotated[int, Field(ge=1)] | None
+    images_available: Annotated[int, Field(ge=1)]
+    images_used: Annotated[int, Field(ge=1)]
+    stopped: Literal["decided", "exhausted"]
+    reason: str
+    interval: str
+    confidence: Probability
+    order: str
+    rounds: tuple[AdaptiveRound, ...]
+
+
 # --- the blocks of report.json that exist only as JSON ----------------------------------------
 
 _OPEN = ConfigDict(extra="allow")
@@ -476,6 +515,8 @@ class ReportDocument(BaseModel):
     timings_s: dict[str, float]
     policy: dict[str, Any] | None
     tests: dict[str, TestResult]
+    # an adaptive audit's rounds and why it stopped (absent from a fixed audit's report)
+    adaptive: AdaptiveRun | SkipJsonSchema[None] = optional()
     # what the service adds to what ``saliency-audit run`` writes
     audit_id: str | SkipJsonSchema[None] = optional()
     created_at: datetime | None = Field(default=None, description="When the audit was submitted.")

@@ -137,6 +137,18 @@ MAX_SCORECAM_CHANNELS = 16_384
 MAX_TOLERANCE = 1e6  # fidelity tolerances: anything looser than this is no check at all
 MAX_LEARNING_RATE = 10.0
 MAX_NORMALIZATION = 1e6  # |mean|, std and value_range of an input spec
+# Adaptive audits: an image set holds at most 10,000 images (image_files.MAX_IMAGES; a test keeps
+# them equal), so neither a round nor the cap can usefully exceed it.
+MAX_AUDIT_IMAGES = 10_000
+# The tests an adaptive audit runs: those whose per-image scores depend on that image alone and
+# are bounded (a similarity in [-1, 1]). Not eMPRT (its entropy rise has no upper bound, which
+# the confidence sequence needs), not data randomization (it trains two models per audit), not
+# the layers analysis (no verdict to decide).
+ADAPTIVE_TESTS: tuple[str, ...] = (
+    *MODEL_RANDOMIZATION_TESTS,
+    "smprt",
+    "random_logit",
+)
 
 Name = Annotated[str, Field(max_length=MAX_NAME)]
 Samples = Annotated[AtLeastOne, Field(le=MAX_SAMPLES)]
@@ -287,6 +299,36 @@ class TrainRecipe:
 
 
 @dataclass(frozen=True, config=_CONFIG)
+class AdaptiveRounds:
+    """Add images in rounds and stop when every verdict is decided (docs/policy.md, "Adaptive
+    audits").
+
+    The images are taken in a seeded random order, ``round_images`` at a time, up to
+    ``max_images`` (None: every image given). After each round every requested (method, test)
+    verdict is decided on an anytime-valid 95% confidence sequence; the audit stops at the
+    first round after which none is left undecided, or when the images run out. The report's
+    ``adaptive`` block says how many images were used, the rounds and why it stopped.
+    """
+
+    round_images: Annotated[
+        AtLeastOne,
+        Field(
+            le=MAX_AUDIT_IMAGES,
+            description="Images added per round (a look at the verdicts after each round).",
+        ),
+    ] = 32
+    max_images: Annotated[
+        Annotated[AtLeastOne, Field(le=MAX_AUDIT_IMAGES)] | None,
+        Field(description="Use at most this many images (null: every image given)."),
+    ] = None
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
+        return _validated(cls, data, handler)
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class AuditSpec:
     """What to run.
 
@@ -297,6 +339,8 @@ class AuditSpec:
     (one per parameterized module, or one per child of the model's root) and ``stages`` which
     of them get maps (:mod:`.stage_plan`); ``measures`` are the
     similarity measures scored; ``policy`` is a policy document (None: the shipped default).
+    ``adaptive`` (None: every image at once) adds images in rounds and stops when every
+    verdict is decided (:class:`AdaptiveRounds`).
     """
 
     methods: Annotated[tuple[Name, ...], Field(min_length=1, max_length=MAX_METHODS)]
@@ -330,11 +374,23 @@ class AuditSpec:
             "which stages were computed and why."
         ),
     ] = "rule"
+    adaptive: AdaptiveRounds | None = None
 
     @model_validator(mode="wrap")
     @classmethod
     def _as_spec_error(cls, data: Any, handler: Callable[[Any], Any]) -> Any:
         return _validated(cls, data, handler)
+
+    def __post_init__(self) -> None:
+        refused = [t for t in self.tests if t not in ADAPTIVE_TESTS]
+        if self.adaptive is not None and refused:
+            raise SpecError(
+                f"an adaptive audit runs only {', '.join(ADAPTIVE_TESTS)}; not "
+                f"{', '.join(refused)} (eMPRT's entropy rise is unbounded, data randomization "
+                "trains models once per audit, the layers analysis has no verdict): run those "
+                "with a fixed image count",
+                field="tests",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -377,9 +433,9 @@ def _validated(cls: type, data: Any, handler: Callable[[Any], Any]) -> Any:
 
 @cache
 def _fields() -> dict[str, Any]:
-    """Field name -> its pydantic FieldInfo, across the four spec shapes."""
+    """Field name -> its pydantic FieldInfo, across the spec shapes."""
     found: dict[str, Any] = {}
-    for shape in (InputSpec, MethodParams, TrainRecipe, AuditSpec):
+    for shape in (InputSpec, MethodParams, TrainRecipe, AdaptiveRounds, AuditSpec):
         found.update(shape.__pydantic_fields__)  # type: ignore[union-attr]
     return found
 
@@ -444,7 +500,12 @@ def spec_error(cls: type, exc: ValidationError) -> SpecError:
         unknown = sorted(
             str(e["loc"][-1]) for e in errors if e["type"] == "unexpected_keyword_argument"
         )
-        owner = {InputSpec: "input spec", MethodParams: "params", TrainRecipe: "training"}
+        owner = {
+            InputSpec: "input spec",
+            MethodParams: "params",
+            TrainRecipe: "training",
+            AdaptiveRounds: "adaptive",
+        }
         return SpecError(f"unknown {owner.get(cls, 'audit spec')} fields: {unknown}")
     if name == "tests":
         known = ", ".join(TESTS)
@@ -452,7 +513,11 @@ def spec_error(cls: type, exc: ValidationError) -> SpecError:
         return SpecError(f"unknown tests {unknown} (known: {known})")
     # a too-long string inside a list is named by its place (``methods.0``)
     named = where_of(first) if kind == "string_too_long" or not name else name
-    shape: type = {"params": MethodParams, "training": TrainRecipe}.get(str(first["loc"][0]), cls)
+    shape: type = {
+        "params": MethodParams,
+        "training": TrainRecipe,
+        "adaptive": AdaptiveRounds,
+    }.get(str(first["loc"][0]), cls)
     limited = _limit_error(named, shape, kind, first.get("ctx", {}), value)
     if limited is not None:
         return limited
@@ -501,12 +566,12 @@ def _schema_limits(prop: dict[str, Any]) -> list[str]:
 
 
 def limits() -> list[tuple[str, str, str]]:
-    """(shape, field, bounds) of every bounded field of the four spec shapes, from the same
+    """(shape, field, bounds) of every bounded field of the spec shapes, from the same
     JSON Schema the OpenAPI document shows."""
     from pydantic import TypeAdapter
 
     rows: list[tuple[str, str, str]] = []
-    for shape in (AuditSpec, MethodParams, TrainRecipe, InputSpec):
+    for shape in (AuditSpec, MethodParams, TrainRecipe, AdaptiveRounds, InputSpec):
         schema = TypeAdapter(shape).json_schema()
         for name, prop in schema["properties"].items():
             words = _schema_limits(prop)

@@ -260,11 +260,13 @@ def ensure_fidelity(
     rtol: float = DEFAULT_RTOL,
     session: ort.InferenceSession | None = None,
     batch_size: int = 32,
+    first_image: int = 0,
 ) -> FidelityReport:
-    """``check_fidelity``, raising ``FidelityError`` when an image is out of tolerance."""
+    """``check_fidelity``, raising ``FidelityError`` when an image is out of tolerance (images
+    numbered from ``first_image``: where ``x`` starts in the audit's images)."""
     report, within = _compare(loaded, x, atol, rtol, session, batch_size)
     if not report.passed:
-        bad = [int(i) for i in np.flatnonzero(~within)]
+        bad = [first_image + int(i) for i in np.flatnonzero(~within)]
         shown = ", ".join(str(i) for i in bad[:20]) + (", ..." if len(bad) > 20 else "")
         raise FidelityError(
             f"the converted model differs from ONNX Runtime by up to {report.max_abs_diff:.3g} "
@@ -279,3 +281,19 @@ def ensure_fidelity(
             report=report.to_dict(),
         )
     return report
+
+
+def merge_fidelity(first: FidelityReport, second: FidelityReport) -> FidelityReport:
+    """One report over both batches' images (an adaptive audit checks each round's)."""
+    n = first.n_images + second.n_images
+    agree = first.argmax_agreement * first.n_images + second.argmax_agreement * second.n_images
+    return FidelityReport(
+        max_abs_diff=max(first.max_abs_diff, second.max_abs_diff),
+        max_rel_diff=max(first.max_rel_diff or 0.0, second.max_rel_diff or 0.0),
+        argmax_agreement=agree / n,
+        n_images=n,
+        atol=first.atol,
+        rtol=first.rtol,
+        provider=first.provider,
+        passed=bool(first.passed and second.passed),
+    )
