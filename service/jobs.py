@@ -315,6 +315,26 @@ def pick_fair(session: Session, config: Config, holder: str | None = None) -> st
 
 
 def claim_next(rt: Runtime, audit_id: str, worker: str, task_id: str | None = None) -> Next:
+    """:func:`_claim_next`, then no queued audit is left holding this consumed message.
+
+    A concurrent claim can hand this message's id to another queued audit (the swap below)
+    while this worker is consuming it; the id then names a message that is gone, and that
+    audit would wait for the reconciler. When this wake-up claimed nothing and a queued audit
+    holds ``task_id`` afterwards, that audit gets a fresh message now (a spare wake-up is
+    harmless: one message claims at most one audit)."""
+    done = _claim_next(rt, audit_id, worker, task_id)
+    if done.outcome is Claim.CLAIMED or task_id is None:
+        return done
+    with rt.db.session() as session:
+        orphan = session.execute(
+            select(Audit.id).where(Audit.state == "queued", Audit.task_id == task_id)
+        ).scalar_one_or_none()
+    if orphan is not None:
+        _send_later(rt, orphan, task_id, 0.0)
+    return done
+
+
+def _claim_next(rt: Runtime, audit_id: str, worker: str, task_id: str | None = None) -> Next:
     """Take the audit that fairness picks (:func:`pick_fair`) for this worker: the audit task's
     message is a wake-up, not an order.
 
