@@ -31,6 +31,9 @@ def submit(api: Api, methods: list[str], images: int = 4) -> str:
             "dataset_id": dataset["id"],
             "methods": methods,
             "tests": ["cascading"],
+            # every stage, as these timings were set for: a stage plan's shorter audit could
+            # finish before the worker is lost or signaled
+            "stages": "all",
         },
     )
     assert response.status_code == 202, response.text
