@@ -284,6 +284,8 @@ def audit_for_gate(
             train=train,
             progress=on_progress,
         )
+        if time.monotonic() > deadline:  # finished, but later than the gate was told to wait
+            raise GateDeadline("100%, after the last step")
     except GateDeadline as stopped:
         raise GateError(
             "timeout",

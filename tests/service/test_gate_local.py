@@ -163,11 +163,11 @@ def test_the_local_audit_stops_at_the_timeout(
 ) -> None:
     junit_file = tmp_path / "late.xml"
     started = time.monotonic()
-    code = local_gate(images, "--require", "gradient", "--timeout", "0.2", "--junit",
+    code = local_gate(images, "--require", "gradient", "--timeout", "0.01", "--junit",
                       str(junit_file), "--quiet")  # fmt: skip
     assert code == 2 and time.monotonic() - started < 30
     printed = capsys.readouterr()
-    assert "did not finish within --timeout 0.2 s" in printed.err
+    assert "did not finish within --timeout 0.01 s" in printed.err
     assert "gate ERROR (exit 2): timeout" in printed.out
     _, cases, props = junit(junit_file)
     ((_, case),) = cases.items()
