@@ -52,7 +52,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.methods import median_time  # noqa: E402
 from saliency_audit.workers.engine import sanity  # noqa: E402
-from saliency_audit.workers.engine.contract.cost import FB, PassCount, audit_passes  # noqa: E402
+from saliency_audit.workers.engine.contract.cost import (  # noqa: E402
+    FB,
+    PassCount,
+    audit_passes,
+    base_kind,
+)
 from saliency_audit.workers.engine.images import load_image_folder, preprocess  # noqa: E402
 from saliency_audit.workers.engine.methods import METHODS, scorecam  # noqa: E402
 from saliency_audit.workers.engine.methods._ort import ort_forward  # noqa: E402
@@ -129,7 +134,7 @@ def pass_times(
             return run
 
         xcl = xr.contiguous(memory_format=torch.channels_last)
-        if kind == FB:
+        if base_kind(kind) == FB:
             v = {"eager": median_time(fb(plain, xr), reps)}
             v["channels_last"] = median_time(fb(cl, xcl), reps)
         else:

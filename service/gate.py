@@ -59,6 +59,7 @@ from saliency_audit.workers.reports.text import (
     ProgressClock,
     explained_classes,
     few_images_note,
+    format_duration,
     format_images_audited,
     format_verdicts,
 )
@@ -390,6 +391,10 @@ class Progress:
         self.clock = clock
         self.timing = ProgressClock(clock())
 
+    def predicted(self, seconds: float | None) -> None:
+        """The cost model's prediction of the audit this process runs (``gate --local``)."""
+        self.timing = ProgressClock(self.clock(), seconds)
+
     def update(self, audit: dict[str, Any]) -> None:
         if self.quiet:
             return
@@ -401,6 +406,9 @@ class Progress:
             return
         self.last = key
         timing = self.timing.text(fraction, self.clock())
+        if audit.get("eta_s") is not None:  # the service's ETA: its prediction and the rate
+            elapsed = timing.split(", ETA")[0]
+            timing = f"{elapsed}, ETA {format_duration(float(audit['eta_s']))}"
         if self.tty:
             filled = round(max(0.0, min(1.0, fraction)) * 30)
             line = (
@@ -792,6 +800,12 @@ def _audit_on_service(
         f"audit: {'attached to' if submitted.replayed else 'submitted'} {audit['id']} "
         f"({audit['state']}); {url}"
     )
+    estimate = audit.get("estimate") or {}
+    if estimate.get("predicted_s") is not None:
+        note(
+            f"predicted worker time: about {format_duration(float(estimate['predicted_s']))} "
+            f"({estimate.get('basis')})"
+        )
 
     audit = _wait(client, audit, submitted.retry_after_s, deadline, args, note)
     if audit["state"] != "succeeded":

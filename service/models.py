@@ -230,6 +230,8 @@ class Audit(Base):
     report_sha256: Mapped[str | None] = mapped_column(String(64))
     maps_sha256: Mapped[str | None] = mapped_column(String(64))
     verdict_summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # method -> verdict
+    # the predicted wall time at submit (workers/engine/contract/cost.py): seconds, basis, parts
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # the PDF and HTML reports, rendered on the CPU queue after the audit succeeded:
     # pending -> ready | failed (with documents_error)
     documents_state: Mapped[str | None] = mapped_column(String(20))

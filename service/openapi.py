@@ -322,6 +322,31 @@ def _schemas() -> dict[str, Schema]:
             "heartbeat_at": DATE_TIME_OR_NULL,
             "finished_at": DATE_TIME_OR_NULL,
             "verdict_summary": verdict_summary,
+            "estimate": {
+                **_nullable("object"),
+                "properties": {
+                    "predicted_s": {"type": "number", "minimum": 0},
+                    "measured": {
+                        "type": "boolean",
+                        "description": "true: from the model's pass times measured by a "
+                        "worker's inspection (docs/service.md, Cost); false: the default price "
+                        "per row-megapixel, before any worker has measured the model.",
+                    },
+                    "basis": {"type": "string"},
+                    "parts_s": {
+                        "type": "object",
+                        "additionalProperties": {"type": "number"},
+                        "description": "The prediction by part (pass kinds, exports, scoring).",
+                    },
+                },
+                "description": "The audit's predicted worker wall time at submit (the number "
+                "the cost limit is checked against).",
+            },
+            "eta_s": {
+                **_nullable("number"),
+                "description": "Seconds left of a running audit: the prediction blended with "
+                "the rate its progress shows; null unless running.",
+            },
             "documents_state": {
                 "anyOf": [_ref("DocumentsState"), {"type": "null"}],
                 "description": "The PDF and HTML reports: null until the audit has succeeded, "
@@ -1509,6 +1534,11 @@ def _paths() -> dict[str, Schema]:
                                     "type": "number",
                                     "description": "audit_too_costly: the audit's estimated "
                                     "worker time (docs/service.md, Limits).",
+                                },
+                                "estimate": {
+                                    "type": "object",
+                                    "description": "audit_too_costly: the prediction it "
+                                    "comes from (as an audit's `estimate`).",
                                 },
                                 "limit_s": {
                                     "type": "number",

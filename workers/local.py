@@ -19,10 +19,16 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from saliency_audit.workers.reports.text import ProgressClock, format_input_spec, format_summary
+from saliency_audit.workers.reports.text import (
+    ProgressClock,
+    format_duration,
+    format_input_spec,
+    format_summary,
+)
 
 if TYPE_CHECKING:
     from saliency_audit.service.gate import Audited, GateInputs
@@ -176,8 +182,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.random_label_model is not None:
         random_label_model = load_model_file(args.random_label_model, args.arch, overrides)
 
+    predicted = predicted_wall_time(
+        model, spec, int(read.tensor.shape[0]), len(train.labels) if train is not None else 0
+    )
+    print(predicted.text, file=say, flush=True)
     last = [0.0]
-    clock = ProgressClock(time.monotonic())
+    clock = ProgressClock(time.monotonic(), predicted.seconds)
 
     def progress(fraction: float, step: str) -> None:
         now = time.monotonic()
@@ -210,6 +220,46 @@ def _run(args: argparse.Namespace) -> int:
         file=say,
     )
     return EXIT_OK
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """An audit's predicted wall time (None where the passes could not be timed) and the line
+    that says it."""
+
+    seconds: float | None
+    text: str
+
+
+def predicted_wall_time(model: Any, spec: Any, images: int, train_images: int = 0) -> Predicted:
+    """Time the model's passes here (workers/engine/timing.py) and predict the audit's wall time
+    from its spec (the cost model the service prices its submits with)."""
+    from saliency_audit.workers.engine.catalogue import catalogue
+    from saliency_audit.workers.engine.contract.cost import families_of, predict
+    from saliency_audit.workers.engine.errors import stops_the_audit
+    from saliency_audit.workers.engine.policy import load_policy
+    from saliency_audit.workers.engine.timing import measure_pass_prices
+
+    try:
+        prices = measure_pass_prices(model, spec.device, spec.seed)
+    except Exception as exc:  # the audit says what is wrong with the model; no prediction
+        if stops_the_audit(exc):
+            raise
+        return Predicted(None, f"predicted wall time: none (the passes could not be timed: {exc})")
+    found = predict(
+        spec,
+        families_of(catalogue()["methods"]),
+        prices,
+        images=images,
+        onnx=model.onnx_bytes is not None,
+        train_images=train_images,
+        rule_stages={t: r.stage for t, r in load_policy(spec.policy).rules.items()},
+    )
+    return Predicted(
+        found.seconds,
+        f"predicted wall time: about {format_duration(found.seconds)} (this model's passes "
+        f"timed here on {prices.device}, {prices.threads} threads, in {prices.measured_s:.1f} s)",
+    )
 
 
 class GateDeadline(Exception):
@@ -276,6 +326,11 @@ def audit_for_gate(
         if read.note:
             model.notes.append(read.note)  # noted by the gate when it listed the images
         train = training_set(args.train, model) if args.train is not None else None
+        predicted = predicted_wall_time(
+            model, spec, int(read.tensor.shape[0]), len(train.labels) if train else 0
+        )
+        note(predicted.text)
+        progress.predicted(predicted.seconds)
         result = audit(
             model,
             read.tensor,

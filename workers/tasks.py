@@ -274,6 +274,7 @@ def inspect_model(rt: Runtime, model_id: str) -> str:
             found = {"layers": layer_names(model.module.eval(), example)}
         if architecture is not None:
             found["input_shape"] = [None, spec.channels, spec.height, spec.width]
+        found["pass_prices"] = _pass_prices(model, model_id)
         outcome = "inspected"
     except EngineError as exc:
         log.info("model %s does not load: %s", model_id, exc)
@@ -286,9 +287,28 @@ def inspect_model(rt: Runtime, model_id: str) -> str:
         row = session.get(ModelRecord, model_id)
         if row is None or row.deleted_at is not None:
             return "gone"
-        kept = {k: v for k, v in (row.details or {}).items() if k not in ("layers", "load_problem")}
+        replaced = ("layers", "load_problem", "pass_prices")
+        kept = {k: v for k, v in (row.details or {}).items() if k not in replaced}
         row.details = {**kept, **found}
     return outcome
+
+
+def _pass_prices(model: Any, model_id: str) -> dict[str, Any] | None:
+    """The model's pass times on this worker, for the cost model's prediction at submit
+    (workers/engine/timing.py); None where they cannot be measured (the submit then prices the
+    audit at the default rate and says so)."""
+    from saliency_audit.workers.engine.errors import stops_the_audit
+    from saliency_audit.workers.engine.timing import measure_pass_prices
+
+    try:
+        prices = measure_pass_prices(model, device="auto")
+    except Exception as exc:  # a model that loads but does not run: its audit will say why
+        if stops_the_audit(exc):
+            raise
+        log.info("model %s: pass times not measured: %s", model_id, exc)
+        return None
+    log.info("model %s: pass times measured in %.1f s", model_id, prices.measured_s)
+    return prices.to_dict()
 
 
 def render_reports_task(self: Task, audit_id: str) -> str:

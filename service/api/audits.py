@@ -19,7 +19,14 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from saliency_audit.workers.engine.catalogue import catalogue, check_methods
-from saliency_audit.workers.engine.contract.cost import estimate, families_of, stages_of
+from saliency_audit.workers.engine.contract.cost import (
+    PassPrices,
+    estimate,
+    eta_seconds,
+    families_of,
+    predict,
+    stages_of,
+)
 from saliency_audit.workers.engine.contract.report import PICTURE_KINDS
 from saliency_audit.workers.engine.contract.verdicts import Verdict
 from saliency_audit.workers.engine.errors import (
@@ -173,6 +180,8 @@ def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, 
         "heartbeat_at": iso(audit.heartbeat_at),
         "finished_at": iso(audit.finished_at),
         "verdict_summary": audit.verdict_summary,
+        "estimate": audit.estimate,
+        "eta_s": _eta(audit),
         "documents_state": audit.documents_state,
         "webhook": {
             "url": audit.webhook_url,
@@ -187,6 +196,19 @@ def render(audit: Audit, verdicts: list[VerdictRow] | None = None) -> dict[str, 
     if verdicts is not None:
         body["verdicts"] = [{name: getattr(v, name) for name in VERDICT_FIELDS} for v in verdicts]
     return body
+
+
+def _eta(audit: Audit) -> float | None:
+    """Seconds left of a running audit: its predicted wall time blended with the rate its
+    progress shows (contract ``eta_seconds``); None unless it runs."""
+    if audit.state != "running" or audit.started_at is None:
+        return None
+    predicted = (audit.estimate or {}).get("predicted_s")
+    elapsed = max(0.0, (utcnow() - audit.started_at).total_seconds())
+    eta = eta_seconds(
+        float(predicted) if predicted is not None else None, elapsed, audit.progress or 0.0
+    )
+    return None if eta is None else round(eta, 1)
 
 
 def _accepted(audit: Audit, replayed: bool) -> Response:
@@ -300,7 +322,7 @@ def submit() -> Any:
                 "the data_randomization test needs train_dataset_id: a labeled dataset to train on",
             )
         check_loadable(model)
-        check_cost(spec, model, dataset, train)
+        predicted = check_cost(spec, model, dataset, train)
         check_layer_names(spec, model)
         audit = Audit(
             tenant_id=tenant_id(),
@@ -313,6 +335,7 @@ def submit() -> Any:
             idempotency_key=key,
             request_sha256=fingerprint,
             webhook_url=webhook_url,
+            estimate=predicted,
         )
         if webhook_url is not None:
             tenant = session.get(Tenant, tenant_id())
@@ -353,35 +376,71 @@ def check_cost(
     model: ModelRecord,
     dataset: DatasetRecord,
     train: DatasetRecord | None,
-) -> None:
-    """Refuse an audit whose estimated worker time is above the budget (a 422 that states the
-    estimate and the limit), before it is queued. The estimate: workers/engine/contract/cost.py."""
+) -> dict[str, Any]:
+    """The audit's predicted wall time (``estimate`` of the audit), and a refusal of an audit
+    predicted above the budget (a 422 that states the prediction and the limit), before it is
+    queued. With the model's pass times measured by a worker's inspection
+    (``details.pass_prices``) the prediction is the cost model's (workers/engine/contract/
+    cost.py :func:`predict`); before the inspection has run, the default price per
+    row-megapixel (``cost_fb_s_per_row_megapixel``), and the estimate says which."""
     config = state().config
     audit_spec = AuditSpec.from_dict(spec)
-    height, width = input_size(model)
-    tensors = int((model.details or {}).get("tensors") or 1)
-    found = estimate(
-        audit_spec,
-        families_of(catalogue()["methods"]),
-        images=dataset.n_images,
-        stages=stages_of(tensors, audit_spec.granularity),
-        height=height,
-        width=width,
-        fb_s_per_row_megapixel=config.cost_fb_s_per_row_megapixel,
-        onnx=model.format == "onnx",
-        train_images=train.n_images if train is not None else 0,
-        rule_stages={t: r.stage for t, r in load_policy(audit_spec.policy).rules.items()},
-    )
-    if found.seconds > config.max_audit_cost_s:
-        numbers: dict[str, Any] = {"limit_s": config.max_audit_cost_s, **found.to_dict()}
+    families = families_of(catalogue()["methods"])
+    rules = {t: r.stage for t, r in load_policy(audit_spec.policy).rules.items()}
+    measured = (model.details or {}).get("pass_prices")
+    train_images = train.n_images if train is not None else 0
+    found: dict[str, Any]
+    if isinstance(measured, dict):
+        prices = PassPrices.from_dict(measured)
+        predicted = predict(
+            audit_spec,
+            families,
+            prices,
+            images=dataset.n_images,
+            onnx=model.format == "onnx",
+            train_images=train_images,
+            rule_stages=rules,
+        )
+        seconds = predicted.seconds
+        found = {**predicted.to_dict(), "measured": True}
+    else:
+        height, width = input_size(model)
+        tensors = int((model.details or {}).get("tensors") or 1)
+        priced = estimate(
+            audit_spec,
+            families,
+            images=dataset.n_images,
+            stages=stages_of(tensors, audit_spec.granularity),
+            height=height,
+            width=width,
+            fb_s_per_row_megapixel=config.cost_fb_s_per_row_megapixel,
+            onnx=model.format == "onnx",
+            train_images=train_images,
+            rule_stages=rules,
+        )
+        seconds = priced.seconds
+        found = {
+            "predicted_s": round(seconds, 1),
+            "basis": (
+                "the default price per row-megapixel: no worker has measured this model's "
+                "passes yet"
+            ),
+            "measured": False,
+            **{k: v for k, v in priced.to_dict().items() if k != "estimated_cost_s"},
+        }
+    if seconds > config.max_audit_cost_s:
         raise ApiError(
             422,
             "audit_too_costly",
-            f"the audit is estimated at {found.seconds:,.0f} s of worker time, above the limit "
+            f"the audit is predicted to take {seconds:,.0f} s of worker time, above the limit "
             f"of {config.max_audit_cost_s:,.0f} s: fewer images, methods, tests, samples or "
             "steps, or a coarser granularity bring it down",
-            **numbers,
+            limit_s=config.max_audit_cost_s,
+            estimated_cost_s=round(seconds, 1),
+            estimate=found,
+            **{k: found[k] for k in ("forward_backward_rows", "forward_rows") if k in found},
         )
+    return found
 
 
 def _dataset(session: Any, dataset_id: Any, field: str) -> DatasetRecord:

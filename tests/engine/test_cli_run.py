@@ -241,6 +241,12 @@ def test_run_progress_lines_show_elapsed_time_and_eta(
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
     assert lines and all("(elapsed " in line and ", ETA " in line for line in lines)
     assert lines[-1].startswith("[100.0%]") and lines[-1].endswith("ETA 0:00)")
+    # the ETA starts from the cost model's prediction, said before the audit starts
+    (predicted,) = [line for line in proc.stderr.splitlines() if "predicted wall time" in line]
+    assert predicted.startswith("predicted wall time: about ")
+    assert "this model's passes timed here on cpu" in predicted
+    assert proc.stderr.index(predicted) < proc.stderr.index(lines[0])
+    assert ", ETA -)" not in lines[0]  # a number from the first line on
 
 
 def test_the_table_names_the_class_each_map_explains(

@@ -224,6 +224,7 @@ def costly_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Flas
     model.input_spec = {"height": 224, "width": 224}
     model.details = {"format": "onnx", "tensors": 62}  # a resnet18's weights and biases
     dataset.n_images = 64
+    app.config["COSTLY_MODEL"] = model
     return app.test_client(), (model.id, dataset.id)
 
 
@@ -254,6 +255,66 @@ def test_an_audit_above_the_budget_is_refused_with_the_estimate_and_the_limit(
     assert body["forward_backward_rows"] == 64 * (1024 + 32) * 10
     assert f"{body['estimated_cost_s']:,.0f} s" in body["detail"]
     assert "60 s" in body["detail"]
+
+
+def test_with_measured_pass_times_the_budget_refuses_on_the_prediction(
+    costly_client: tuple[FlaskClient, Any],
+) -> None:
+    """Once a worker has timed the model's passes (details.pass_prices), the refusal states
+    the cost model's prediction, the same number the engine's ``predict`` gives."""
+    from saliency_audit.service.api.audits import engine_spec
+    from saliency_audit.workers.engine.catalogue import catalogue
+    from saliency_audit.workers.engine.contract.cost import (
+        Line,
+        PassPrices,
+        families_of,
+        predict,
+    )
+    from saliency_audit.workers.engine.policy import load_policy
+
+    client, (model_id, dataset_id) = costly_client
+    prices = PassPrices(
+        device="cpu",
+        threads=2,
+        height=224,
+        width=224,
+        forward_backward=Line(0.2, 0.2),
+        forward=Line(0.05, 0.06),
+        forward_ort=Line(0.05, 0.03),
+        export_s=3.0,
+        lrp_passes=2.5,
+        score_s=0.002,
+        scored_measures=("ssim",),
+        stages={"block": 7, "module": 41},
+        cam_layer="layer4.1.conv2",
+        channels={"layer4.1.conv2": 512},
+        measured_s=9.0,
+    )
+    body = {"model_id": model_id, "dataset_id": dataset_id, "methods": ["scorecam", "gradient"]}
+    # the fixture's model: priced at the default rate until a worker has measured it
+    unmeasured = client.post("/v1/audits", json=body)
+    assert unmeasured.status_code == 422
+    assert unmeasured.get_json()["estimate"]["measured"] is False
+    assert "default price" in unmeasured.get_json()["estimate"]["basis"]
+
+    model = client.application.config["COSTLY_MODEL"]
+    model.details = {**model.details, "pass_prices": prices.to_dict()}
+    refused = client.post("/v1/audits", json=body)
+    assert refused.status_code == 422
+    problem = refused.get_json()
+    expected = predict(
+        contract.AuditSpec.from_dict(engine_spec(body)),
+        families_of(catalogue()["methods"]),
+        prices,
+        images=64,
+        onnx=True,
+        rule_stages={t: r.stage for t, r in load_policy(None).rules.items()},
+    )
+    assert problem["estimated_cost_s"] == round(expected.seconds, 1)
+    assert problem["estimate"]["measured"] is True
+    assert f"{expected.seconds:,.0f} s" in problem["detail"]
+    assert problem["estimate"]["predicted_s"] == round(expected.seconds, 1)
+    assert problem["estimate"]["parts_s"]["scorecam masked (ONNX Runtime)"] > 0
 
 
 def test_the_cost_estimate_prices_rows_by_input_size() -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from saliency_audit.workers.engine.contract.cost import eta_seconds
+
 
 def format_input_spec(
     spec: dict[str, Any], sources: Mapping[str, str], output: dict[str, Any] | None
@@ -321,18 +323,24 @@ class ProgressClock:
     The ETA extrapolates the rate observed since the first progress reading, so attaching to
     an audit already half done does not count the first half as if it took no time."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, predicted_s: float | None = None) -> None:
         self.started = now
+        self.predicted_s = predicted_s  # the cost model's prediction of the whole audit
         self.first: tuple[float, float] | None = None  # (time, fraction) of the first reading
 
     def text(self, fraction: float, now: float) -> str:
-        """``elapsed 0:12, ETA 0:30`` (``ETA -`` until there is a rate to extrapolate)."""
+        """``elapsed 0:12, ETA 0:30`` (``ETA -`` until there is a rate to extrapolate). With a
+        prediction (an audit this process runs from its start), the ETA blends it with the
+        observed rate (contract ``eta_seconds``)."""
         if self.first is None:
             self.first = (now, fraction)
         since, start = self.first
         eta = "-"
         if fraction >= 1.0:
             eta = "0:00"
+        elif self.predicted_s is not None:
+            left = eta_seconds(self.predicted_s, now - self.started, fraction)
+            eta = "-" if left is None else format_duration(left)
         elif fraction > start and now > since:
             eta = format_duration((now - since) * (1.0 - fraction) / (fraction - start))
         return f"elapsed {format_duration(now - self.started)}, ETA {eta}"
