@@ -45,7 +45,8 @@ def test_sigterm_lets_a_short_running_audit_finish_and_the_worker_exits_0(
 ) -> None:
     api = Api(pg_server.url, new_key(pg_database))
     worker = worker_factory(pg_config.with_overrides(drain_grace_s=60.0))
-    audit_id = submit(api, LONG_METHODS, images=4)
+    # 32 images: about 4 s here (4 images took 0.6 s, so the 0.2 s poll could miss it running)
+    audit_id = submit(api, LONG_METHODS, images=LONGER_IMAGES)
     wait_for(lambda: running(pg_database, audit_id), 60, "the audit to run")
     signaled_at = utcnow()
     assert sigterm(worker, timeout_s=60) == 0, worker.log_text()[-3000:]
@@ -133,6 +134,13 @@ def test_a_draining_worker_hands_its_part_of_a_split_audit_back(
         workers = [worker_factory(split), worker_factory(split)]
         api = Api(server.url, new_key(pg_database))
         model, dataset = api.upload_model(DIGITS_MODEL), api.upload_dataset(digits_zip(8))
+        # the upload's inspection (which times the model's passes) runs on one of the two
+        # workers: wait for it, so that both are free when the audit's parts are queued
+        wait_for(
+            lambda: "pass_prices" in api.get(f"/v1/models/{model['id']}").json()["details"],
+            90,
+            "the model's inspection",
+        )
         response = api.post(
             "/v1/audits",
             json={
