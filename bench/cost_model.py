@@ -34,7 +34,7 @@ from saliency_audit.workers.engine.contract.cost import families_of, predict  # 
 from saliency_audit.workers.engine.contract.spec import AuditSpec  # noqa: E402
 from saliency_audit.workers.engine.methods.base import METHODS  # noqa: E402
 from saliency_audit.workers.engine.models.loader import LoadedModel, load_model  # noqa: E402
-from saliency_audit.workers.engine.policy import load_policy  # noqa: E402
+from saliency_audit.workers.engine.policy import rule_stages  # noqa: E402
 from saliency_audit.workers.engine.timing import measure_pass_prices  # noqa: E402
 
 REFERENCE = ROOT / "examples" / "reference"
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         model, x, onnx = build(name, args.images)
         spec = AuditSpec(methods=methods, tests=DEFAULT_TESTS, device="cpu")
         prices = measure_pass_prices(model, "cpu")
-        rules = {t: r.stage for t, r in load_policy(spec.policy).rules.items()}
+        rules = rule_stages(spec.policy)
         found = predict(
             spec, families, prices, images=int(x.shape[0]), onnx=onnx, rule_stages=rules
         )

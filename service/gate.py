@@ -405,10 +405,10 @@ class Progress:
         if key == self.last:
             return
         self.last = key
-        timing = self.timing.text(fraction, self.clock())
-        if audit.get("eta_s") is not None:  # the service's ETA: its prediction and the rate
-            elapsed = timing.split(", ETA")[0]
-            timing = f"{elapsed}, ETA {format_duration(float(audit['eta_s']))}"
+        eta_s = audit.get("eta_s")  # the service's ETA: its prediction and the rate
+        timing = self.timing.text(
+            fraction, self.clock(), float(eta_s) if eta_s is not None else None
+        )
         if self.tty:
             filled = round(max(0.0, min(1.0, fraction)) * 30)
             line = (

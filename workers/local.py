@@ -237,7 +237,7 @@ def predicted_wall_time(model: Any, spec: Any, images: int, train_images: int = 
     from saliency_audit.workers.engine.catalogue import catalogue
     from saliency_audit.workers.engine.contract.cost import families_of, predict
     from saliency_audit.workers.engine.errors import stops_the_audit
-    from saliency_audit.workers.engine.policy import load_policy
+    from saliency_audit.workers.engine.policy import rule_stages
     from saliency_audit.workers.engine.timing import measure_pass_prices
 
     try:
@@ -253,7 +253,7 @@ def predicted_wall_time(model: Any, spec: Any, images: int, train_images: int = 
         images=images,
         onnx=model.onnx_bytes is not None,
         train_images=train_images,
-        rule_stages={t: r.stage for t, r in load_policy(spec.policy).rules.items()},
+        rule_stages=rule_stages(spec.policy),
     )
     return Predicted(
         found.seconds,

@@ -34,7 +34,7 @@ from saliency_audit.workers.engine.errors import (
     unknown_analysis_layer,
     unknown_cam_layer,
 )
-from saliency_audit.workers.engine.policy import load_policy
+from saliency_audit.workers.engine.policy import load_policy, rule_stages
 from saliency_audit.workers.engine.spec import MEASURES, AuditSpec, expand_tests
 
 from .. import purge, routes
@@ -386,7 +386,7 @@ def check_cost(
     config = state().config
     audit_spec = AuditSpec.from_dict(spec)
     families = families_of(catalogue()["methods"])
-    rules = {t: r.stage for t, r in load_policy(audit_spec.policy).rules.items()}
+    rules = rule_stages(audit_spec.policy)
     measured = (model.details or {}).get("pass_prices")
     train_images = train.n_images if train is not None else 0
     found: dict[str, Any]

@@ -4,7 +4,6 @@ stored prices), and the audit keeps it."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,17 +16,7 @@ from saliency_audit.workers.engine.contract.spec import AuditSpec
 from saliency_audit.workers.engine.policy import load_policy
 from saliency_audit.workers.engine.randomization import stages, units
 from tests.servers import Api, Server, Worker, new_key
-from tests.service.test_layer_names import MODEL, images_zip, loaded  # noqa: F401
-
-
-def measured(api: Api, model_id: str, timeout_s: float = 90.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        details: dict[str, Any] = api.get(f"/v1/models/{model_id}").json()["details"]
-        if "pass_prices" in details:
-            return details
-        time.sleep(0.3)
-    raise AssertionError(f"model {model_id} was not measured within {timeout_s} s")
+from tests.service.test_layer_names import MODEL, images_zip, inspected, loaded  # noqa: F401
 
 
 def test_the_submit_answers_with_the_prediction_from_the_workers_timings(
@@ -48,7 +37,7 @@ def test_the_submit_answers_with_the_prediction_from_the_workers_timings(
     assert early.json()["eta_s"] is None  # queued
 
     worker_factory(pg_config)
-    details = measured(api, model["id"])
+    details = inspected(api, model["id"])  # the prices are written with the layer names
     prices = PassPrices.from_dict(details["pass_prices"])
     module = loaded.module
     assert prices.stages["block"] == len(stages(units(module, "block"), "cascading"))

@@ -130,6 +130,12 @@ def default_document() -> dict[str, Any]:
     return dict(json.loads(text))
 
 
+def rule_stages(document: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The stage selector of each test's rule in the policy ``document`` (None: the shipped
+    default): what a stage plan and the cost count read (``contract.cost.planned_stages``)."""
+    return {test: rule.stage for test, rule in load_policy(document).rules.items()}
+
+
 def load_policy(document: dict[str, Any] | None = None) -> Policy:
     """Validate a policy document (None: the shipped default) and return it parsed."""
     doc = default_document() if document is None else dict(document)

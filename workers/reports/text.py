@@ -328,16 +328,19 @@ class ProgressClock:
         self.predicted_s = predicted_s  # the cost model's prediction of the whole audit
         self.first: tuple[float, float] | None = None  # (time, fraction) of the first reading
 
-    def text(self, fraction: float, now: float) -> str:
+    def text(self, fraction: float, now: float, eta_s: float | None = None) -> str:
         """``elapsed 0:12, ETA 0:30`` (``ETA -`` until there is a rate to extrapolate). With a
         prediction (an audit this process runs from its start), the ETA blends it with the
-        observed rate (contract ``eta_seconds``)."""
+        observed rate (contract ``eta_seconds``); ``eta_s`` (the service's, for an audit it
+        runs) is shown as given."""
         if self.first is None:
             self.first = (now, fraction)
         since, start = self.first
         eta = "-"
         if fraction >= 1.0:
             eta = "0:00"
+        elif eta_s is not None:  # a service's ETA for its audit
+            eta = format_duration(eta_s)
         elif self.predicted_s is not None:
             left = eta_seconds(self.predicted_s, now - self.started, fraction)
             eta = "-" if left is None else format_duration(left)
