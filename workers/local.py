@@ -241,14 +241,16 @@ def predicted_wall_time(model: Any, spec: Any, images: int, train_images: int = 
     from saliency_audit.workers.engine.timing import measure_pass_prices
 
     try:
-        prices = measure_pass_prices(model, spec.device, spec.seed)
+        families = families_of(catalogue()["methods"])
+        wanted = {families.get(m, m) for m in spec.methods}
+        prices = measure_pass_prices(model, spec.device, spec.seed, wanted)
     except Exception as exc:  # the audit says what is wrong with the model; no prediction
         if stops_the_audit(exc):
             raise
         return Predicted(None, f"predicted wall time: none (the passes could not be timed: {exc})")
     found = predict(
         spec,
-        families_of(catalogue()["methods"]),
+        families,
         prices,
         images=images,
         onnx=model.onnx_bytes is not None,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -64,9 +64,19 @@ def _seconds(run: Callable[[], object]) -> float:
     return min(times)
 
 
-def measure_pass_prices(model: LoadedModel, device: str = "auto", seed: int = 0) -> PassPrices:
+def measure_pass_prices(
+    model: LoadedModel,
+    device: str = "auto",
+    seed: int = 0,
+    families: Collection[str] | None = None,
+) -> PassPrices:
     """Time ``model``'s passes on ``device`` (see the module text). Leaves the module's weights
-    as they were; runs on inputs drawn from ``seed`` (the prices do not depend on the values)."""
+    as they were; runs on inputs drawn from ``seed`` (the prices do not depend on the values).
+
+    ``families``: the method families of the one audit to predict (``saliency-audit run``),
+    or None for any audit (a worker's inspection): without ``scorecam`` the ONNX Runtime
+    forward is not timed (only Score-CAM's masked passes use it), without ``lrp`` the LRP map
+    set is not (its price is then unused), which saves most of the probe on large inputs."""
     started = time.perf_counter()
     target_device = resolve_device(device)
     module = model.module.to(target_device).eval()
@@ -101,9 +111,13 @@ def measure_pass_prices(model: LoadedModel, device: str = "auto", seed: int = 0)
     forward_backward(SMALL_ROWS)()  # warm-up: first-call allocations and kernel selection
     fb = Line.through(*((r, _seconds(forward_backward(r))) for r in FB_ROWS))
     fw = Line.through(*((r, _seconds(forward(module, r))) for r in FW_ROWS))
-    fw_ort, export_s = _onnx_runtime_prices(module, rows(SMALL_ROWS), logits, rows)
+    fw_ort, export_s = _onnx_runtime_prices(
+        module, rows(SMALL_ROWS), logits, rows, forward=families is None or "scorecam" in families
+    )
     r = FB_ROWS[0]
-    lrp_passes = _lrp_passes(module, rows(r), targets.repeat(r)[:r], fb.at(r), target_device)
+    lrp_passes = 1.0
+    if families is None or "lrp" in families:
+        lrp_passes = _lrp_passes(module, rows(r), targets.repeat(r)[:r], fb.at(r), target_device)
     score_s, scored = _score_seconds(spec.height, spec.width, generator)
     calls = _outputs_in_order(module, rows(1))
     channels = {name: shape[1] for name, shape in calls if _spatial(shape)}
@@ -131,6 +145,7 @@ def _onnx_runtime_prices(
     x: torch.Tensor,
     logits: torch.Tensor,
     rows: Callable[[int], torch.Tensor],
+    forward: bool = True,
 ) -> tuple[Line | None, float]:
     """ONNX Runtime's forward line and the seconds of one export + check (what Score-CAM pays
     per model state), or (None, 0) where the export does not run (a GPU, an unexportable
@@ -149,6 +164,8 @@ def _onnx_runtime_prices(
     export_s = time.perf_counter() - t0
     if run is None:
         return None, 0.0
+    if not forward:  # the export's cost still counts (an ONNX model's fidelity check)
+        return None, export_s
     run(rows(SMALL_ROWS))  # warm-up
 
     def timed(r: int) -> float:
